@@ -1,0 +1,130 @@
+"""The baseline: a task's trained reference model, trained once and cached.
+
+The cache lives in the user's cache directory (``AUTOSHRINK_CACHE`` overrides it), keyed by a
+hash of the task, its training settings and its data. The cached model is stored as a dense
+float32 artifact, so the baseline's size is measured exactly as every compressed model's is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import platformdirs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from autoshrink.artifact import read_artifact, write_artifact
+from autoshrink.errors import ArtifactError, UsageError
+from autoshrink.plan import Plan
+from autoshrink.tasks import Task, TaskData
+from autoshrink.training import evaluate, fit, steps_for
+
+if TYPE_CHECKING:
+    from autoshrink.plugins import Registry
+
+__all__ = ["Baseline", "cache_dir", "load_baseline"]
+
+
+def cache_dir() -> Path:
+    """Where autoshrink caches baselines and tuning databases."""
+    return Path(os.environ.get("AUTOSHRINK_CACHE") or platformdirs.user_cache_dir("autoshrink"))
+
+
+@dataclass
+class Baseline:
+    """A trained reference model and its measured size and accuracy."""
+
+    task: Task
+    model: nn.Module
+    path: Path
+    bytes: int
+    val_accuracy: float
+    test_accuracy: float
+    trained: bool  # False when it came from the cache or from the user's weights
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "task": self.task.name,
+            "artifact": str(self.path),
+            "bytes": self.bytes,
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+        }
+
+
+def _weights_key(weights: Path) -> str:
+    return "weights-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
+def _load_weights(task: Task, weights: Path) -> nn.Module:
+    model = task.build_model(1.0)
+    try:
+        state = load_file(str(weights))
+        model.load_state_dict(state)
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(f"`--weights` {weights}: not a readable safetensors file ({exc})") from exc
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UsageError(f"`--weights` {weights} do not fit task `{task.name}`: {first}") from exc
+    return model
+
+
+def load_baseline(
+    task: Task,
+    data: TaskData,
+    registry: Registry,
+    *,
+    weights: Path | None = None,
+    retrain: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+) -> Baseline:
+    """The cached baseline of ``task``, training it first if needed (``on_step(done, total)``
+    reports progress). ``weights`` is a safetensors state dict of the user's own trained model."""
+    key = _weights_key(weights) if weights else task.key(data)
+    folder = cache_dir() / "baselines"
+    path = folder / f"{task.name.replace(':', '_').replace('/', '_')}-{key}.safetensors"
+    if path.exists() and not retrain:
+        try:
+            artifact = read_artifact(path, registry, task)
+            info = artifact.header.info
+            return Baseline(
+                task=task,
+                model=artifact.model,
+                path=path,
+                bytes=artifact.bytes,
+                val_accuracy=float(info["val_accuracy"]),
+                test_accuracy=float(info["test_accuracy"]),
+                trained=False,
+            )
+        except (ArtifactError, KeyError):
+            pass  # a damaged cache entry is simply rebuilt
+    if weights is not None:
+        model = _load_weights(task, weights)
+    else:
+        torch.manual_seed(task.training.seed)
+        model = task.build_model(1.0)
+        settings = task.training
+        total = steps_for(settings.epochs, len(data.train), settings.batch_size)
+        fit(
+            model,
+            data.train,
+            steps=total,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            seed=settings.seed,
+            on_step=(lambda step, loss: on_step(step + 1, total)) if on_step else None,
+        )
+    model.eval()
+    val = evaluate(model, data.val, task.metric)
+    test = evaluate(model, data.test, task.metric)
+    info = {"val_accuracy": val, "test_accuracy": test, "key": key}
+    size = write_artifact(path, model, Plan(), task, registry, info=info, overwrite=True)
+    return Baseline(task, model, path, size, val, test, trained=weights is None)

@@ -1,0 +1,78 @@
+"""Settings, resolved in one place: defaults < ``autoshrink.toml`` or ``[tool.autoshrink]`` in
+``pyproject.toml`` < ``AUTOSHRINK_*`` environment variables < flags actually given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ByteSize, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    PyprojectTomlConfigSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from autoshrink.errors import UsageError
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseSettings):
+    """Everything a command can be told; flags, environment and config files all land here."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOSHRINK_",
+        toml_file="autoshrink.toml",
+        pyproject_toml_table_header=("tool", "autoshrink"),
+        extra="forbid",
+    )
+
+    task: str = "fashion-mnist-mlp"
+    data_dir: Path | None = None
+    space: str | None = None
+    budget: ByteSize | None = None
+    trials: int | None = Field(default=None, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    seed: int = 0
+    study: str | None = None
+    out: Path = Path("reports")
+    backend: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1)
+    ray_address: str | None = None
+    finetune_steps: int = Field(default=300, ge=0)
+    trial_timeout: float = Field(default=300.0, gt=0)
+    strict_plugins: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls),
+            PyprojectTomlConfigSettingsSource(settings_cls),
+        )
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Settings with the flags the user actually gave (None means "not given")."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"]) or "settings"
+            shown = f" (got {error['input']!r})" if not isinstance(error["input"], dict) else ""
+            lines.append(f"• {field.replace('_', '-')}: {error['msg']}{shown}")
+        raise UsageError("\n".join(lines)) from exc

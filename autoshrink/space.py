@@ -1,0 +1,300 @@
+"""Space: every compressible layer x every registered method's knobs, as Optuna distributions.
+
+Parameter names: ``model.method``, ``model.<method>.<field>``, ``layer.<name>.structure``,
+``layer.<name>.<method>.<field>``, ``layer.<name>.value``, ``encoding.method`` and
+``encoding.<method>.<field>``. Presets in ``search_spaces/*.toml`` can only narrow it.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import annotated_types
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from pydantic import BaseModel
+from torch import nn
+
+from autoshrink.errors import UsageError
+from autoshrink.methods import Stage, StructureMethod
+from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
+
+if TYPE_CHECKING:
+    from autoshrink.plugins import Registry
+
+__all__ = ["LayerSpace", "Preset", "Space", "build_space", "config_distributions", "load_preset"]
+
+NONE = "none"
+
+
+def config_distributions(config: type[BaseModel], owner: str) -> dict[str, BaseDistribution]:
+    """The searchable range of each knob of a method's Config.
+
+    ``Literal`` and ``bool`` fields become categorical; ``int`` and ``float`` fields need both
+    bounds (``ge``/``le``, or ``gt``/``lt`` for floats). ``json_schema_extra={"log": True}``
+    asks for a log scale. Raises ValueError for a field that cannot be searched.
+    """
+    found: dict[str, BaseDistribution] = {}
+    for name, info in config.model_fields.items():
+        annotation = info.annotation
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if typing.get_origin(annotation) is typing.Literal:
+            found[name] = CategoricalDistribution(typing.get_args(annotation))
+            continue
+        if annotation is bool:
+            found[name] = CategoricalDistribution((False, True))
+            continue
+        low = high = None
+        for bound in info.metadata:
+            if isinstance(bound, annotated_types.Ge | annotated_types.Gt):
+                low = bound.ge if isinstance(bound, annotated_types.Ge) else bound.gt
+            if isinstance(bound, annotated_types.Le | annotated_types.Lt):
+                high = bound.le if isinstance(bound, annotated_types.Le) else bound.lt
+        if annotation not in (int, float) or low is None or high is None:
+            raise ValueError(
+                f"`{owner}.{name}` is not searchable: use a Literal, a bool, or an int/float "
+                "with both bounds (Field(ge=..., le=...))"
+            )
+        log = bool(extra.get("log", False))
+        if annotation is int:
+            found[name] = IntDistribution(int(low), int(high), log=log)
+        else:
+            found[name] = FloatDistribution(float(low), float(high), log=log)
+    return found
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A parsed preset: which methods each layer type may use and narrowed ranges."""
+
+    name: str
+    data: dict[str, Any]
+    text: str
+
+    def line(self, *keys: str) -> int:
+        """The line of ``keys`` (a table path then a key) in the preset's text, for errors."""
+        table, key, current = ".".join(keys[:-1]), keys[-1], ""
+        fallback = 1
+        for number, raw in enumerate(self.text.splitlines(), start=1):
+            line = raw.strip()
+            header = re.match(r"^\[([^\]]+)\]", line)
+            if header:
+                current = header.group(1).strip()
+                if current == ".".join(keys):
+                    fallback = number
+                continue
+            if current == table and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
+                return number
+            if current == table and fallback == 1:
+                fallback = number
+        return fallback
+
+    def error(self, keys: tuple[str, ...], message: str) -> UsageError:
+        return UsageError(f"{self.name} line {self.line(*keys)}: `{'.'.join(keys)}` {message}")
+
+
+def load_preset(name: str) -> Preset:
+    """A preset by built-in name (``search_spaces/<name>.toml``) or by path to a TOML file."""
+    path = Path(name)
+    if path.suffix == ".toml" and path.is_file():
+        text, label = path.read_text(), str(path)
+    else:
+        builtin = resources.files("autoshrink_search_spaces") / f"{name}.toml"
+        if not builtin.is_file():
+            raise UsageError(f"unknown search-space preset `{name}`; built-in: {preset_names()}")
+        text, label = builtin.read_text(), f"search_spaces/{name}.toml"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{label}: invalid TOML: {exc}") from exc
+    return Preset(name=label, data=data, text=text)
+
+
+def preset_names() -> str:
+    """The built-in presets, comma separated."""
+    folder = resources.files("autoshrink_search_spaces")
+    return ", ".join(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")))
+
+
+@dataclass(frozen=True)
+class LayerSpace:
+    """The choices for one compressible layer."""
+
+    name: str
+    kind: str
+    structure: tuple[str, ...]
+    value: tuple[str, ...]
+
+
+@dataclass
+class Space:
+    """The per-layer search space. :meth:`sample` turns an Optuna trial into a Plan."""
+
+    model: tuple[str, ...]
+    layers: list[LayerSpace]
+    encoding: tuple[str, ...]
+    ranges: dict[str, dict[str, BaseDistribution]] = field(default_factory=dict)
+
+    def sample(self, trial: optuna.Trial) -> Plan:
+        """Define-by-run: model stage, then per layer structure and value, then encoding."""
+        model = self._pick(trial, "model", self.model)
+        layers = {}
+        for layer in self.layers:
+            prefix = f"layer.{layer.name}"
+            structure = self._pick(trial, prefix, layer.structure, "structure")
+            value = self._pick(trial, prefix, layer.value, "value")
+            assert structure is not None and value is not None
+            layers[layer.name] = LayerPlan(structure=structure, value=value)
+        encoding = self._pick(trial, "encoding", self.encoding)
+        return Plan(model=model, layers=layers, encoding=encoding)
+
+    def _pick(
+        self, trial: optuna.Trial, prefix: str, choices: tuple[str, ...], slot: str = "method"
+    ) -> Choice | None:
+        name = choices[0] if len(choices) == 1 else trial.suggest_categorical(
+            f"{prefix}.{slot}", choices
+        )
+        if name == NONE:
+            return None
+        config = {
+            knob: suggest(trial, f"{prefix}.{name}.{knob}", dist)
+            for knob, dist in self.ranges[name].items()
+        }
+        return Choice(method=name, config=config)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(parameter name, its range) for every parameter, for ``autoshrink space``."""
+        out: list[tuple[str, str]] = []
+
+        def add(prefix: str, choices: tuple[str, ...], slot: str) -> None:
+            out.append((f"{prefix}.{slot}", " | ".join(choices)))
+            for name in choices:
+                for knob, dist in self.ranges.get(name, {}).items():
+                    out.append((f"{prefix}.{name}.{knob}", describe(dist)))
+
+        add("model", self.model, "method")
+        for layer in self.layers:
+            add(f"layer.{layer.name}", layer.structure, "structure")
+            add(f"layer.{layer.name}", layer.value, "value")
+        add("encoding", self.encoding, "method")
+        return out
+
+
+def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
+    """Ask ``trial`` for ``name`` from ``dist`` through Optuna's public suggest API."""
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    assert isinstance(dist, FloatDistribution)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def describe(dist: BaseDistribution) -> str:
+    """A distribution in a few characters: ``{a, b}``, ``[1, 8] int``, ``[0.01, 1] log``."""
+    if isinstance(dist, CategoricalDistribution):
+        return "{" + ", ".join(str(c) for c in dist.choices) + "}"
+    assert isinstance(dist, IntDistribution | FloatDistribution)
+    kind = "int" if isinstance(dist, IntDistribution) else "float"
+    return f"[{dist.low:g}, {dist.high:g}] {kind}{' log' if dist.log else ''}"
+
+
+def _narrow(preset: Preset, keys: tuple[str, ...], dist: BaseDistribution, value: Any):
+    if isinstance(dist, CategoricalDistribution):
+        wanted = value if isinstance(value, list) else [value]
+        extra = [v for v in wanted if v not in dist.choices]
+        if extra or not wanted:
+            raise preset.error(keys, f"= {value!r} is not a subset of {describe(dist)}")
+        return CategoricalDistribution(tuple(wanted))
+    assert isinstance(dist, IntDistribution | FloatDistribution)
+    if not (isinstance(value, list) and len(value) == 2 and value[0] <= value[1]):
+        raise preset.error(keys, f"= {value!r}: expected [low, high] within {describe(dist)}")
+    low, high = value
+    if low < dist.low or high > dist.high:
+        raise preset.error(
+            keys, f"= {value!r} widens the schema's range {describe(dist)}; narrow it to fit"
+        )
+    if isinstance(dist, IntDistribution):
+        return IntDistribution(int(low), int(high), log=dist.log)
+    return FloatDistribution(float(low), float(high), log=dist.log)
+
+
+def _allowed(
+    preset: Preset | None, keys: tuple[str, ...], registered: list[str], extra: tuple[str, ...]
+) -> tuple[str, ...]:
+    if preset is None:
+        return (*extra, *registered)
+    node: Any = preset.data
+    for key in keys:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    if node == {}:
+        return (*extra, *registered)
+    if not isinstance(node, list) or not node:
+        raise preset.error(keys, "must be a non-empty list of method names")
+    for name in node:
+        if name not in registered and name not in extra:
+            options = ", ".join((*extra, *registered))
+            raise preset.error(keys, f"names unknown method `{name}`; choose from {options}")
+    return tuple(node)
+
+
+_PRESET_KEYS = {"description", "model", "encoding", "layers", "ranges"}
+
+
+def build_space(model: nn.Module, registry: Registry, preset: Preset | None = None) -> Space:
+    """The space for ``model``'s compressible layers and the registered methods."""
+    if preset is not None:
+        for key in preset.data:
+            if key not in _PRESET_KEYS:
+                raise preset.error((key,), f"is not a preset key; use {sorted(_PRESET_KEYS)}")
+    ranges = {
+        m.name: config_distributions(m.Config, owner=m.name) for m in registry.methods.values()
+    }
+    if preset is not None:
+        for method_name, knobs in preset.data.get("ranges", {}).items():
+            if method_name not in ranges:
+                raise preset.error(("ranges", method_name), "names an unknown method")
+            for knob, value in knobs.items():
+                keys = ("ranges", method_name, knob)
+                if knob not in ranges[method_name]:
+                    known = ", ".join(ranges[method_name]) or "no knobs"
+                    raise preset.error(keys, f"is not a knob of `{method_name}` ({known})")
+                ranges[method_name][knob] = _narrow(preset, keys, ranges[method_name][knob], value)
+
+    def names(stage: Stage) -> list[str]:
+        return [m.name for m in registry.by_stage(stage)]
+
+    layers = []
+    for name, layer in compressible_layers(model, registry).items():
+        kind = type(layer).__name__
+        fits = [
+            m.name
+            for m in registry.by_stage(Stage.STRUCTURE)
+            if isinstance(m, StructureMethod) and m.applies(layer)
+        ]
+        structure = _allowed(preset, ("layers", kind, "structure"), fits, ())
+        for method_name in structure:
+            method = registry.methods[method_name]
+            if isinstance(method, StructureMethod) and not method.applies(layer):
+                raise preset.error(  # type: ignore[union-attr]
+                    ("layers", kind, "structure"), f"`{method_name}` does not apply to {kind}"
+                )
+        value = _allowed(preset, ("layers", kind, "value"), names(Stage.VALUE), ())
+        layers.append(LayerSpace(name=name, kind=kind, structure=structure, value=value))
+    return Space(
+        model=_allowed(preset, ("model",), names(Stage.MODEL), (NONE,)),
+        layers=layers,
+        encoding=_allowed(preset, ("encoding",), names(Stage.ENCODING), (NONE,)),
+        ranges=ranges,
+    )

@@ -1,0 +1,88 @@
+"""Training and evaluation loops shared by the baseline, fine-tuning and distillation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoshrink.tasks import Split
+
+__all__ = ["LossFn", "evaluate", "fit", "predict"]
+
+#: loss(logits, inputs, targets) -> scalar tensor
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def fit(
+    model: nn.Module,
+    data: Split,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn = cross_entropy,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """Train ``model`` for ``steps`` minibatches of Adam with cosine-decayed ``lr``.
+
+    Returns the mean loss of the last 50 steps. Raises FloatingPointError when the loss
+    stops being finite, so a diverging trial fails with a reason instead of a silent NaN.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    model.train()
+    recent: list[float] = []
+    order = torch.randperm(len(data), generator=generator)
+    cursor = 0
+    for step in range(steps):
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(data), generator=generator), 0
+        index = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        x, y = data.x[index], data.y[index]
+        loss = loss_fn(model(x), x, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        recent = (recent + [value])[-50:]
+        if on_step is not None:
+            on_step(step, value)
+    model.eval()
+    return sum(recent) / max(1, len(recent))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.Tensor:
+    """The model's outputs on ``x`` in evaluation mode."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def evaluate(
+    model: nn.Module,
+    data: Split,
+    metric: Callable[[torch.Tensor, torch.Tensor], float],
+) -> float:
+    """The task metric of ``model`` on a whole split."""
+    return metric(predict(model, data.x), data.y)
+
+
+def steps_for(epochs: float, examples: int, batch_size: int) -> int:
+    """Number of minibatches in ``epochs`` passes over ``examples``."""
+    return max(1, math.ceil(epochs * examples / batch_size))

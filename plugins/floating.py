@@ -1,0 +1,63 @@
+"""`float`: store values as float32 or float16 (the value stage's passthrough choice)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autoshrink import hookimpl
+from autoshrink.methods import Method, MethodConfig, ValueMethod
+
+
+class FloatConfig(MethodConfig):
+    bits: Literal[32, 16] = 32
+
+
+class RoundToHalf(nn.Module):
+    """Rounds to float16 values in the forward pass; gradients pass straight through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (x.half().float() - x).detach()
+
+
+class Float(ValueMethod):
+    name = "float"
+    summary = "store values as float32 (exact) or float16"
+    Config = FloatConfig
+
+    def apply(self, module: nn.Module, name: str, config: FloatConfig) -> None:
+        if config.bits == 16:
+            owner, _, attr = name.rpartition(".")
+            parametrize.register_parametrization(
+                module.get_submodule(owner), attr, RoundToHalf()
+            )
+
+    def encode(
+        self, tensor: torch.Tensor, config: FloatConfig
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        dtype = np.float16 if config.bits == 16 else np.float32
+        values = tensor.detach().float().numpy().astype(dtype).reshape(-1)
+        return {"values": values}, {}
+
+    def decode(
+        self,
+        arrays: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        shape: tuple[int, ...],
+        config: FloatConfig,
+    ) -> torch.Tensor:
+        values = arrays.get("values")
+        expected = np.float16 if config.bits == 16 else np.float32
+        if values is None or values.dtype != expected or values.size != int(np.prod(shape)):
+            raise ValueError(f"{int(np.prod(shape))} {np.dtype(expected).name} values expected")
+        return torch.from_numpy(values.astype(np.float32).reshape(shape))
+
+
+@hookimpl
+def register_methods(register: Callable[[Method], None]) -> None:
+    register(Float())
