@@ -124,14 +124,18 @@ def write_artifact(
         structure = registry.method(choice.structure.method, Stage.STRUCTURE)
         value = registry.method(choice.value.method, Stage.VALUE)
         assert isinstance(structure, StructureMethod) and isinstance(value, ValueMethod)
-        code = structure.encode(model.get_submodule(name), structure.config(choice.structure.config))
+        code = structure.encode(
+            model.get_submodule(name), structure.config(choice.structure.config)
+        )
         value_config = value.config(choice.value.config)
         payloads = {}
         for payload, tensor in code.payloads.items():
             stored, meta = value.encode(tensor.detach(), value_config)
             for key, array in stored.items():
                 arrays[f"{name}/{payload}/{key}"] = array
-            payloads[payload] = PayloadInfo(shape=list(tensor.shape), meta=meta, arrays=list(stored))
+            payloads[payload] = PayloadInfo(
+                shape=list(tensor.shape), meta=meta, arrays=list(stored)
+            )
         for key, array in code.arrays.items():
             arrays[f"{name}/{key}"] = array
         layers[name] = LayerInfo(meta=code.meta, payloads=payloads, arrays=list(code.arrays))
@@ -197,7 +201,9 @@ def read_header(path: Path) -> tuple[Header, dict[str, bytes]]:
     try:
         header = Header.model_validate(json.loads(metadata["autoshrink"]))
     except (ValueError, ValidationError) as exc:
-        raise ArtifactError(f"{problem}: its header is corrupt ({str(exc).splitlines()[0]})") from exc
+        raise ArtifactError(
+            f"{problem}: its header is corrupt ({str(exc).splitlines()[0]})"
+        ) from exc
     if header.version != VERSION:
         raise ArtifactError(f"{problem}: format version {header.version}, expected {VERSION}")
     if set(blobs) != set(header.streams) or _digest(blobs) != header.sha256:
@@ -242,7 +248,9 @@ def _array(header: Header, blobs: dict[str, bytes], key: str, registry: Registry
     dtype = np.dtype(stream.dtype).newbyteorder("<")
     count = int(np.prod(stream.shape, dtype=np.int64))
     if count < 0 or len(raw) != count * dtype.itemsize:
-        raise ValueError(f"stream `{key}` holds {len(raw)} bytes, expected {count * dtype.itemsize}")
+        raise ValueError(
+            f"stream `{key}` holds {len(raw)} bytes, expected {count * dtype.itemsize}"
+        )
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(stream.shape)
 
 
@@ -263,7 +271,9 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
         code = LayerCode(meta=info.meta)
         try:
             for payload, p in info.payloads.items():
-                stored = {k: _array(header, blobs, f"{name}/{payload}/{k}", registry) for k in p.arrays}
+                stored = {
+                    k: _array(header, blobs, f"{name}/{payload}/{k}", registry) for k in p.arrays
+                }
                 code.payloads[payload] = value.decode(stored, p.meta, tuple(p.shape), value_config)
             for key in info.arrays:
                 code.arrays[key] = _array(header, blobs, f"{name}/{key}", registry)
@@ -274,12 +284,16 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
             raise ArtifactError(f"layer `{name}` cannot be decoded: {exc}") from exc
         replace_module(model, name, module)
     expected = {
-        key for key in template.state_dict() if not any(key.startswith(f"{n}.") for n in layer_names)
+        key
+        for key in template.state_dict()
+        if not any(key.startswith(f"{n}.") for n in layer_names)
     }
     if set(header.state) != expected:
         raise ValueError(f"state tensors {sorted(header.state)} do not match {sorted(expected)}")
-    state = {key: torch.from_numpy(_array(header, blobs, f"state/{key}", registry).copy())
-             for key in header.state}
+    state = {
+        key: torch.from_numpy(_array(header, blobs, f"state/{key}", registry).copy())
+        for key in header.state
+    }
     model.load_state_dict(state, strict=False)
     model.eval()
     return model

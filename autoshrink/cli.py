@@ -243,6 +243,109 @@ def eval_command(
     )
 
 
+def _print_outcome(outcome) -> None:
+    summary = outcome.summary
+    best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
+    console.print(
+        f"\nstudy [bold]{outcome.folder.name}[/] finished in "
+        f"{humanize.naturaldelta(outcome.seconds)}: {outcome.folder.root}"
+    )
+    if best is None:
+        console.print("[yellow]no trial fit the budget[/]: raise `--budget` or search longer")
+    else:
+        console.print(
+            f"recommended: trial {best['trial']}, {best['bytes']:,} bytes "
+            f"({best['ratio']:.1f}x smaller than {summary['baseline']['bytes']:,}), "
+            f"validation {best['val_accuracy']:.2%}, test {best['test_accuracy']:.2%} "
+            f"(baseline test {summary['baseline']['test_accuracy']:.2%})\n"
+            f"file: {outcome.folder.root / 'best.safetensors'}",
+            highlight=False,
+        )
+    console.print(
+        f"report: {outcome.folder.root / 'report.md'}\n"
+        f"search longer: `autoshrink resume {outcome.folder.name} --trials N` (N in total), or "
+        "start with `--trials`/`--timeout`; `--backend ray --workers 2` runs trials in parallel",
+        highlight=False,
+    )
+
+
+@app.command("search")
+def search_command(
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            "--budget",
+            help="Hard size limit of the artifact file: 5MB = 5,000,000 bytes, "
+            "5MiB = 5,242,880 bytes (SI and binary units both accepted). Required.",
+        ),
+    ] = None,
+    task: TaskOption = None,
+    space: Annotated[
+        str | None, typer.Option("--space", help="Preset name in search_spaces/ or a .toml path.")
+    ] = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="Number of trials.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Stop starting trials after this many s.")
+    ] = None,
+    sampler: Annotated[
+        str | None, typer.Option("--sampler", help="nsga2 (default), tpe or random.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of sampler and training.")
+    ] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study name (folder).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Reports folder.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="local or ray.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Parallel trials (ray).")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Join a Ray cluster (`auto` works).")
+    ] = None,
+    finetune_steps: Annotated[
+        int | None, typer.Option("--finetune-steps", help="Fine-tune minibatches per trial.")
+    ] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Search per-layer compression plans for the best accuracy at each size under a budget."""
+    from autoshrink.session import run_search
+
+    config = settings(
+        budget=budget,
+        task=task,
+        space=space,
+        trials=trials,
+        timeout=timeout,
+        sampler=sampler,
+        seed=seed,
+        study=study,
+        out=out,
+        backend=backend,
+        workers=workers,
+        ray_address=ray_address,
+        finetune_steps=finetune_steps,
+        data_dir=data_dir,
+    )
+    registry(config)
+    _print_outcome(run_search(config, console, resume=False))
+
+
+@app.command("resume")
+def resume_command(
+    study: Annotated[str, typer.Argument(help="Name of the study folder under --out.")],
+    trials: Annotated[
+        int | None, typer.Option("--trials", help="Total trials to reach (default: as started).")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds to run.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Reports folder.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Parallel trials (ray).")] = None,
+) -> None:
+    """Continue an interrupted or finished study, keeping its trials."""
+    from autoshrink.session import run_search
+
+    config = settings(study=study, trials=trials, timeout=timeout, out=out, workers=workers)
+    registry(config)
+    _print_outcome(run_search(config, console, resume=True))
+
+
 def main() -> None:
     """Console entry point: one line per error, exit 2 for usage errors and 1 for failures."""
     try:

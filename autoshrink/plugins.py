@@ -38,7 +38,7 @@ BLOCK_ENV = "AUTOSHRINK_BLOCK_PLUGINS"
 TRACE_ENV = "AUTOSHRINK_TRACE_HOOKS"
 BUILTIN_SOURCE = "autoshrink (built-in)"
 #: Built-in plugin modules; each is registered under the name ``autoshrink.<module>``.
-BUILTIN_PLUGINS = ("tasks", "dense", "floating")
+BUILTIN_PLUGINS = ("tasks", "dense", "floating", "hashing", "lowrank", "pruning", "quantization", "entropy", "distillation")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _STAGE_CLASSES = {
     Stage.MODEL: ModelMethod,
@@ -152,7 +152,9 @@ def load_registry(*, strict: bool = False) -> Registry:
         source = sources.get(plugin_name, plugin_name)
         others = [p for n, p in pm.list_name_plugin() if n != plugin_name and p is not None]
 
-        def register_method(method: Method, *, _plugin: str = plugin_name) -> None:
+        def register_method(
+            method: Method, *, _plugin: str = plugin_name, _source: str = source
+        ) -> None:
             try:
                 check_method(method)
             except ValueError as exc:
@@ -163,15 +165,17 @@ def load_registry(*, strict: bool = False) -> Registry:
                     f"by {registry.sources[method.name]}; skipped"
                 )
             registry.methods[method.name] = method
-            registry.sources[method.name] = source
+            registry.sources[method.name] = _source
 
-        def register_task(task: Task, *, _plugin: str = plugin_name) -> None:
+        def register_task(
+            task: Task, *, _plugin: str = plugin_name, _source: str = source
+        ) -> None:
             if not isinstance(task, Task):
                 return skip(f"plugin `{_plugin}` registered {task!r}, not an autoshrink Task")
             if task.name in registry.tasks:
                 return skip(f"plugin `{_plugin}` registered task `{task.name}` twice; skipped")
             registry.tasks[task.name] = task
-            registry.sources[task.name] = source
+            registry.sources[task.name] = _source
 
         hooks: list[tuple[str, Callable]] = [
             ("register_methods", register_method),

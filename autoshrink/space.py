@@ -162,8 +162,10 @@ class Space:
     def _pick(
         self, trial: optuna.Trial, prefix: str, choices: tuple[str, ...], slot: str = "method"
     ) -> Choice | None:
-        name = choices[0] if len(choices) == 1 else trial.suggest_categorical(
-            f"{prefix}.{slot}", choices
+        name = (
+            choices[0]
+            if len(choices) == 1
+            else trial.suggest_categorical(f"{prefix}.{slot}", choices)
         )
         if name == NONE:
             return None

@@ -1,0 +1,210 @@
+"""One search as a user runs it: checks first, progress while it runs, a report at the end.
+
+Bad input (a budget below the smallest model the space can express, an unreachable Ray
+address, a study name already taken) is refused before any training. Ctrl-C stops after the
+finished trials are saved; ``autoshrink resume`` continues.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import humanize
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from autoshrink.budget import smallest_artifact
+from autoshrink.errors import AutoshrinkError, UsageError
+from autoshrink.pareto import summarize
+from autoshrink.report import write_report
+from autoshrink.settings import Settings
+from autoshrink.study import (
+    StudyFolder,
+    fail_interrupted,
+    finished,
+    open_study,
+    prepare,
+    resolve,
+    save_settings,
+    search,
+)
+
+__all__ = ["Interrupted", "run_search", "study_folder"]
+
+DEFAULT_TRIALS = 24
+
+
+class Interrupted(AutoshrinkError):
+    """The user stopped the search; finished trials are saved."""
+
+    exit_code = 130
+
+
+@dataclass
+class SearchOutcome:
+    folder: StudyFolder
+    summary: dict[str, Any]
+    seconds: float
+
+
+def study_folder(settings: Settings) -> StudyFolder:
+    """The folder of the study the settings name (or a new timestamped name)."""
+    name = settings.study or f"{settings.task.replace(':', '-')}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise UsageError(f"`--study` {name!r}: use letters, digits, '-', '_' or '.' only")
+    return StudyFolder(Path(settings.out).resolve() / name)
+
+
+def check_budget(settings: Settings, console: Console) -> None:
+    """Refuse a budget below the smallest artifact the space can express."""
+    assert settings.budget is not None
+    registry, task, space = resolve(settings)
+    with console.status("measuring the smallest model the search space can express"):
+        smallest, _ = smallest_artifact(task, space, registry)
+    if int(settings.budget) < smallest:
+        raise UsageError(
+            f"`--budget` {int(settings.budget):,} bytes is below the smallest model this search "
+            f"space can express, {smallest:,} bytes ({humanize.naturalsize(smallest)}); "
+            "raise the budget or allow smaller settings in the preset"
+        )
+
+
+def check_ray(settings: Settings) -> None:
+    """Start or join the Ray cluster now, so a bad address fails before any training."""
+    if settings.backend == "ray":
+        from autoshrink.ray_backend import connect
+
+        connect(settings)
+
+
+def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchOutcome:
+    """Run (or resume) the search ``settings`` describe and write its report."""
+    start = time.monotonic()
+    folder = study_folder(settings)
+    if resume:
+        settings = folder.load_settings().model_copy(
+            update={
+                k: v
+                for k, v in settings.model_dump(exclude_unset=True).items()
+                if k in {"trials", "timeout", "workers", "backend", "ray_address"}
+            }
+        )
+    elif folder.root.exists():
+        raise UsageError(
+            f"study `{folder.name}` already exists in {folder.root.parent}; continue it with "
+            f"`autoshrink resume {folder.name}` or choose another `--study` name"
+        )
+    if settings.budget is None:
+        raise UsageError("`--budget` is required, e.g. `--budget 5MB`")
+    if not resume:
+        check_budget(settings, console)
+    check_ray(settings)
+    with _training_status(console, "baseline") as (progress, bar):
+        setup = prepare(
+            settings, on_step=lambda done, total: progress.update(bar, completed=done, total=total)
+        )
+    if not resume:
+        save_settings(folder, settings)
+    study = open_study(folder, settings, create=not resume)
+    if resume:
+        stale = fail_interrupted(study)
+        if stale:
+            console.print(f"marked {stale} interrupted trial(s) as failed", highlight=False)
+    trials = settings.trials
+    if trials is None and settings.timeout is None:
+        trials = DEFAULT_TRIALS
+    total = trials if trials is not None else None
+    try:
+        with _SearchProgress(console, study, total, int(settings.budget or 0)) as callback:
+            search(setup, folder, study, trials=trials, callbacks=[callback])
+    except KeyboardInterrupt as exc:
+        write_report(folder.root, summarize(study, folder, setup, final=False))
+        raise Interrupted(
+            f"interrupted after {finished(study)} trials; they are saved in {folder.root}. "
+            f"Continue with `autoshrink resume {folder.name}`"
+        ) from exc
+    summary = summarize(study, folder, setup, final=True)
+    write_report(folder.root, summary)
+    return SearchOutcome(folder, summary, time.monotonic() - start)
+
+
+class _training_status:
+    """A progress bar for the baseline's training (invisible when it comes from the cache)."""
+
+    def __init__(self, console: Console, what: str) -> None:
+        self.progress = Progress(
+            TextColumn(f"[bold]training the {what}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self.progress, self.progress.add_task("train", total=None)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+class _SearchProgress:
+    """Trials done, ETA, failures and the best feasible trial so far."""
+
+    def __init__(self, console: Console, study: optuna.Study, total: int | None, budget: int):
+        self.study, self.budget = study, budget
+        self.progress = Progress(
+            TextColumn("[bold]search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        done = finished(study)
+        self.bar = self.progress.add_task(
+            "trials", total=total, completed=min(done, total or done), status=self.status()
+        )
+
+    def status(self) -> str:
+        trials = self.study.get_trials(deepcopy=False)
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        feasible = [
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE and t.values and t.values[0] <= self.budget
+        ]
+        best = max(feasible, key=lambda t: (t.values[1], -t.values[0]), default=None)
+        text = f"failed {failed}"
+        if best is not None:
+            text += (
+                f" | best in budget: {best.values[1]:.2%} at "
+                f"{humanize.naturalsize(best.values[0])} (trial {best.number})"
+            )
+        return text
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.progress.update(self.bar, advance=1, status=self.status())
+
+    def __enter__(self) -> _SearchProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)

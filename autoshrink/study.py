@@ -1,0 +1,243 @@
+"""Study: the Optuna multi-objective search over plans, run locally or on Ray, resumable.
+
+Objectives are artifact bytes (minimise) and validation accuracy (maximise); the byte budget
+is a constraint, so over-budget trials still teach the sampler. Everything a study needs lives
+in its folder ``<out>/<study>/``: the Optuna journal, the settings, the trials' artifacts.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from autoshrink.baseline import Baseline, load_baseline
+from autoshrink.errors import UsageError
+from autoshrink.plan import Plan
+from autoshrink.plugins import Registry, load_registry
+from autoshrink.settings import Settings
+from autoshrink.space import Space, build_space, load_preset
+from autoshrink.tasks import Task, TaskData, resolve_task
+from autoshrink.trial import TrialBudget, run_trial
+
+__all__ = ["SearchSetup", "StudyFolder", "open_study", "prepare", "resolve", "search"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FAILURE = "failure"
+PLAN = "plan"
+ARTIFACT = "artifact"
+SECONDS = "seconds"
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """The files of one study under ``<out>/<name>/``."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "study.journal"
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "settings.json"
+
+    def artifact(self, number: int) -> Path:
+        return self.root / "artifacts" / f"trial-{number:04d}.safetensors"
+
+    def load_settings(self) -> Settings:
+        if not self.settings.is_file():
+            raise UsageError(
+                f"no study in {self.root} (no settings.json); start one with `autoshrink search`"
+            )
+        return Settings.model_validate_json(self.settings.read_text())
+
+
+@dataclass
+class SearchSetup:
+    """Everything a trial needs; built once per process (the driver or a Ray worker)."""
+
+    settings: Settings
+    registry: Registry
+    task: Task
+    data: TaskData
+    baseline: Baseline
+    space: Space
+    budget: TrialBudget
+
+    def plan_of(self, params: dict) -> Plan:
+        """The plan a trial's parameters describe (define-by-run replayed on fixed values)."""
+        return self.space.sample(optuna.trial.FixedTrial(params))
+
+
+def resolve(settings: Settings) -> tuple[Registry, Task, Space]:
+    """Plugins, task and search space: everything that needs no data or training."""
+    registry = load_registry(strict=settings.strict_plugins)
+    task = resolve_task(settings.task, registry.tasks)
+    preset = load_preset(settings.space) if settings.space else None
+    return registry, task, build_space(task.build_model(1.0), registry, preset)
+
+
+def prepare(
+    settings: Settings, on_step: Callable[[int, int], None] | None = None
+) -> SearchSetup:
+    """Load plugins, task, data, the (cached) baseline and the search space."""
+    registry, task, space = resolve(settings)
+    data = task.load_data(settings.data_dir)
+    baseline = load_baseline(task, data, registry, on_step=on_step)
+    budget = TrialBudget(
+        finetune_steps=settings.finetune_steps,
+        distill_steps=3 * settings.finetune_steps,
+        seconds=settings.trial_timeout,
+    )
+    return SearchSetup(settings, registry, task, data, baseline, space, budget)
+
+
+@cache
+def worker_setup(settings_json: str) -> SearchSetup:
+    """:func:`prepare` cached per process, for Ray workers that run many trials."""
+    return prepare(Settings.model_validate_json(settings_json))
+
+
+def budget_constraint(budget: int) -> Callable[[FrozenTrial], Sequence[float]]:
+    """Optuna constraint: bytes over budget (> 0 means infeasible)."""
+
+    def constraint(trial: FrozenTrial) -> Sequence[float]:
+        return [trial.values[0] - budget] if trial.values else [0.0]
+
+    return constraint
+
+
+def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
+    """The sampler ``--sampler`` names, seeded, with the budget as its constraint."""
+    assert settings.budget is not None
+    constraint = budget_constraint(int(settings.budget))
+    if settings.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=settings.seed, constraints_func=constraint)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    return optuna.samplers.NSGAIISampler(
+        seed=settings.seed, constraints_func=constraint, population_size=16
+    )
+
+
+def open_study(folder: StudyFolder, settings: Settings, *, create: bool) -> optuna.Study:
+    """The study's Optuna object on its journal (created, or loaded to resume)."""
+    storage = JournalStorage(JournalFileBackend(str(folder.journal)))
+    return optuna.create_study(
+        study_name=folder.name,
+        storage=storage,
+        sampler=make_sampler(settings),
+        directions=["minimize", "maximize"],
+        load_if_exists=not create,
+    )
+
+
+def fail_interrupted(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a killed search as failed; returns how many."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    # Optuna's public fail_stale_trials needs heartbeats, which journal storage lacks; only
+    # one search runs a study at a time, so every RUNNING trial here is a dead one.
+    storage = study._storage
+    for trial in stale:
+        storage.set_trial_user_attr(trial._trial_id, FAILURE, "interrupted (search was stopped)")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+def objective(setup: SearchSetup, folder: StudyFolder) -> Callable[[optuna.Trial], tuple]:
+    """The local backend's objective: one trial, failures recorded with their reason."""
+
+    def run(trial: optuna.Trial) -> tuple[int, float]:
+        plan = setup.space.sample(trial)
+        trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
+        path = folder.artifact(trial.number)
+        try:
+            outcome = run_trial(
+                plan,
+                task=setup.task,
+                data=setup.data,
+                baseline=setup.baseline,
+                registry=setup.registry,
+                artifact=path,
+                budget=setup.budget,
+                seed=setup.settings.seed + trial.number,
+            )
+        except Exception as exc:
+            trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
+            path.unlink(missing_ok=True)
+            raise
+        trial.set_user_attr(ARTIFACT, str(path.relative_to(folder.root)))
+        trial.set_user_attr(SECONDS, round(outcome.seconds, 3))
+        return outcome.bytes, outcome.val_accuracy
+
+    return run
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that ran to an end (complete, failed or pruned)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+
+
+def search(
+    setup: SearchSetup,
+    folder: StudyFolder,
+    study: optuna.Study,
+    *,
+    trials: int | None,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+) -> None:
+    """Run trials until ``trials`` have finished in total or the timeout passes."""
+    settings = setup.settings
+    remaining = None if trials is None else max(0, trials - finished(study))
+    if remaining == 0:
+        return
+    if settings.backend == "ray":
+        from autoshrink.ray_backend import search_on_ray
+
+        search_on_ray(setup, folder, study, trials=remaining, callbacks=callbacks)
+        return
+    study.optimize(
+        objective(setup, folder),
+        n_trials=remaining,
+        timeout=settings.timeout,
+        catch=(Exception,),
+        callbacks=list(callbacks),
+        gc_after_trial=True,
+    )
+
+
+def save_settings(folder: StudyFolder, settings: Settings) -> None:
+    """Record the settings and command line so the study can be resumed and reproduced."""
+    folder.root.mkdir(parents=True, exist_ok=False)
+    folder.settings.write_text(settings.model_dump_json(indent=2))
+    (folder.root / "command.txt").write_text(shlex.join(["autoshrink", *sys.argv[1:]]) + "\n")
+
+
+def trial_summary(trial: FrozenTrial) -> dict:
+    """A finished trial as the reports show it."""
+    return {
+        "trial": trial.number,
+        "state": trial.state.name.lower(),
+        "bytes": int(trial.values[0]) if trial.values else None,
+        "val_accuracy": trial.values[1] if trial.values else None,
+        "artifact": trial.user_attrs.get(ARTIFACT),
+        "seconds": trial.user_attrs.get(SECONDS),
+        "failure": trial.user_attrs.get(FAILURE),
+        "plan": trial.user_attrs.get(PLAN),
+    }
+

@@ -1,0 +1,274 @@
+"""Conformance kit for method plugins: subclass once, get the whole suite.
+
+In a plugin's test module (pytest)::
+
+    from autoshrink.testing import StructureMethodTests
+    from my_plugin import MyMethod
+
+    class TestMyMethod(StructureMethodTests):
+        method = MyMethod()
+        loose = {"ratio": 0.5}   # a config that compresses little
+        tight = {"ratio": 0.05}  # a config that compresses a lot
+
+The suite checks the schema (searchable bounds, defaults inside them, values outside them
+rejected), which layers the method applies to, that the compressed layer trains, that
+encode -> decode gives bit-identical outputs, and that tightening the knobs does not grow
+the encoded bytes. :class:`ValueMethodTests`, :class:`EncodingMethodTests` and
+:class:`ModelMethodTests` do the same for the other stages.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+from optuna.distributions import CategoricalDistribution
+from pydantic import ValidationError
+from torch import nn
+
+from autoshrink.methods import (
+    EncodingMethod,
+    LayerCode,
+    Method,
+    ModelMethod,
+    StructureMethod,
+    ValueMethod,
+)
+from autoshrink.plugins import check_method
+from autoshrink.space import config_distributions
+
+__all__ = [
+    "EncodingMethodTests",
+    "MethodTests",
+    "ModelMethodTests",
+    "StructureMethodTests",
+    "ValueMethodTests",
+    "code_bytes",
+    "sample_layers",
+]
+
+
+def sample_layers() -> list[nn.Module]:
+    """Small trained-looking layers of every type the built-in tasks use."""
+    torch.manual_seed(0)
+    return [
+        nn.Linear(48, 40),
+        nn.Linear(30, 20, bias=False),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.Conv2d(3, 6, 5, stride=2, bias=False),
+    ]
+
+
+def sample_input(layer: nn.Module, batch: int = 5) -> torch.Tensor:
+    """A random input batch that fits ``layer``."""
+    generator = torch.Generator().manual_seed(1)
+    if isinstance(layer, nn.Conv2d):
+        return torch.randn(batch, layer.in_channels, 12, 12, generator=generator)
+    return torch.randn(batch, layer.in_features, generator=generator)
+
+
+def code_bytes(code: LayerCode) -> int:
+    """Bytes a layer code takes with float32 payloads (before the value stage)."""
+    payload = sum(t.numel() * 4 for t in code.payloads.values())
+    return payload + sum(a.nbytes for a in code.arrays.values())
+
+
+class MethodTests:
+    """Checks every method must pass. Set ``method`` in the subclass."""
+
+    method: ClassVar[Method]
+
+    def test_contract(self) -> None:
+        check_method(self.method)
+
+    def test_defaults_within_bounds(self) -> None:
+        config = self.method.config()
+        for name, dist in config_distributions(self.method.Config, self.method.name).items():
+            assert dist._contains(dist.to_internal_repr(getattr(config, name))), name
+
+    def test_values_outside_bounds_rejected(self) -> None:
+        for name, dist in config_distributions(self.method.Config, self.method.name).items():
+            if isinstance(dist, CategoricalDistribution):
+                outside: list[Any] = ["not-a-choice"]
+            else:
+                outside = [dist.low - (dist.step or 1), dist.high + (dist.step or 1)]
+            for value in outside:
+                with pytest.raises(ValidationError):
+                    self.method.config({name: value})
+
+    def test_unknown_knob_rejected(self) -> None:
+        with pytest.raises(ValidationError):
+            self.method.config({"no_such_knob": 1})
+
+
+class StructureMethodTests(MethodTests):
+    """The suite for structure methods. ``loose`` and ``tight`` are two configs of which
+    ``tight`` should compress at least as much."""
+
+    method: ClassVar[StructureMethod]
+    loose: ClassVar[dict[str, Any]] = {}
+    tight: ClassVar[dict[str, Any]] = {}
+
+    def layers(self) -> list[nn.Module]:
+        """The layers to test on: the sample layers this method applies to."""
+        return [layer for layer in sample_layers() if self.method.applies(layer)]
+
+    def test_applies_to(self) -> None:
+        assert self.layers(), f"`{self.method.name}` applies to none of the sample layers"
+        for layer in sample_layers():
+            assert self.method.applies(layer) == isinstance(layer, self.method.applies_to)
+        assert not self.method.applies(nn.ReLU())
+        assert not self.method.applies(nn.BatchNorm2d(4))
+
+    @pytest.mark.parametrize("which", ["loose", "tight"])
+    def test_build_keeps_shape_and_trains(self, which: str) -> None:
+        config = self.method.config(getattr(self, which))
+        for layer in self.layers():
+            x = sample_input(layer)
+            module = self.method.build(copy.deepcopy(layer), config)
+            out = module(x)
+            assert out.shape == layer(x).shape
+            out.square().mean().backward()
+            grads = [p.grad for p in module.parameters() if p.requires_grad]
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), "nothing trains"
+
+    @pytest.mark.parametrize("which", ["loose", "tight"])
+    def test_roundtrip_is_exact(self, which: str) -> None:
+        config = self.method.config(getattr(self, which))
+        for layer in self.layers():
+            x = sample_input(layer)
+            module = self.method.build(copy.deepcopy(layer), config)
+            _nudge(module, x)
+            code = self.method.encode(module, config)
+            for name in self.method.payload_names(module):
+                module.get_parameter(name)  # payload names must name parameters
+            template = copy.deepcopy(layer).apply(_scramble)
+            restored = self.method.decode(_copy_code(code), template, config)
+            with torch.no_grad():
+                assert torch.equal(module(x), restored(x)), "decode(encode(m)) differs from m"
+
+    def test_tight_is_not_larger(self) -> None:
+        loose, tight = self.method.config(self.loose), self.method.config(self.tight)
+        for layer in self.layers():
+            dense = sum(p.numel() * 4 for p in layer.parameters())
+            small = code_bytes(self.method.encode(self.method.build(layer, tight), tight))
+            large = code_bytes(self.method.encode(self.method.build(layer, loose), loose))
+            assert small <= large, f"tight config stores {small} bytes, loose {large}"
+            assert small <= dense, f"tight config stores {small} bytes, dense layer {dense}"
+
+    def test_decode_rejects_wrong_shape(self) -> None:
+        config = self.method.config(self.loose)
+        layer = self.layers()[0]
+        code = self.method.encode(self.method.build(layer, config), config)
+        if isinstance(layer, nn.Conv2d):
+            other: nn.Module = nn.Conv2d(layer.in_channels + 3, layer.out_channels + 2, 3)
+        else:
+            other = nn.Linear(layer.in_features + 3, layer.out_features + 2)
+        with pytest.raises(ValueError):
+            self.method.decode(code, other, config)
+
+
+class ValueMethodTests(MethodTests):
+    """The suite for value methods; ``configs`` lists the configs to exercise."""
+
+    method: ClassVar[ValueMethod]
+    configs: ClassVar[list[dict[str, Any]]] = [{}]
+
+    def test_restricted_values_roundtrip_exactly(self) -> None:
+        for values in self.configs:
+            config = self.method.config(values)
+            layer = nn.Linear(40, 30)
+            self.method.apply(layer, "weight", config)
+            _nudge(layer, torch.randn(6, 40))
+            weight = layer.weight.detach().clone()
+            arrays, meta = self.method.encode(weight, config)
+            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+            restored = self.method.decode(arrays, meta, tuple(weight.shape), config)
+            assert restored.dtype == torch.float32
+            assert torch.equal(restored, weight), f"decode(encode(t)) differs from t ({values})"
+
+    def test_still_trains(self) -> None:
+        for values in self.configs:
+            config = self.method.config(values)
+            layer = nn.Linear(20, 10)
+            self.method.apply(layer, "weight", config)
+            layer(torch.randn(4, 20)).square().mean().backward()
+            grads = [p.grad for p in layer.parameters() if p.grad is not None]
+            assert any(g.abs().sum() > 0 for g in grads)
+
+    def test_decode_rejects_wrong_shape(self) -> None:
+        config = self.method.config(self.configs[0])
+        layer = nn.Linear(10, 10)
+        self.method.apply(layer, "weight", config)
+        arrays, meta = self.method.encode(layer.weight.detach(), config)
+        with pytest.raises(ValueError):
+            self.method.decode(arrays, meta, (107,), config)
+
+
+class EncodingMethodTests(MethodTests):
+    """The suite for encoding methods: lossless on every kind of input."""
+
+    method: ClassVar[EncodingMethod]
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            b"",
+            b"\x00",
+            b"a" * 1000,
+            bytes(range(256)) * 3,
+            np.random.default_rng(0).integers(0, 4, 5000).astype(np.uint8).tobytes(),
+            np.random.default_rng(1).bytes(3000),
+        ],
+    )
+    def test_roundtrip(self, data: bytes) -> None:
+        config = self.method.config()
+        assert self.method.decode(self.method.encode(data, config), config) == data
+
+    def test_skewed_data_shrinks(self) -> None:
+        data = np.random.default_rng(0).choice(4, 20000, p=[0.85, 0.1, 0.03, 0.02])
+        raw = data.astype(np.uint8).tobytes()
+        assert len(self.method.encode(raw, self.method.config())) < len(raw) // 2
+
+
+class ModelMethodTests(MethodTests):
+    """The suite for model-stage methods."""
+
+    method: ClassVar[ModelMethod]
+
+    def test_width_and_loss(self) -> None:
+        config = self.method.config()
+        assert 0 < self.method.width(config) <= 16
+        student = torch.randn(8, 10, requires_grad=True)
+        loss = self.method.loss(student, torch.randn(8, 10), torch.randint(0, 10, (8,)), config)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def _nudge(module: nn.Module, x: torch.Tensor) -> None:
+    """A few optimizer steps, so round trips are checked on trained, not initial, values."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        module(x).sin().mean().backward()
+        optimizer.step()
+
+
+def _scramble(module: nn.Module) -> None:
+    """Overwrite a template's parameters so decode cannot pass by reusing them."""
+    with torch.no_grad():
+        for p in module.parameters(recurse=False):
+            p.normal_()
+
+
+def _copy_code(code: LayerCode) -> LayerCode:
+    return LayerCode(
+        payloads={k: v.detach().clone() for k, v in code.payloads.items()},
+        arrays={k: np.array(v, copy=True) for k, v in code.arrays.items()},
+        meta=copy.deepcopy(code.meta),
+    )

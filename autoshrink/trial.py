@@ -1,0 +1,127 @@
+"""One trial: plan -> compressed model -> short fine-tune -> validation accuracy -> artifact."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from autoshrink.artifact import write_artifact
+from autoshrink.compress import compress
+from autoshrink.methods import MethodConfig, ModelMethod, Stage
+from autoshrink.plan import Plan
+from autoshrink.training import LossFn, cross_entropy, evaluate, fit
+
+if TYPE_CHECKING:
+    from autoshrink.baseline import Baseline
+    from autoshrink.plugins import Registry
+    from autoshrink.tasks import Task, TaskData
+
+__all__ = ["TrialBudget", "TrialOutcome", "run_trial"]
+
+
+@dataclass(frozen=True)
+class TrialBudget:
+    """How much training one trial may spend."""
+
+    finetune_steps: int = 300
+    #: distilled students are trained from scratch, so they get more steps
+    distill_steps: int = 900
+    batch_size: int = 128
+    lr: float = 5e-4
+    seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What a finished trial measured: the artifact's bytes on disk and validation accuracy."""
+
+    bytes: int
+    val_accuracy: float
+    artifact: Path
+    seconds: float
+
+
+def _deadline_check(deadline: float, limit: float) -> Callable[[int, float], None]:
+    def check(step: int, loss: float) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"trial ran past its {limit:g} s limit at step {step}")
+
+    return check
+
+
+def run_trial(
+    plan: Plan,
+    *,
+    task: Task,
+    data: TaskData,
+    baseline: Baseline,
+    registry: Registry,
+    artifact: Path,
+    budget: TrialBudget,
+    seed: int,
+) -> TrialOutcome:
+    """Build ``plan`` from the baseline (or a distilled student), fine-tune it, measure it on
+    validation data and write its artifact. Raises on any failure; the caller records it."""
+    start = time.monotonic()
+    check = _deadline_check(start + budget.seconds, budget.seconds)
+    torch.manual_seed(seed)
+    teacher = baseline.model.eval()
+    model, width, loss_fn = teacher, 1.0, cross_entropy
+    if plan.model is not None:
+        method = registry.method(plan.model.method, Stage.MODEL)
+        assert isinstance(method, ModelMethod)
+        config = method.config(plan.model.config)
+        width = method.width(config)
+        loss_fn = _distillation_loss(method, config, teacher)
+        model = task.build_model(width)
+        fit(
+            model,
+            data.train,
+            steps=budget.distill_steps,
+            batch_size=budget.batch_size,
+            lr=task.training.lr,
+            seed=seed,
+            loss_fn=loss_fn,
+            on_step=check,
+        )
+    compressed = compress(model, plan, registry)
+    if budget.finetune_steps:
+        fit(
+            compressed,
+            data.train,
+            steps=budget.finetune_steps,
+            batch_size=budget.batch_size,
+            lr=budget.lr,
+            seed=seed + 1,
+            loss_fn=loss_fn,
+            on_step=check,
+        )
+    compressed.eval()
+    val = evaluate(compressed, data.val, task.metric)
+    size = write_artifact(
+        artifact,
+        compressed,
+        plan,
+        task,
+        registry,
+        width=width,
+        info={"val_accuracy": val},
+        overwrite=True,
+    )
+    return TrialOutcome(size, val, artifact, time.monotonic() - start)
+
+
+def _distillation_loss(
+    method: ModelMethod, config: MethodConfig, teacher: torch.nn.Module
+) -> LossFn:
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = teacher(x)
+        return method.loss(logits, soft, y, config)
+
+    return loss

@@ -1,0 +1,68 @@
+"""A value method that stores each weight as one of {-a, 0, +a} in two bits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autoshrink import MethodConfig, ValueMethod, hookimpl
+
+
+class TernaryConfig(MethodConfig):
+    # Weights below this fraction of the largest magnitude become zero.
+    threshold: float = Field(default=0.05, ge=0.0, le=0.5)
+
+
+class Ternarize(nn.Module):
+    """Forward: sign(w) * a where |w| > t, else 0; gradients pass straight through."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        keep = w.abs() > self.threshold * w.abs().max()
+        scale = w.abs()[keep].mean() if keep.any() else w.new_zeros(())
+        return w + (torch.sign(w) * keep * scale - w).detach()
+
+
+class Ternary(ValueMethod):
+    name = "ternary"
+    summary = "ternary weights {-a, 0, +a}, two bits each"
+    Config = TernaryConfig
+
+    def apply(self, module: nn.Module, name: str, config: TernaryConfig) -> None:
+        owner, _, attr = name.rpartition(".")
+        parametrize.register_parametrization(
+            module.get_submodule(owner), attr, Ternarize(config.threshold)
+        )
+
+    def encode(self, tensor: torch.Tensor, config: TernaryConfig) -> tuple[dict, dict]:
+        values = tensor.detach().reshape(-1).numpy()
+        scale = float(np.abs(values).max()) if values.size else 0.0
+        codes = np.where(values > 0, 1, np.where(values < 0, 2, 0)).astype(np.uint8)
+        codes = np.pad(codes, (0, -len(codes) % 4)).reshape(-1, 4)
+        packed = codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6
+        return {"codes": packed.astype(np.uint8)}, {"scale": scale}
+
+    def decode(
+        self, arrays: dict[str, np.ndarray], meta: dict[str, Any], shape: tuple, config: Any
+    ) -> torch.Tensor:
+        count = int(np.prod(shape))
+        packed = arrays["codes"]
+        if packed.size != -(-count // 4):
+            raise ValueError(f"{-(-count // 4)} packed bytes expected, got {packed.size}")
+        codes = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:count]
+        signs = np.where(codes == 1, 1.0, np.where(codes == 2, -1.0, 0.0))
+        scale = np.float32(meta["scale"])
+        return torch.from_numpy((signs * scale).astype(np.float32).reshape(shape))
+
+
+@hookimpl
+def register_methods(register):
+    register(Ternary())

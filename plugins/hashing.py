@@ -1,0 +1,218 @@
+"""`hashing`: HashedNets (Chen et al. 2015, "Compressing Neural Networks with the Hashing Trick").
+
+Every element of a layer's virtual weight tensor (Linear: out x in; Conv2d: out x in/groups x
+kh x kw) reads one of K real weights, chosen by a hash of the element's flat position, and
+multiplies it by a +1/-1 sign taken from a second hash. Only the K real weights (and the
+bias) are stored; the bucket and sign of every position are recomputed from the seed, so they
+cost nothing in the artifact. The layer trains by ordinary backprop: gradients of all virtual
+weights that share a bucket add up on its real weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from autoshrink import hookimpl
+from autoshrink.methods import LayerCode, Method, MethodConfig, StructureMethod
+
+__all__ = ["HashedConv2d", "HashedLinear", "Hashing", "HashingConfig", "position_hash"]
+
+#: The seed every layer's hashes use. It is written into each layer's code, so a later version
+#: may change it without breaking artifacts written with this one.
+SEED = 0x5EED
+#: Hash streams: one chooses the bucket, an independent one the sign.
+_BUCKET_STREAM, _SIGN_STREAM = 0, 1
+
+# splitmix64 (Steele, Lea & Flood 2014) constants. Plain uint64 arithmetic wraps the same way
+# on every platform and numpy version, unlike numpy's or torch's random generators, whose
+# streams are not promised to stay the same across versions.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _finalize(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 output function: a bijective avalanche of a uint64 array."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def position_hash(count: int, seed: int, stream: int) -> np.ndarray:
+    """64-bit hashes of the flat positions ``0 .. count-1`` for ``seed`` and ``stream``.
+
+    Position p gets the (p+1)-th output of a splitmix64 generator whose state starts at a
+    key mixed from (seed, stream), so different streams are unrelated to each other.
+    """
+    if not 0 <= seed < 2**62 or stream not in (0, 1):
+        raise ValueError(f"seed {seed} or stream {stream} out of range")
+    with np.errstate(over="ignore"):  # wrapping is the point of the arithmetic
+        key = _finalize(np.array([seed * 2 + stream], dtype=np.uint64))
+        positions = np.arange(1, count + 1, dtype=np.uint64)
+        return _finalize(key + positions * _GAMMA)
+
+
+def hashed_positions(
+    shape: tuple[int, ...], k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bucket (int64 in [0, k)) and sign (float32 +-1) of every element of ``shape``."""
+    count = int(np.prod(shape, dtype=np.int64))
+    bucket = position_hash(count, seed, _BUCKET_STREAM) % np.uint64(k)
+    # The top bit is the best mixed one of splitmix64's output.
+    bit = position_hash(count, seed, _SIGN_STREAM) >> np.uint64(63)
+    sign = 1.0 - 2.0 * bit.astype(np.float32)
+    index = torch.from_numpy(bucket.astype(np.int64).reshape(shape))
+    return index, torch.from_numpy(sign.astype(np.float32).reshape(shape))
+
+
+class _Hashed(nn.Module):
+    """What hashed Linear and Conv2d layers share: K real weights, the bias and the
+    recomputed bucket/sign tensors (non-persistent buffers: never stored, moved by .to())."""
+
+    bias: nn.Parameter | None
+
+    def __init__(self, shape: tuple[int, ...], k: int, bias: bool, seed: int) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.k = k
+        self.seed = seed
+        # The K real weights. Not called `values`: torch's parametrize keeps parametrizations
+        # in a ModuleDict, where `values` is a method name, so a value stage could not wrap it.
+        self.shared = nn.Parameter(torch.zeros(k))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(shape[0]))
+        else:
+            self.register_parameter("bias", None)
+        index, sign = hashed_positions(self.shape, k, seed)
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("sign", sign, persistent=False)
+
+    def virtual_weight(self) -> torch.Tensor:
+        """The full weight tensor the layer acts with: shared[bucket] * sign, elementwise."""
+        return self.shared[self.index] * self.sign
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor) -> None:
+        """Set the K values to the least-squares fit of ``weight``: each bucket's value is
+        the mean of sign * w over its positions (empty buckets get 0)."""
+        flat = (weight.detach().to(self.sign) * self.sign).reshape(-1).double()
+        index = self.index.reshape(-1)
+        total = torch.bincount(index, weights=flat, minlength=self.k)
+        count = torch.bincount(index, minlength=self.k).double()
+        self.shared.copy_(torch.where(count > 0, total / count.clamp(min=1), 0.0))
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, k={self.k}, bias={self.bias is not None}, seed={self.seed}"
+
+
+class HashedLinear(_Hashed):
+    """A Linear layer whose out x in weight is drawn from K shared values by hashing."""
+
+    def __init__(self, in_features: int, out_features: int, k: int, bias: bool, seed: int):
+        super().__init__((out_features, in_features), k, bias, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.virtual_weight(), self.bias)
+
+
+class HashedConv2d(_Hashed):
+    """A Conv2d layer whose out x in/groups x kh x kw weight is drawn from K shared values by
+    hashing; stride, padding, dilation, groups and padding mode are those of the original."""
+
+    def __init__(self, conv: nn.Conv2d, k: int, bias: bool, seed: int) -> None:
+        super().__init__(tuple(conv.weight.shape), k, bias, seed)
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.padding_mode = conv.padding_mode
+        # The explicit padding nn.Conv2d applies itself for non-"zeros" padding modes.
+        self._pad = tuple(conv._reversed_padding_repeated_twice)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, padding = self.virtual_weight(), self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self._pad, mode=self.padding_mode), 0
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+class HashingConfig(MethodConfig):
+    #: K, the number of real weights, as a fraction of the layer's virtual weights.
+    ratio: float = Field(0.125, ge=1 / 256, le=1.0, json_schema_extra={"log": True})
+
+
+def _make(layer: nn.Module, k: int, bias: bool, seed: int) -> _Hashed:
+    if isinstance(layer, nn.Conv2d):
+        return HashedConv2d(layer, k, bias, seed)
+    assert isinstance(layer, nn.Linear)
+    return HashedLinear(layer.in_features, layer.out_features, k, bias, seed)
+
+
+class Hashing(StructureMethod):
+    name = "hashing"
+    summary = "HashedNets: weights drawn from K = ratio x n shared values by a position hash"
+    Config = HashingConfig
+
+    def build(self, layer: nn.Module, config: HashingConfig) -> nn.Module:
+        n = layer.weight.numel()
+        k = max(1, round(config.ratio * n))
+        module = _make(layer, k, layer.bias is not None, SEED).to(layer.weight.device)
+        module.fit(layer.weight)
+        if layer.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(layer.bias)
+        return module
+
+    def payload_names(self, module: nn.Module) -> tuple[str, ...]:
+        return ("shared",)
+
+    def encode(self, module: nn.Module, config: HashingConfig) -> LayerCode:
+        assert isinstance(module, _Hashed)
+        # Attribute access (not the raw parameter) so a value-stage parametrization applies.
+        code = LayerCode(
+            payloads={"shared": module.shared.detach().cpu().clone()},
+            meta={"seed": module.seed, "k": module.k, "shape": list(module.shape)},
+        )
+        if module.bias is not None:
+            code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        return code
+
+    def decode(self, code: LayerCode, template: nn.Module, config: HashingConfig) -> nn.Module:
+        if not self.applies(template):
+            raise ValueError(f"`hashing` cannot rebuild a {type(template).__name__}")
+        shape = tuple(template.weight.shape)
+        meta: dict[str, Any] = code.meta
+        seed, k = meta.get("seed"), meta.get("k")
+        if not isinstance(seed, int) or not 0 <= seed < 2**62:
+            raise ValueError(f"hash seed {seed!r} is not valid")
+        if not isinstance(k, int) or not 1 <= k <= int(np.prod(shape)):
+            raise ValueError(f"K = {k!r} does not fit a weight of shape {shape}")
+        if meta.get("shape") != list(shape):
+            raise ValueError(f"code is for a weight of shape {meta.get('shape')}, not {shape}")
+        shared = code.payloads.get("shared")
+        if shared is None or tuple(shared.shape) != (k,):
+            raise ValueError(f"{k} shared weights expected")
+        bias = code.arrays.get("bias")
+        if (bias is None) != (template.bias is None) or (
+            bias is not None and bias.shape != tuple(template.bias.shape)
+        ):
+            expected = "no bias" if template.bias is None else f"bias of shape {shape[:1]}"
+            raise ValueError(f"{expected} expected")
+        module = _make(template, k, bias is not None, seed)
+        with torch.no_grad():
+            module.shared.copy_(shared)
+            if bias is not None:
+                module.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+        return module
+
+
+@hookimpl
+def register_methods(register: Callable[[Method], None]) -> None:
+    register(Hashing())

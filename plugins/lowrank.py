@@ -1,0 +1,190 @@
+"""`lowrank`: low-rank factorization (Denil et al. 2013; Denton et al. 2014).
+
+A Linear weight W (out x in) becomes the product U V of an out x r and an r x in matrix; a
+Conv2d becomes a kh x kw convolution to r channels (weight V, the original stride, padding
+and dilation) followed by a 1x1 convolution to the output channels (weight U, with the
+bias), which is W reshaped to (out, in*kh*kw) factored the same way. Both factors start from
+the truncated SVD of the trained weight, so the layer begins as the best rank-r fit of it.
+Grouped convolutions are not supported (``applies`` is False for them).
+
+With ``train_u=False`` the output-side factor U acts as the fixed "dictionary" of Denil et
+al.'s predicted parameters and only the coefficients V train; U is still stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from autoshrink import hookimpl
+from autoshrink.methods import LayerCode, Method, MethodConfig, StructureMethod
+
+__all__ = ["LowRank", "LowRankConfig", "LowRankConv2d", "LowRankLinear", "full_rank"]
+
+
+def full_rank(layer: nn.Module) -> int:
+    """The largest rank of the layer's weight viewed as a matrix (out, in*kh*kw)."""
+    weight = layer.weight
+    return min(weight.shape[0], weight[0].numel())
+
+
+class _LowRank(nn.Module):
+    """What factored Linear and Conv2d layers share: the factors ``u`` (output side) and
+    ``v`` (input side), the bias, and whether ``u`` trains."""
+
+    bias: nn.Parameter | None
+
+    def __init__(
+        self, u_shape: tuple[int, ...], v_shape: tuple[int, ...], bias: bool, train_u: bool
+    ) -> None:
+        super().__init__()
+        self.rank = v_shape[0]
+        self.u = nn.Parameter(torch.zeros(u_shape), requires_grad=train_u)
+        self.v = nn.Parameter(torch.zeros(v_shape))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(u_shape[0]))
+        else:
+            self.register_parameter("bias", None)
+
+    @torch.no_grad()
+    def fit(self, weight: torch.Tensor) -> None:
+        """Set U and V to the rank-r truncated SVD of ``weight`` as an (out, rest) matrix,
+        with the square roots of the singular values split between them so both factors
+        have the same scale (which keeps their gradients balanced)."""
+        matrix = weight.detach().reshape(weight.shape[0], -1).double()
+        left, singular, right = torch.linalg.svd(matrix, full_matrices=False)
+        root = singular[: self.rank].sqrt()
+        self.u.copy_((left[:, : self.rank] * root).reshape(self.u.shape))
+        self.v.copy_((root[:, None] * right[: self.rank]).reshape(self.v.shape))
+
+    def extra_repr(self) -> str:
+        return (
+            f"u={tuple(self.u.shape)}, v={tuple(self.v.shape)}, bias={self.bias is not None}, "
+            f"train_u={self.u.requires_grad}"
+        )
+
+
+class LowRankLinear(_LowRank):
+    """A Linear layer computing x -> U (V x) + b with U: out x r and V: r x in."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool, train_u: bool):
+        super().__init__((out_features, rank), (rank, in_features), bias, train_u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Two thin products cost r*(in+out) multiply-adds per row instead of in*out.
+        return F.linear(F.linear(x, self.v), self.u, self.bias)
+
+
+class LowRankConv2d(_LowRank):
+    """A Conv2d layer as a kh x kw convolution to ``rank`` channels (V, the original stride,
+    padding, dilation and padding mode) then a 1x1 convolution to the outputs (U, the bias)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int, bias: bool, train_u: bool) -> None:
+        out, inp, kh, kw = conv.weight.shape
+        super().__init__((out, rank, 1, 1), (rank, inp, kh, kw), bias, train_u)
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.padding_mode = conv.padding_mode
+        # The explicit padding nn.Conv2d applies itself for non-"zeros" padding modes.
+        self._pad = tuple(conv._reversed_padding_repeated_twice)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self._pad, mode=self.padding_mode), 0
+        hidden = F.conv2d(x, self.v, None, self.stride, padding, self.dilation)
+        return F.conv2d(hidden, self.u, self.bias)
+
+
+class LowRankConfig(MethodConfig):
+    #: r as a fraction of the full rank min(out, in*kh*kw).
+    rank: float = Field(0.25, ge=0.01, le=1.0, json_schema_extra={"log": True})
+    #: False keeps U (the output-side "dictionary" factor) at its SVD start; only V trains.
+    train_u: bool = True
+
+
+def _make(layer: nn.Module, rank: int, bias: bool, train_u: bool) -> _LowRank:
+    if isinstance(layer, nn.Conv2d):
+        return LowRankConv2d(layer, rank, bias, train_u)
+    assert isinstance(layer, nn.Linear)
+    return LowRankLinear(layer.in_features, layer.out_features, rank, bias, train_u)
+
+
+class LowRank(StructureMethod):
+    name = "lowrank"
+    summary = (
+        "factor the weight into two rank-r matrices from its SVD (conv: kxk to r channels, "
+        "then 1x1); grouped conv not supported"
+    )
+    Config = LowRankConfig
+
+    def applies(self, layer: nn.Module) -> bool:
+        # A grouped conv's weight is block-diagonal over the groups; one kxk-then-1x1 pair
+        # would mix the groups, so it cannot stand in for it.
+        if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+            return False
+        return super().applies(layer)
+
+    def build(self, layer: nn.Module, config: LowRankConfig) -> nn.Module:
+        if not self.applies(layer):
+            raise ValueError(f"`lowrank` does not apply to {layer!r}")
+        rank = max(1, round(config.rank * full_rank(layer)))
+        module = _make(layer, rank, layer.bias is not None, config.train_u)
+        module = module.to(layer.weight.device)
+        module.fit(layer.weight)
+        if layer.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(layer.bias)
+        return module
+
+    def payload_names(self, module: nn.Module) -> tuple[str, ...]:
+        return ("u", "v")
+
+    def encode(self, module: nn.Module, config: LowRankConfig) -> LayerCode:
+        assert isinstance(module, _LowRank)
+        # Attribute access (not the raw parameter) so a value-stage parametrization applies.
+        code = LayerCode(
+            payloads={
+                "u": module.u.detach().cpu().clone(),
+                "v": module.v.detach().cpu().clone(),
+            },
+            meta={"rank": module.rank},
+        )
+        if module.bias is not None:
+            code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        return code
+
+    def decode(self, code: LayerCode, template: nn.Module, config: LowRankConfig) -> nn.Module:
+        if not self.applies(template):
+            raise ValueError(f"`lowrank` cannot rebuild {template!r}")
+        meta: dict[str, Any] = code.meta
+        rank = meta.get("rank")
+        if not isinstance(rank, int) or not 1 <= rank <= full_rank(template):
+            raise ValueError(f"rank {rank!r} does not fit {template!r}")
+        bias = code.arrays.get("bias")
+        if (bias is None) != (template.bias is None) or (
+            bias is not None and bias.shape != tuple(template.bias.shape)
+        ):
+            raise ValueError("no bias expected" if template.bias is None else "bias expected")
+        module = _make(template, rank, bias is not None, config.train_u)
+        with torch.no_grad():
+            for name in ("u", "v"):
+                target, stored = getattr(module, name), code.payloads.get(name)
+                if stored is None or stored.shape != target.shape:
+                    raise ValueError(f"factor `{name}` of shape {tuple(target.shape)} expected")
+                target.copy_(stored)
+            if bias is not None:
+                module.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+        return module
+
+
+@hookimpl
+def register_methods(register: Callable[[Method], None]) -> None:
+    register(LowRank())

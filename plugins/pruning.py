@@ -1,0 +1,248 @@
+"""`pruning`: magnitude pruning with sparse storage (Han et al. 2015, "Learning both Weights
+and Connections for Efficient Neural Networks"; storage as in Deep Compression).
+
+A weight survives when ``|w| >= threshold * std(w)``, the std being the population standard
+deviation of the whole layer's weight. Pruning is one-shot: the paper's iterative schedule
+(prune, retrain, prune again) is not implemented; the search can reach high sparsity with a
+larger ``threshold`` and the retraining the trainer does after the structure stage.
+
+The built module keeps only the survivors as a trainable 1-D parameter ``survivors`` and their
+flat positions in the dense weight as a buffer, so fine-tuning holds the mask by
+construction and the value stage quantizes exactly the survivors. Forward scatters them into
+a zero weight and calls the original layer's ``F.linear`` / ``F.conv2d``.
+
+Positions are stored in whichever of two forms is smaller (``meta["positions"]``):
+
+- ``"bitmask"``: one bit per dense weight, packed with :func:`autoshrink.packing.pack_bits`
+  (array ``mask``).
+- ``"relative"``: one ``uint8`` per survivor (array ``relative``) holding the number of
+  pruned weights skipped since the previous survivor (the first counts from the start), so
+  position ``i`` is ``sum(relative[:i+1] + 1) - 1``. A run of more than 255 pruned weights
+  does not fit; as in Deep Compression, a zero-valued *filler* survivor is inserted every
+  256th place of such a run. Fillers are real entries of ``survivors`` (they start at 0.0 and
+  may train like any survivor), so decoding needs no special case and stays exact.
+
+The choice is made once in :meth:`Pruning.build` (fillers exist only for the relative form),
+comparing ``ceil(n/8) + 4k`` with ``5(k + f)`` bytes for ``n`` weights, ``k`` survivors and
+``f`` fillers, i.e. with float32 values. :meth:`Pruning.encode` re-derives it from the
+positions alone, with the same result. The bias is stored as a float32 array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from autoshrink import hookimpl
+from autoshrink.methods import LayerCode, Method, MethodConfig, StructureMethod
+from autoshrink.packing import pack_bits, packed_size, unpack_bits
+
+__all__ = ["Pruned", "Pruning", "PruningConfig", "relative_positions", "with_fillers"]
+
+#: The longest run of pruned weights one ``uint8`` relative index can skip.
+MAX_SKIP = 255
+
+
+class PruningConfig(MethodConfig):
+    threshold: float = Field(
+        1.0, ge=0.0, le=3.0, description="prune |w| < threshold * std(layer weight)"
+    )
+
+
+def with_fillers(positions: np.ndarray) -> np.ndarray:
+    """Sorted ``positions`` plus filler positions so that no gap skips more than 255.
+
+    A run of ``s`` pruned weights before a survivor gets ``s // 256`` fillers, at every 256th
+    place of the run; each then skips at most 255 weights.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    previous = np.concatenate([[-1], positions[:-1]])
+    fills = (positions - previous - 1) // (MAX_SKIP + 1)
+    total = int(fills.sum())
+    if total == 0:
+        return positions
+    # The j-th filler (j = 1, 2, ...) of a run sits 256*j places after the run's start.
+    starts = np.repeat(previous, fills)
+    j = np.arange(total) - np.repeat(np.cumsum(fills) - fills, fills) + 1
+    return np.sort(np.concatenate([positions, starts + (MAX_SKIP + 1) * j]))
+
+
+def relative_positions(positions: np.ndarray) -> np.ndarray | None:
+    """The relative (skip-count) form of sorted ``positions`` as ``uint8``, or ``None`` when
+    some gap skips more than 255 weights."""
+    positions = np.asarray(positions, dtype=np.int64)
+    skips = np.diff(positions, prepend=-1) - 1
+    if skips.size and int(skips.max()) > MAX_SKIP:
+        return None
+    return skips.astype(np.uint8)
+
+
+def _survivors(weight: torch.Tensor, threshold: float) -> np.ndarray:
+    """Flat positions of the weights with ``|w| >= threshold * std(w)``."""
+    flat = weight.detach().float().reshape(-1)
+    std = flat.std(correction=0) if flat.numel() > 1 else flat.new_zeros(())
+    keep = flat.abs() >= threshold * std
+    return torch.nonzero(keep).reshape(-1).cpu().numpy().astype(np.int64)
+
+
+class Pruned(nn.Module):
+    """A Linear or Conv2d layer whose weight is zero except at ``positions``.
+
+    ``survivors`` (trainable) holds the weights at ``positions`` (a buffer of flat indices into
+    the dense weight); ``bias`` is the original layer's, trainable too.
+    """
+
+    def __init__(self, layer: nn.Module, positions: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        if not isinstance(layer, nn.Linear | nn.Conv2d):
+            raise TypeError(f"cannot prune {type(layer).__name__}")
+        self.kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
+        self.weight_shape = tuple(layer.weight.shape)
+        if isinstance(layer, nn.Conv2d):
+            self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
+            self.padding, self.padding_mode = layer.padding, layer.padding_mode
+            # nn.Conv2d pads explicitly for non-zero modes; keep what it would use.
+            self.pad = tuple(layer._reversed_padding_repeated_twice)
+        # Not called `values`: parametrize keeps its tensors in a ModuleDict, whose `values`
+        # method would clash with a value method's parametrization of that name.
+        self.survivors = nn.Parameter(values.detach().clone().reshape(-1))
+        self.register_buffer("positions", positions.detach().clone().to(torch.int64))
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @property
+    def numel(self) -> int:
+        """The number of weights of the dense layer."""
+        return int(np.prod(self.weight_shape))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight: survivors at their places, zeros elsewhere (differentiable)."""
+        values = self.survivors
+        flat = values.new_zeros(self.numel).scatter(0, self.positions, values)
+        return flat.reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.dense_weight()
+        if self.kind == "linear":
+            return F.linear(x, weight, self.bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, shape={self.weight_shape}, kept={self.positions.numel()}"
+
+
+def _mask_is_smaller(count: int, numel: int) -> bool:
+    """Whether a bitmask beats relative indices for ``count`` stored positions (fillers
+    included) that fit the relative form."""
+    return packed_size(numel, 1) <= count
+
+
+class Pruning(StructureMethod):
+    name = "pruning"
+    summary = "magnitude pruning, survivors stored sparsely (Han et al. 2015)"
+    Config = PruningConfig
+
+    def build(self, layer: nn.Module, config: PruningConfig) -> nn.Module:
+        weight = layer.weight.detach()
+        numel = weight.numel()
+        survivors = _survivors(weight, config.threshold)
+        padded = with_fillers(survivors)
+        # Bytes with float32 values: bitmask + k values, or one byte and one value per
+        # stored position (fillers included).
+        mask_bytes = packed_size(numel, 1) + 4 * survivors.size
+        relative_bytes = 5 * padded.size
+        positions = padded if relative_bytes < mask_bytes else survivors
+        index = torch.from_numpy(positions).to(weight.device)
+        # Fillers take the (pruned) weight's place with the value 0.0.
+        values = torch.zeros(positions.size, dtype=weight.dtype, device=weight.device)
+        kept = torch.from_numpy(np.isin(positions, survivors)).to(weight.device)
+        values[kept] = weight.reshape(-1)[index[kept]]
+        return Pruned(layer, index, values)
+
+    def payload_names(self, module: nn.Module) -> tuple[str, ...]:
+        return ("survivors",)
+
+    def encode(self, module: nn.Module, config: PruningConfig) -> LayerCode:
+        if not isinstance(module, Pruned):
+            raise TypeError(f"`pruning` encodes modules it built, not {type(module).__name__}")
+        positions = module.positions.cpu().numpy()
+        code = LayerCode(
+            payloads={"survivors": module.survivors.detach().clone().cpu()},
+            meta={"shape": list(module.weight_shape)},
+        )
+        relative = relative_positions(positions)
+        if relative is not None and not _mask_is_smaller(positions.size, module.numel):
+            code.arrays["relative"] = relative
+            code.meta["positions"] = "relative"
+        else:
+            mask = np.zeros(module.numel, dtype=bool)
+            mask[positions] = True
+            code.arrays["mask"] = pack_bits(mask, 1)
+            code.meta["positions"] = "bitmask"
+        if module.bias is not None:
+            code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        return code
+
+    def decode(self, code: LayerCode, template: nn.Module, config: PruningConfig) -> nn.Module:
+        if not isinstance(template, nn.Linear | nn.Conv2d):
+            raise ValueError(f"`pruning` cannot decode into {type(template).__name__}")
+        shape = tuple(template.weight.shape)
+        numel = int(np.prod(shape))
+        if code.meta.get("shape") != list(shape):
+            raise ValueError(f"code is for a weight of shape {code.meta.get('shape')}, not {shape}")
+        positions = _decode_positions(code.arrays, code.meta, numel)
+        values = code.payloads.get("survivors")
+        if values is None or values.ndim != 1 or values.numel() != positions.size:
+            got = None if values is None else tuple(values.shape)
+            raise ValueError(f"{positions.size} survivors expected, got {got}")
+        module = Pruned(
+            template,
+            torch.from_numpy(positions).to(template.weight.device),
+            values.to(device=template.weight.device, dtype=template.weight.dtype),
+        )
+        bias = code.arrays.get("bias")
+        if (bias is None) != (template.bias is None):
+            raise ValueError("the code's bias does not match the layer's")
+        if bias is not None:
+            assert module.bias is not None
+            if bias.shape != tuple(module.bias.shape):
+                raise ValueError(f"bias of shape {tuple(module.bias.shape)} expected")
+            with torch.no_grad():
+                module.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+        return module
+
+
+def _decode_positions(
+    arrays: dict[str, np.ndarray], meta: dict[str, Any], numel: int
+) -> np.ndarray:
+    """Flat positions from either stored form, checked to be increasing and in range."""
+    form = meta.get("positions")
+    if form == "bitmask":
+        mask = arrays.get("mask")
+        if mask is None or mask.dtype != np.uint8 or mask.size != packed_size(numel, 1):
+            raise ValueError(f"a bitmask of {packed_size(numel, 1)} bytes expected")
+        return np.flatnonzero(unpack_bits(mask, 1, numel)).astype(np.int64)
+    if form == "relative":
+        relative = arrays.get("relative")
+        if relative is None or relative.dtype != np.uint8 or relative.ndim != 1:
+            raise ValueError("a 1-D uint8 array of relative indices expected")
+        # Each entry skips that many pruned weights, then stores one: strictly increasing.
+        positions = np.cumsum(relative.astype(np.int64) + 1) - 1
+        if positions.size and int(positions[-1]) >= numel:
+            raise ValueError(f"relative indices reach position {positions[-1]} of {numel}")
+        return positions
+    raise ValueError(f"unknown position encoding {form!r}")
+
+
+@hookimpl
+def register_methods(register: Callable[[Method], None]) -> None:
+    register(Pruning())
