@@ -38,7 +38,10 @@ BLOCK_ENV = "AUTOSHRINK_BLOCK_PLUGINS"
 TRACE_ENV = "AUTOSHRINK_TRACE_HOOKS"
 BUILTIN_SOURCE = "autoshrink (built-in)"
 #: Built-in plugin modules; each is registered under the name ``autoshrink.<module>``.
-BUILTIN_PLUGINS = ("tasks", "dense", "floating", "hashing", "lowrank", "pruning", "quantization", "entropy", "distillation")
+BUILTIN_PLUGINS = (
+    "tasks", "dense", "floating", "hashing", "lowrank", "pruning", "quantization", "entropy",
+    "distillation",
+)
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _STAGE_CLASSES = {
     Stage.MODEL: ModelMethod,

@@ -21,8 +21,8 @@ the bit stream (most significant bit first, zero-padded to a whole byte)::
     | code length - 1 of each symbol in ascending symbol order (4 bits each, high nibble
       first) | bits
 
-Every symbol takes at least one bit, so a Huffman body can never expand to more than eight
-times its size: a hostile stream cannot make the decoder allocate without bound. Decoding
+Every symbol takes at least one bit, so a Huffman body never decodes to more than eight times
+its size: a hostile stream cannot make the decoder allocate without bound. Decoding
 validates everything it reads and raises ValueError on truncated or corrupt input; the CRC
 catches corruption that still parses.
 """
@@ -50,7 +50,7 @@ _CODECS = {tag: codec for codec, tag in _TAGS.items()}
 _LIST_MAX = 32
 #: Symbols the encoder handles per vectorised pass, which bounds its temporary memory.
 _CHUNK = 1 << 20
-#: Table bits for streams too short to repay building a 2**16-entry multi-symbol table.
+#: Streams shorter than this do not repay building the full 2**16-entry decode table.
 _SMALL_STREAM = 1 << 14
 #: Bits "consumed" by an invalid table entry: far past any stream, so decoding stops there.
 _INVALID = 1 << 62
@@ -287,14 +287,14 @@ def _pack_codes(
     """
     total_bits = int(np.dot(counts, lengths))
     out = np.zeros((total_bits + 7) // 8 + 3, dtype=np.uint8)
-    lengths32, codes32 = lengths.astype(np.int64), codes.astype(np.int64)
+    lengths64, codes64 = lengths.astype(np.int64), codes.astype(np.int64)
     start = 0  # bit offset of the current chunk
     for first in range(0, len(symbols), _CHUNK):
         chunk = symbols[first : first + _CHUNK]
-        size = lengths32[chunk]
+        size = lengths64[chunk]
         ends = np.cumsum(size) + start
         starts = ends - size
-        window = codes32[chunk] << (24 - (starts & 7) - size)
+        window = codes64[chunk] << (24 - (starts & 7) - size)
         index = (starts >> 3) - (start >> 3)
         span = int(index[-1]) + 3
         base = start >> 3

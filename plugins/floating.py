@@ -22,7 +22,9 @@ class RoundToHalf(nn.Module):
     """Rounds to float16 values in the forward pass; gradients pass straight through."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + (x.half().float() - x).detach()
+        # Exactly the float16 value (what `x + (q - x).detach()` is not, after rounding),
+        # with x's gradient.
+        return (x - x.detach()) + x.detach().half().float()
 
 
 class Float(ValueMethod):

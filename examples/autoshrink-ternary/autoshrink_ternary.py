@@ -28,7 +28,9 @@ class Ternarize(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         keep = w.abs() > self.threshold * w.abs().max()
         scale = w.abs()[keep].mean() if keep.any() else w.new_zeros(())
-        return w + (torch.sign(w) * keep * scale - w).detach()
+        # (w - w.detach()) is exactly zero but carries w's gradient: the result is exactly
+        # the ternary value, which `w + (q - w).detach()` is not after float rounding.
+        return (w - w.detach()) + (torch.sign(w) * keep * scale).detach()
 
 
 class Ternary(ValueMethod):

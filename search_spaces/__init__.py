@@ -1,0 +1,1 @@
+"""Search-space presets (TOML files) shipped with autoshrink."""
