@@ -9,16 +9,22 @@ its own setup once (task data and the cached baseline, read from disk) and runs 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial
+from ray.tune import Callback
 
 from autoshrink.errors import UsageError
 from autoshrink.settings import Settings
+from autoshrink.space import Space
 from autoshrink.study import (
     ARTIFACT,
     FAILURE,
@@ -54,6 +60,8 @@ def connect(settings: Settings) -> None:
         "runtime_env": {"env_vars": env},
         "configure_logging": False,
     }
+    if settings.ray_address and settings.ray_address != "auto":
+        _reachable(settings.ray_address)
     try:
         if settings.ray_address:
             ray.init(address=settings.ray_address, **options)
@@ -68,35 +76,76 @@ def connect(settings: Settings) -> None:
         ) from exc
 
 
-def _trainable(settings_json: str, root: str, threads: int) -> Callable[[dict], None]:
+def _reachable(address: str) -> None:
+    """Fail fast on an address nothing listens at (Ray itself retries for minutes)."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"`--ray-address` {address}: nothing answers there ({exc}); start a cluster with "
+            "`ray start --head`, or leave the option out to start a local one"
+        ) from exc
+
+
+@cache
+def _journal(path: str) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(path))
+
+
+def _record(journal: str, study_name: str, number: int, attrs: dict[str, Any]) -> None:
+    """Set user attributes on a running trial from the worker that runs it (the journal's
+    file lock makes this safe across processes; on several machines the study folder must
+    be on a shared file system, as Ray Tune's own storage path must)."""
+    storage = _journal(journal)
+    study_id = storage.get_study_id_from_name(study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    for key, value in attrs.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+
+
+def _trainable(
+    settings_json: str, root: str, study_name: str, threads: int
+) -> Callable[[dict], None]:
     def trainable(config: dict) -> None:
         from ray import tune
 
         torch.set_num_threads(threads)
-        setup = worker_setup(settings_json)
-        number = int(config[NUMBER])
-        params = {k: v for k, v in config.items() if k != NUMBER}
-        plan = setup.plan_of(params)
         folder = StudyFolder(Path(root))
-        outcome = run_trial(
-            plan,
-            task=setup.task,
-            data=setup.data,
-            baseline=setup.baseline,
-            registry=setup.registry,
-            artifact=folder.artifact(number),
-            budget=setup.budget,
-            seed=setup.settings.seed + number,
+        journal = str(folder.journal)
+        number = int(config[NUMBER])
+        path = folder.artifact(number)
+        try:
+            setup = worker_setup(settings_json)
+            plan = setup.plan_of({k: v for k, v in config.items() if k != NUMBER})
+            outcome = run_trial(
+                plan,
+                task=setup.task,
+                data=setup.data,
+                baseline=setup.baseline,
+                registry=setup.registry,
+                artifact=path,
+                budget=setup.budget,
+                seed=setup.settings.seed + number,
+            )
+        except Exception as exc:
+            _record(journal, study_name, number, {FAILURE: f"{type(exc).__name__}: {exc}"})
+            path.unlink(missing_ok=True)
+            raise
+        _record(
+            journal,
+            study_name,
+            number,
+            {ARTIFACT: str(path.relative_to(folder.root)), SECONDS: round(outcome.seconds, 3)},
         )
-        tune.report(
-            {
-                "bytes": outcome.bytes,
-                "val_accuracy": outcome.val_accuracy,
-                "seconds": outcome.seconds,
-            }
-        )
+        tune.report({"bytes": outcome.bytes, "val_accuracy": outcome.val_accuracy})
 
     return trainable
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial-{trial.trial_id}"
 
 
 def search_on_ray(
@@ -110,60 +159,23 @@ def search_on_ray(
     """Run ``trials`` trials (or until the timeout) as Ray Tune trials on the study."""
     import ray
     from ray import tune
-    from ray.tune import Callback
     from ray.tune.search.optuna import OptunaSearch
 
     settings = setup.settings
     connect(settings)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_trial = max(1, cpus // settings.workers)
-    storage = study._storage
-    study_id = storage.get_study_id_from_name(study.study_name)
-
-    def trial_id(number: int) -> int:
-        return storage.get_trial_id_from_study_id_trial_number(study_id, number)
-
-    def define_by_run(trial: optuna.Trial) -> dict[str, Any]:
-        plan = setup.space.sample(trial)
-        trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
-        return {NUMBER: trial.number}
-
-    class RecordOutcome(Callback):
-        """Write each Ray trial's artifact path or failure reason into the Optuna study."""
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
-            number = trial.config[NUMBER]
-            artifact = folder.artifact(number)
-            storage.set_trial_user_attr(
-                trial_id(number), ARTIFACT, str(artifact.relative_to(folder.root))
-            )
-            seconds = (trial.last_result or {}).get("seconds")
-            if seconds is not None:
-                storage.set_trial_user_attr(trial_id(number), SECONDS, round(seconds, 3))
-            self._after(number)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any):
-            number = trial.config[NUMBER]
-            storage.set_trial_user_attr(trial_id(number), FAILURE, _error_of(trial))
-            folder.artifact(number).unlink(missing_ok=True)
-            self._after(number)
-
-        def _after(self, number: int) -> None:
-            frozen = study.trials[number]
-            for callback in callbacks:
-                callback(study, frozen)
-
     searcher = OptunaSearch(
-        space=define_by_run,
+        space=DefineByRun(setup.space),
         metric=["bytes", "val_accuracy"],
         mode=["min", "max"],
         sampler=make_sampler(settings),
         study_name=study.study_name,
-        storage=storage,
+        storage=PicklableJournal(str(folder.journal)),
     )
     tuner = tune.Tuner(
         tune.with_resources(
-            _trainable(settings.model_dump_json(), str(folder.root), per_trial),
+            _trainable(settings.model_dump_json(), str(folder.root), study.study_name, per_trial),
             {"cpu": per_trial},
         ),
         tune_config=tune.TuneConfig(
@@ -171,23 +183,65 @@ def search_on_ray(
             num_samples=trials if trials is not None else -1,
             max_concurrent_trials=settings.workers,
             time_budget_s=settings.timeout,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name="tune",
             storage_path=str((folder.root / "ray").resolve()),
             verbose=0,
-            callbacks=[RecordOutcome()],
+            callbacks=[ShowProgress(study, callbacks)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
     tuner.fit()
 
 
-def _error_of(trial: Any) -> str:
-    """The last line of a failed Ray trial's traceback: its exception and message."""
-    path = getattr(trial, "error_file", None)
-    text = ""
-    if path and Path(path).is_file():
-        text = Path(path).read_text()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "failed on a Ray worker (no error message)"
+class DefineByRun:
+    """The space as Ray Tune's OptunaSearch asks for it: sample a plan, record it on the
+    trial, and pass the trial number on to the worker. Picklable, as Tune checkpoints it."""
+
+    def __init__(self, space: Space) -> None:
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        plan = self.space.sample(trial)
+        trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
+        return {NUMBER: trial.number}
+
+
+class PicklableJournal(JournalStorage):
+    """The study's journal storage, pickled as its file path: Ray Tune pickles its searcher
+    (and with it the storage) to checkpoint the experiment."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(JournalFileBackend(path))
+
+    def __reduce__(self) -> tuple:
+        return (PicklableJournal, (self.path,))
+
+
+class ShowProgress(Callback):
+    """Drives the progress display as Ray trials end. It lives in the driver only: Ray Tune
+    pickles its run config for ``Tuner.restore``, so the pickled copy carries no state."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+    ) -> None:
+        self.study, self.callbacks = study, callbacks
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._after(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._after(trial)
+
+    def _after(self, trial: Any) -> None:
+        frozen = self.study.trials[int(trial.config[NUMBER])]
+        for callback in self.callbacks:
+            callback(self.study, frozen)

@@ -113,19 +113,21 @@ def worker_setup(settings_json: str) -> SearchSetup:
     return prepare(Settings.model_validate_json(settings_json))
 
 
-def budget_constraint(budget: int) -> Callable[[FrozenTrial], Sequence[float]]:
-    """Optuna constraint: bytes over budget (> 0 means infeasible)."""
+class BudgetConstraint:
+    """Optuna constraint: bytes over budget (> 0 means infeasible). A class, not a closure,
+    so samplers holding it can be pickled (Ray Tune checkpoints its searcher)."""
 
-    def constraint(trial: FrozenTrial) -> Sequence[float]:
-        return [trial.values[0] - budget] if trial.values else [0.0]
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
 
-    return constraint
+    def __call__(self, trial: FrozenTrial) -> Sequence[float]:
+        return [trial.values[0] - self.budget] if trial.values else [0.0]
 
 
 def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
     """The sampler ``--sampler`` names, seeded, with the budget as its constraint."""
     assert settings.budget is not None
-    constraint = budget_constraint(int(settings.budget))
+    constraint = BudgetConstraint(int(settings.budget))
     if settings.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=settings.seed, constraints_func=constraint)
     if settings.sampler == "random":

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from autoshrink.artifact import write_artifact
-from autoshrink.compress import compress
+from autoshrink.compress import apply_structure, apply_values
 from autoshrink.methods import MethodConfig, ModelMethod, Stage
-from autoshrink.plan import Plan
+from autoshrink.plan import Plan, compressible_layers
 from autoshrink.training import LossFn, cross_entropy, evaluate, fit
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class TrialBudget:
     distill_steps: int = 900
     batch_size: int = 128
     lr: float = 5e-4
+    #: share of the fine-tune steps spent before the value stage applies
+    structure_share: float = 0.6
     seconds: float = 300.0
 
 
@@ -89,18 +91,25 @@ def run_trial(
             loss_fn=loss_fn,
             on_step=check,
         )
-    compressed = compress(model, plan, registry)
-    if budget.finetune_steps:
-        fit(
-            compressed,
-            data.train,
-            steps=budget.finetune_steps,
-            batch_size=budget.batch_size,
-            lr=budget.lr,
-            seed=seed + 1,
-            loss_fn=loss_fn,
-            on_step=check,
-        )
+    # Deep Compression's order: retrain the structure with free weights, then quantize the
+    # retrained weights and fine-tune what the value stage leaves trainable.
+    layers = list(compressible_layers(model, registry))
+    compressed = apply_structure(model, plan, registry)
+    structure_steps = round(budget.finetune_steps * budget.structure_share)
+    for phase, steps in enumerate((structure_steps, budget.finetune_steps - structure_steps)):
+        if phase == 1:
+            apply_values(compressed, plan, registry, layers)
+        if steps:
+            fit(
+                compressed,
+                data.train,
+                steps=steps,
+                batch_size=budget.batch_size,
+                lr=budget.lr,
+                seed=seed + 1 + phase,
+                loss_fn=loss_fn,
+                on_step=check,
+            )
     compressed.eval()
     val = evaluate(compressed, data.val, task.metric)
     size = write_artifact(
