@@ -1,10 +1,10 @@
 """The smallest artifact a search space can express, so impossible budgets fail before training.
 
 Every knob of every method is tried at the corners of its range (both ends of a numeric
-range, every choice of a categorical one); per layer the smallest structure x value pair is
-kept, and the resulting plan is written as a real artifact under each encoding choice. Its
-byte count is the answer. Sizes are monotonic in the knobs of all built-in methods, so the
-corners hold the minimum.
+range, every choice of a categorical one); per layer the smallest structures are paired with
+every value corner and the smallest pair is kept; the resulting plan is written as a real
+artifact under each encoding choice, and its byte count is the answer. Sizes are monotonic
+in the knobs of all built-in methods, so the corners hold the minimum.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["smallest_artifact"]
 
 _MAX_CORNERS = 64
+_PAIRED = 2
 
 
 def corners(ranges: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
@@ -45,11 +46,27 @@ def corners(ranges: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
     return combos[:_MAX_CORNERS]
 
 
-def _layer_bytes(module, structure: StructureMethod, s_config, value: ValueMethod, v_config) -> int:
-    built = structure.build(copy.deepcopy(module), s_config)
-    for payload in structure.payload_names(built):
-        value.apply(built, payload, v_config)
-    code = structure.encode(built, s_config)
+def _structure_candidates(module, layer, space: Space, registry: Registry) -> list:
+    """Each structure corner built once, smallest (with float32 payloads) first."""
+    built = []
+    for s_name in layer.structure:
+        structure = registry.methods[s_name]
+        assert isinstance(structure, StructureMethod)
+        for values in corners(space.ranges[s_name]):
+            config = structure.config(values)
+            compressed = structure.build(copy.deepcopy(module), config)
+            code = structure.encode(compressed, config)
+            size = sum(a.nbytes for a in code.arrays.values())
+            size += sum(t.numel() * 4 for t in code.payloads.values())
+            built.append((size, s_name, values, compressed))
+    return sorted(built, key=lambda c: c[0])
+
+
+def _value_bytes(compressed, structure: StructureMethod, s_config, value: ValueMethod, v_config):
+    compressed = copy.deepcopy(compressed)
+    for payload in structure.payload_names(compressed):
+        value.apply(compressed, payload, v_config)
+    code = structure.encode(compressed, s_config)
     size = sum(a.nbytes for a in code.arrays.values())
     for tensor in code.payloads.values():
         arrays, _ = value.encode(tensor.detach(), v_config)
@@ -71,25 +88,26 @@ def smallest_artifact(task: Task, space: Space, registry: Registry) -> tuple[int
         for layer in space.layers:
             module = model.get_submodule(layer.name)
             candidates = []
-            for s_name, v_name in itertools.product(layer.structure, layer.value):
+            # The value stage shrinks what the structure stores, so only the few smallest
+            # structures need pairing with every value corner.
+            for _, s_name, s_values, built in _structure_candidates(module, layer, space, registry)[
+                :_PAIRED
+            ]:
                 structure = registry.methods[s_name]
-                value = registry.methods[v_name]
                 assert isinstance(structure, StructureMethod)
-                assert isinstance(value, ValueMethod)
-                for s_values in corners(space.ranges[s_name]):
-                    s_config = structure.config(s_values)
+                s_config = structure.config(s_values)
+                for v_name in layer.value:
+                    value = registry.methods[v_name]
+                    assert isinstance(value, ValueMethod)
                     for v_values in corners(space.ranges[v_name]):
-                        v_config = value.config(v_values)
-                        size = _layer_bytes(module, structure, s_config, value, v_config)
-                        candidates.append(
-                            (
-                                size,
-                                LayerPlan(
-                                    structure=Choice(method=s_name, config=s_values),
-                                    value=Choice(method=v_name, config=v_values),
-                                ),
-                            )
+                        size = _value_bytes(
+                            built, structure, s_config, value, value.config(v_values)
                         )
+                        plan = LayerPlan(
+                            structure=Choice(method=s_name, config=s_values),
+                            value=Choice(method=v_name, config=v_values),
+                        )
+                        candidates.append((size, plan))
             layers[layer.name] = min(candidates, key=lambda c: c[0])[1]
         compressed = compress(model, Plan(model=model_choice, layers=layers), registry)
         for encoding in _encoding_choices(space):

@@ -1,4 +1,5 @@
-"""Report: ``pareto.json`` and ``report.md`` in the study folder, rendered from one summary."""
+"""Report: ``pareto.json``, ``report.md`` and ``index.html`` in the study folder, all rendered
+from one summary (:func:`autoshrink.pareto.summarize`), so the three never disagree."""
 
 from __future__ import annotations
 
@@ -6,21 +7,36 @@ from pathlib import Path
 from typing import Any
 
 import humanize
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
-from autoshrink.pareto import write_json
+from autoshrink.errors import UsageError
+from autoshrink.pareto import BEST, summarize, write_json
+from autoshrink.study import StudyFolder, prepare
 
-__all__ = ["layer_decisions", "render_markdown", "write_report"]
+__all__ = [
+    "choice_text",
+    "latency_table",
+    "layer_decisions",
+    "load_study_readonly",
+    "pct_text",
+    "regenerate",
+    "render_markdown",
+    "size_text",
+    "write_report",
+]
 
 
-def _size(n: int | None) -> str:
+def size_text(n: int | None) -> str:
     return "-" if n is None else f"{n:,} B ({humanize.naturalsize(n)})"
 
 
-def _pct(x: float | None) -> str:
+def pct_text(x: float | None) -> str:
     return "-" if x is None else f"{x:.2%}"
 
 
-def _choice(choice: dict[str, Any] | None) -> str:
+def choice_text(choice: dict[str, Any] | None) -> str:
     if not choice:
         return "-"
     knobs = ", ".join(
@@ -39,8 +55,8 @@ def layer_decisions(member: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "layer": name,
-                "structure": _choice(layer.get("structure")),
-                "value": _choice(layer.get("value")),
+                "structure": choice_text(layer.get("structure")),
+                "value": choice_text(layer.get("value")),
                 "bytes": sizes.get(name),
                 "share": sizes.get(name, 0) / total,
             }
@@ -59,6 +75,47 @@ def layer_decisions(member: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def latency_table(latency: Any) -> dict[str, Any] | None:
+    """A member's ``latency`` dict as rows: milliseconds per engine and batch size, the
+    fastest engine per batch, and the scalar facts (machine, threads). None when absent."""
+    if not isinstance(latency, dict) or not isinstance(latency.get("engines"), dict):
+        return None
+    engines: dict[str, Any] = {
+        str(name): times for name, times in latency["engines"].items() if isinstance(times, dict)
+    }
+    batches = [str(b) for b in latency.get("batches") or []]
+    if not batches:
+        keys = {str(k) for times in engines.values() for k in times}
+        batches = sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+    rows = []
+    for name, times in engines.items():
+        # JSON turns the batch sizes into strings; a dict built in Python may use ints.
+        found = {str(k): v for k, v in times.items()}
+        rows.append({"engine": name, "ms": [_number(found.get(b)) for b in batches]})
+    fastest = {}
+    for i, batch in enumerate(batches):
+        timed = [(row["ms"][i], row["engine"]) for row in rows if row["ms"][i] is not None]
+        if timed:
+            fastest[batch] = min(timed)[1]
+    info = {
+        str(k): v
+        for k, v in latency.items()
+        if k not in ("engines", "batches") and isinstance(v, str | int | float | bool)
+    }
+    return {"batches": batches, "rows": rows, "fastest": fastest, "info": info}
+
+
+def _number(value: Any) -> float | None:
+    """A latency in ms, or None for a missing, failed (non-numeric) or NaN measurement."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return None
+    return float(value)
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     """``report.md``: the same facts as ``pareto.json``, for pull requests and terminals."""
     base = summary["baseline"]
@@ -66,12 +123,14 @@ def render_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# autoshrink study `{summary['study']}`",
         "",
-        f"Task `{summary['task']}`, budget {_size(summary['budget_bytes'])}. "
+        f"Task `{summary['task']}`, budget {size_text(summary['budget_bytes'])}. "
         f"Trials: {counts['complete']} complete ({counts['over_budget']} over budget), "
         f"{counts['failed']} failed, {counts['running']} running.",
         "",
-        f"Baseline (float32): {_size(base['bytes'])}, validation {_pct(base['val_accuracy'])}, "
-        f"test {_pct(base['test_accuracy'])}.",
+        f"Baseline (float32): {size_text(base['bytes'])}, "
+        f"validation {pct_text(base['val_accuracy'])}, test {pct_text(base['test_accuracy'])}.",
+        "",
+        "Interactive report with plots: `index.html` in this folder.",
         "",
     ]
     best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
@@ -82,9 +141,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
     else:
         where = summary.get("best_artifact") or best["artifact"]
         lines += [
-            f"Trial {best['trial']}: {_size(best['bytes'])}, {best['ratio']:.1f}x smaller than "
-            f"the baseline file, validation {_pct(best['val_accuracy'])}, "
-            f"test {_pct(best['test_accuracy'])}. File: `{where}`.",
+            f"Trial {best['trial']}: {size_text(best['bytes'])}, {best['ratio']:.1f}x smaller "
+            f"than the baseline file, validation {pct_text(best['val_accuracy'])}, "
+            f"test {pct_text(best['test_accuracy'])}. File: `{where}`.",
             "",
             "| layer | structure | value | bytes | share |",
             "|---|---|---|---:|---:|",
@@ -93,10 +152,26 @@ def render_markdown(summary: dict[str, Any]) -> str:
         encoding = (best.get("plan") or {}).get("encoding")
         for row in layer_decisions(best):
             lines.append(
-                f"| {row['layer']} | {row['structure']} | {row['value']} | "
+                f"| {row['layer']} | {_md_cell(row['structure'])} | {_md_cell(row['value'])} | "
                 f"{row['bytes'] or 0:,} | {row['share']:.1%} |"
             )
-        lines += ["", f"Model stage: {_choice(plan_model)}. Encoding: {_choice(encoding)}."]
+        lines += [
+            "",
+            f"Model stage: {choice_text(plan_model)}. Encoding: {choice_text(encoding)}.",
+        ]
+        latency = latency_table(best.get("latency"))
+        if latency is not None:
+            facts = ", ".join(f"{k} {v}" for k, v in latency["info"].items())
+            lines += [
+                "",
+                f"Latency in ms per batch ({facts}):" if facts else "Latency in ms per batch:",
+                "",
+                "| engine | " + " | ".join(f"batch {b}" for b in latency["batches"]) + " |",
+                "|---|" + "---:|" * len(latency["batches"]),
+            ]
+            for row in latency["rows"]:
+                cells = " | ".join("-" if ms is None else f"{ms:.3f}" for ms in row["ms"])
+                lines.append(f"| {_md_cell(row['engine'])} | {cells} |")
     lines += [
         "",
         "## Pareto front (feasible trials)",
@@ -106,15 +181,25 @@ def render_markdown(summary: dict[str, Any]) -> str:
     ]
     for m in summary["front"]:
         lines.append(
-            f"| {m['trial']} | {m['bytes']:,} | {m['ratio']:.1f}x | {_pct(m['val_accuracy'])} | "
-            f"{_pct(m['test_accuracy'])} | `{m['artifact']}` |"
+            f"| {m['trial']} | {m['bytes']:,} | {m['ratio']:.1f}x | "
+            f"{pct_text(m['val_accuracy'])} | {pct_text(m['test_accuracy'])} | "
+            f"`{m['artifact']}` |"
         )
+    budget = summary["budget_bytes"]
+    over = [t for t in summary["trials"] if t["state"] == "complete" and not t["feasible"]]
+    if over:
+        lines += ["", "## Over-budget trials", "", "| trial | bytes | over by | validation |",
+                  "|---:|---:|---:|---:|"]
+        for t in over:
+            lines.append(
+                f"| {t['trial']} | {t['bytes']:,} | {t['bytes'] - budget:,} | "
+                f"{pct_text(t['val_accuracy'])} |"
+            )
     failed = [t for t in summary["trials"] if t["state"] == "fail"]
     if failed:
         lines += ["", "## Failed trials", "", "| trial | reason |", "|---:|---|"]
         for t in failed:
-            reason = (t["failure"] or "unknown").replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {t['trial']} | {reason} |")
+            lines.append(f"| {t['trial']} | {_md_cell(t['failure'] or 'unknown')} |")
     lines += [
         "",
         "## Reproduce",
@@ -128,7 +213,55 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _write_atomic(path: Path, content: str) -> None:
+    """Replace ``path`` in one step: a browser or a reader never sees half a file, also
+    while a running search rewrites the report."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(content, encoding="utf-8")
+    partial.replace(path)
+
+
 def write_report(root: Path, summary: dict[str, Any]) -> None:
-    """Write ``pareto.json`` and ``report.md`` into the study folder."""
+    """Write ``pareto.json``, ``report.md`` and ``index.html`` into ``root``."""
+    # html_report builds on this module's helpers, so it is imported here, not at the top.
+    from autoshrink.html_report import render_html
+
+    root.mkdir(parents=True, exist_ok=True)
     write_json(root / "pareto.json", summary)
-    (root / "report.md").write_text(render_markdown(summary))
+    _write_atomic(root / "report.md", render_markdown(summary))
+    _write_atomic(root / "index.html", render_html(summary))
+
+
+def load_study_readonly(folder: StudyFolder) -> optuna.Study:
+    """The study in a folder's journal, read without writing to it.
+
+    ``open_study(..., create=False)`` goes through ``create_study(load_if_exists=True)``,
+    which appends a create-study record to the journal on every call; a report, which may be
+    regenerated often and while a search writes the same journal, only reads.
+    """
+    if not folder.journal.is_file():
+        raise UsageError(f"no study journal in {folder.root}; start one with `autoshrink search`")
+    storage = JournalStorage(JournalFileBackend(str(folder.journal)))
+    names = optuna.get_all_study_names(storage)
+    # A renamed folder keeps its journal's study name; with one study there is no doubt.
+    name = folder.name if folder.name in names else (names[0] if len(names) == 1 else None)
+    if name is None:
+        raise UsageError(f"{folder.journal} holds no study named `{folder.name}`")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def regenerate(folder: StudyFolder) -> dict[str, Any]:
+    """Rebuild ``pareto.json``, ``report.md`` and ``index.html`` from the study's journal,
+    also while its search is still running; returns the summary."""
+    settings = folder.load_settings()
+    study = load_study_readonly(folder)
+    setup = prepare(settings)  # the baseline comes from its cache: no training here
+    # Not final: a running search still needs the artifacts a final summary would delete.
+    summary = summarize(study, folder, setup, final=False)
+    best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
+    copy, source = folder.root / BEST, folder.root / (best or {}).get("artifact", "")
+    # A finished search copied its recommended model; name the copy when it still is one.
+    if best and copy.is_file() and source.is_file() and copy.read_bytes() == source.read_bytes():
+        summary["best_artifact"] = BEST
+    write_report(folder.root, summary)
+    return summary

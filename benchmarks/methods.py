@@ -25,8 +25,9 @@ from autoshrink.training import evaluate
 from autoshrink.trial import TrialBudget, run_trial
 
 
-def every_layer(layers: list[str], structure: Choice | None = None, value: Choice | None = None,
-                **plan: Choice) -> Plan:
+def every_layer(
+    layers: list[str], structure: Choice | None = None, value: Choice | None = None, **plan: Choice
+) -> Plan:
     layer = LayerPlan(
         structure=structure or Choice(method="dense"), value=value or Choice(method="float")
     )
@@ -36,27 +37,64 @@ def every_layer(layers: list[str], structure: Choice | None = None, value: Choic
 def rows(layers: list[str]) -> list[tuple[str, str, Plan]]:
     out: list[tuple[str, str, Plan]] = []
     for ratio in (1 / 8, 1 / 32, 1 / 64):
-        out.append(("hashing", f"ratio 1/{round(1 / ratio)}",
-                    every_layer(layers, Choice(method="hashing", config={"ratio": ratio}))))
+        out.append(
+            (
+                "hashing",
+                f"ratio 1/{round(1 / ratio)}",
+                every_layer(layers, Choice(method="hashing", config={"ratio": ratio})),
+            )
+        )
     for rank in (0.25, 0.1, 0.04):
-        out.append(("lowrank", f"rank {rank:g}",
-                    every_layer(layers, Choice(method="lowrank", config={"rank": rank}))))
+        out.append(
+            (
+                "lowrank",
+                f"rank {rank:g}",
+                every_layer(layers, Choice(method="lowrank", config={"rank": rank})),
+            )
+        )
     for threshold in (0.5, 1.0, 2.0):
-        out.append(("pruning", f"threshold {threshold:g} std",
-                    every_layer(layers, Choice(method="pruning", config={"threshold": threshold}))))
+        out.append(
+            (
+                "pruning",
+                f"threshold {threshold:g} std",
+                every_layer(layers, Choice(method="pruning", config={"threshold": threshold})),
+            )
+        )
     for bits in (8, 4, 2):
-        out.append(("quantization", f"k-means {bits} bits",
-                    every_layer(layers, value=Choice(method="quantization", config={"bits": bits}))))
-    out.append(("quantization", "uniform 1 bit (binary)", every_layer(
-        layers, value=Choice(method="quantization", config={"bits": 1, "mode": "uniform"}))))
-    out.append(("float", "float16", every_layer(layers, value=Choice(method="float",
-                                                                       config={"bits": 16}))))
+        out.append(
+            (
+                "quantization",
+                f"k-means {bits} bits",
+                every_layer(layers, value=Choice(method="quantization", config={"bits": bits})),
+            )
+        )
+    out.append(
+        (
+            "quantization",
+            "uniform 1 bit (binary)",
+            every_layer(
+                layers, value=Choice(method="quantization", config={"bits": 1, "mode": "uniform"})
+            ),
+        )
+    )
+    out.append(
+        ("float", "float16", every_layer(layers, value=Choice(method="float", config={"bits": 16})))
+    )
     for width in (0.5, 0.25, 0.1):
-        out.append(("distillation", f"width {width:g}",
-                    every_layer(layers, model=Choice(method="distillation",
-                                                     config={"width": width}))))
-    out.append(("entropy", "huffman on float32", every_layer(
-        layers, encoding=Choice(method="entropy", config={"codec": "huffman"}))))
+        out.append(
+            (
+                "distillation",
+                f"width {width:g}",
+                every_layer(layers, model=Choice(method="distillation", config={"width": width})),
+            )
+        )
+    out.append(
+        (
+            "entropy",
+            "huffman on float32",
+            every_layer(layers, encoding=Choice(method="entropy", config={"codec": "huffman"})),
+        )
+    )
     return out
 
 
@@ -82,30 +120,58 @@ def main() -> None:
     data = task.load_data(None)
     baseline = load_baseline(task, data, registry)
     layers = list(compressible_layers(task.build_model(1.0), registry))
-    table = Table(title=f"{task.name}: baseline {baseline.bytes:,} B, "
-                        f"val {baseline.val_accuracy:.2%}, test {baseline.test_accuracy:.2%}")
-    for column in ("method", "setting", "bytes", "ratio", "val acc", "test acc", "Δ test",
-                   "fine-tune s"):
+    table = Table(
+        title=f"{task.name}: baseline {baseline.bytes:,} B, "
+        f"val {baseline.val_accuracy:.2%}, test {baseline.test_accuracy:.2%}"
+    )
+    for column in (
+        "method",
+        "setting",
+        "bytes",
+        "ratio",
+        "val acc",
+        "test acc",
+        "Δ test",
+        "fine-tune s",
+    ):
         table.add_column(column, justify="right" if column not in ("method", "setting") else "left")
     plans = [] if args.only_dc else [(m, s, p, args.steps) for m, s, p in rows(layers)]
     for threshold, bits in ((1.75, 5), (2.0, 4), (2.25, 4)):
-        plans.append(("deep compression", f"prune {threshold:g} std + k-means {bits} b + huffman",
-                      deep_compression(layers, threshold, bits), args.dc_steps))
+        plans.append(
+            (
+                "deep compression",
+                f"prune {threshold:g} std + k-means {bits} b + huffman",
+                deep_compression(layers, threshold, bits),
+                args.dc_steps,
+            )
+        )
     with tempfile.TemporaryDirectory() as folder:
         for number, (method, setting, plan, steps) in enumerate(plans):
             path = Path(folder) / f"{number}.safetensors"
             start = time.monotonic()
             outcome = run_trial(
-                plan, task=task, data=data, baseline=baseline, registry=registry, artifact=path,
+                plan,
+                task=task,
+                data=data,
+                baseline=baseline,
+                registry=registry,
+                artifact=path,
                 budget=TrialBudget(finetune_steps=steps, distill_steps=3 * steps, seconds=3600),
                 seed=0,
             )
             seconds = time.monotonic() - start
             reloaded = read_artifact(path, registry, task)
             test = evaluate(reloaded.model, data.test, task.metric)
-            row = (method, setting, f"{outcome.bytes:,}", f"{baseline.bytes / outcome.bytes:.1f}x",
-                   f"{outcome.val_accuracy:.2%}", f"{test:.2%}",
-                   f"{(test - baseline.test_accuracy) * 100:+.2f}", f"{seconds:.1f}")
+            row = (
+                method,
+                setting,
+                f"{outcome.bytes:,}",
+                f"{baseline.bytes / outcome.bytes:.1f}x",
+                f"{outcome.val_accuracy:.2%}",
+                f"{test:.2%}",
+                f"{(test - baseline.test_accuracy) * 100:+.2f}",
+                f"{seconds:.1f}",
+            )
             table.add_row(*row)
             console.print(" | ".join(row), highlight=False)
     console.print(table)
