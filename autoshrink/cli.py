@@ -10,12 +10,12 @@ from typing import Annotated
 import humanize
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from autoshrink.errors import AutoshrinkError
 from autoshrink.methods import StructureMethod
 from autoshrink.plugins import Registry, load_registry
+from autoshrink.progress import TrainingBar
 from autoshrink.settings import Settings, load_settings
 from autoshrink.space import build_space, config_distributions, describe, load_preset
 from autoshrink.tasks import Task, resolve_task
@@ -59,17 +59,6 @@ def settings(**flags: object) -> Settings:
 
 def task_of(name: str, plugins: Registry) -> Task:
     return resolve_task(name, plugins.tasks)
-
-
-def training_progress(description: str) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeRemainingColumn(),
-        console=errors,
-        transient=True,
-    )
 
 
 @app.callback()
@@ -178,8 +167,7 @@ def baseline_command(
     plugins = registry(config)
     chosen = task_of(config.task, plugins)
     data = chosen.load_data(config.data_dir)
-    with training_progress("baseline") as progress:
-        bar = progress.add_task(f"training {chosen.name} baseline", total=None)
+    with TrainingBar(errors, f"{chosen.name} baseline") as (progress, bar):
         result = load_baseline(
             chosen,
             data,
@@ -344,6 +332,44 @@ def resume_command(
     config = settings(study=study, trials=trials, timeout=timeout, out=out, workers=workers)
     registry(config)
     _print_outcome(run_search(config, console, resume=True))
+
+
+@app.command("report")
+def report_command(
+    study: Annotated[
+        str, typer.Argument(help="Name of the study folder under --out, or the folder's path.")
+    ],
+    out: Annotated[Path | None, typer.Option("--out", help="Reports folder.")] = None,
+    open_page: Annotated[
+        bool, typer.Option("--open", help="Open index.html in a web browser.")
+    ] = False,
+) -> None:
+    """Rebuild a study's index.html, report.md and pareto.json from its journal, also while
+    its search is still running."""
+    import webbrowser
+
+    from autoshrink.report import regenerate
+    from autoshrink.session import study_folder
+    from autoshrink.study import StudyFolder
+
+    config = settings(study=study, out=out)
+    registry(config)
+    given = Path(study)
+    # A path (reports/NAME) works as well as a bare name, which is looked up under --out.
+    is_path = len(given.parts) > 1 and (given / "settings.json").is_file()
+    folder = StudyFolder(given.resolve()) if is_path else study_folder(config)
+    summary = regenerate(folder)
+    counts = summary["counts"]
+    page = folder.root / "index.html"
+    console.print(
+        f"study {folder.name}: {counts['complete']} complete ({counts['over_budget']} over "
+        f"budget), {counts['failed']} failed, {counts['running']} running\n"
+        f"report: {page}\nalso: {folder.root / 'report.md'}, {folder.root / 'pareto.json'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if open_page and not webbrowser.open(page.as_uri()):
+        console.print(f"no web browser found here; open {page} in one", soft_wrap=True)
 
 
 def main() -> None:

@@ -14,21 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import humanize
-import optuna
-from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from autoshrink.budget import smallest_artifact
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.pareto import summarize
+from autoshrink.progress import SearchProgress, TrainingBar
 from autoshrink.report import write_report
 from autoshrink.settings import Settings
 from autoshrink.study import (
@@ -112,7 +103,7 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
     if not resume:
         check_budget(settings, console)
     check_ray(settings)
-    with _training_status(console, "baseline") as (progress, bar):
+    with TrainingBar(console, "baseline") as (progress, bar):
         setup = prepare(
             settings, on_step=lambda done, total: progress.update(bar, completed=done, total=total)
         )
@@ -128,7 +119,7 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
         trials = DEFAULT_TRIALS
     total = trials if trials is not None else None
     try:
-        with _SearchProgress(console, study, total, int(settings.budget or 0)) as callback:
+        with SearchProgress(console, study, total, int(settings.budget or 0)) as callback:
             search(setup, folder, study, trials=trials, callbacks=[callback])
     except KeyboardInterrupt as exc:
         write_report(folder.root, summarize(study, folder, setup, final=False))
@@ -139,72 +130,3 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
     summary = summarize(study, folder, setup, final=True)
     write_report(folder.root, summary)
     return SearchOutcome(folder, summary, time.monotonic() - start)
-
-
-class _training_status:
-    """A progress bar for the baseline's training (invisible when it comes from the cache)."""
-
-    def __init__(self, console: Console, what: str) -> None:
-        self.progress = Progress(
-            TextColumn(f"[bold]training the {what}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self.progress, self.progress.add_task("train", total=None)
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-
-class _SearchProgress:
-    """Trials done, ETA, failures and the best feasible trial so far."""
-
-    def __init__(self, console: Console, study: optuna.Study, total: int | None, budget: int):
-        self.study, self.budget = study, budget
-        self.progress = Progress(
-            TextColumn("[bold]search"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-        )
-        done = finished(study)
-        self.bar = self.progress.add_task(
-            "trials", total=total, completed=min(done, total or done), status=self.status()
-        )
-
-    def status(self) -> str:
-        trials = self.study.get_trials(deepcopy=False)
-        failed = sum(t.state == TrialState.FAIL for t in trials)
-        feasible = [
-            t
-            for t in trials
-            if t.state == TrialState.COMPLETE and t.values and t.values[0] <= self.budget
-        ]
-        best = max(feasible, key=lambda t: (t.values[1], -t.values[0]), default=None)
-        text = f"failed {failed}"
-        if best is not None:
-            text += (
-                f" | best in budget: {best.values[1]:.2%} at "
-                f"{humanize.naturalsize(best.values[0])} (trial {best.number})"
-            )
-        return text
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.progress.update(self.bar, advance=1, status=self.status())
-
-    def __enter__(self) -> _SearchProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)

@@ -184,9 +184,9 @@ def _strip(
     items: Sequence[dict[str, Any]], left: float, right: float, y: float, label: str, cls: str
 ) -> list[str]:
     """A row of failed (x) and running (o) trials, which have no size to place them by."""
-    parts = [text(left - 8, y + 4, label, "strip-label", text_anchor="end")]
+    parts = [text(left, y - 14, label, "strip-label")]
     if not items:
-        return [*parts, text(left, y + 4, "none", "strip-empty")]
+        return [*parts, text(left + 6, y + 4, "none", "strip-empty")]
     step = min(22.0, (right - left) / max(len(items), 1))
     for i, item in enumerate(items):
         x = left + step * (i + 0.5)
@@ -251,8 +251,8 @@ def pareto_chart(data: dict[str, Any], width: int = 860, height: int = 470) -> s
                                 _marker(point["kind"], px, py, point["trial"])))
         if point["kind"] in ("front", "best"):
             parts.append(text(px + 9, py - 8, f"#{point['trial']}", "mark-label"))
-    parts += _strip(data["failed"] + data["running"], left, right, height - 34.0,
-                    "failed / running", "failed-point")
+    parts += _strip(data["failed"] + data["running"], left, right, height - 22.0,
+                    "failed or running trials (no size yet)", "failed-point")
     return el("svg", {"class": "chart pareto", "viewBox": f"0 0 {width} {height}",
                       "width": width, "height": height, "role": "img",
                       "aria-label": "Pareto plot of file size against validation accuracy"},
@@ -317,7 +317,7 @@ def shade(share: float) -> tuple[str, bool]:
 
 def heatmap_chart(data: dict[str, Any]) -> str:
     """Rows = front members, columns = layers; shade = share of the file, label = methods."""
-    label_w, cell_w, cell_h, head_h = 176.0, 124.0, 58.0, 30.0
+    label_w, cell_w, cell_h, head_h = 150.0, 156.0, 58.0, 30.0
     columns, rows = data["columns"], data["rows"]
     width = label_w + cell_w * len(columns) + 8
     height = head_h + cell_h * len(rows) + 8

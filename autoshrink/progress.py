@@ -1,0 +1,89 @@
+"""Progress displays: a bar while a baseline trains, and one while a search runs."""
+
+from __future__ import annotations
+
+import humanize
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from autoshrink.study import finished
+
+__all__ = ["SearchProgress", "TrainingBar"]
+
+
+class TrainingBar:
+    """A progress bar for the baseline's training (invisible when it comes from the cache)."""
+
+    def __init__(self, console: Console, what: str) -> None:
+        self.progress = Progress(
+            TextColumn(f"[bold]training the {what}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self.progress, self.progress.add_task("train", total=None)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+class SearchProgress:
+    """Trials done, ETA, failures and the best feasible trial so far."""
+
+    def __init__(self, console: Console, study: optuna.Study, total: int | None, budget: int):
+        self.study, self.budget = study, budget
+        self.progress = Progress(
+            TextColumn("[bold]search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        done = finished(study)
+        self.bar = self.progress.add_task(
+            "trials", total=total, completed=min(done, total or done), status=self.status()
+        )
+
+    def status(self) -> str:
+        trials = self.study.get_trials(deepcopy=False)
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        feasible = [
+            t
+            for t in trials
+            if t.state == TrialState.COMPLETE and t.values and t.values[0] <= self.budget
+        ]
+        best = max(feasible, key=lambda t: (t.values[1], -t.values[0]), default=None)
+        text = f"failed {failed}"
+        if best is not None:
+            text += (
+                f" | best in budget: {best.values[1]:.2%} at "
+                f"{humanize.naturalsize(best.values[0])} (trial {best.number})"
+            )
+        return text
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.progress.update(self.bar, advance=1, status=self.status())
+
+    def __enter__(self) -> SearchProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
