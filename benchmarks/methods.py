@@ -98,13 +98,19 @@ def rows(layers: list[str]) -> list[tuple[str, str, Plan]]:
     return out
 
 
-def deep_compression(layers: list[str], threshold: float, bits: int) -> Plan:
-    return every_layer(
-        layers,
-        Choice(method="pruning", config={"threshold": threshold}),
-        Choice(method="quantization", config={"bits": bits, "mode": "kmeans"}),
-        encoding=Choice(method="entropy", config={"codec": "huffman"}),
-    )
+def deep_compression(layers: list[str], threshold: float, bits: int, last: float) -> Plan:
+    """Prune + trained k-means + Huffman on every layer; the small output layer is pruned
+    less (threshold ``last``), as Han et al. kept the last layer of LeNet-300-100 denser."""
+    plan = {
+        name: LayerPlan(
+            structure=Choice(
+                method="pruning", config={"threshold": last if name == layers[-1] else threshold}
+            ),
+            value=Choice(method="quantization", config={"bits": bits, "mode": "kmeans"}),
+        )
+        for name in layers
+    }
+    return Plan(layers=plan, encoding=Choice(method="entropy", config={"codec": "huffman"}))
 
 
 def main() -> None:
@@ -136,12 +142,13 @@ def main() -> None:
     ):
         table.add_column(column, justify="right" if column not in ("method", "setting") else "left")
     plans = [] if args.only_dc else [(m, s, p, args.steps) for m, s, p in rows(layers)]
-    for threshold, bits in ((1.75, 5), (2.0, 4), (2.25, 4)):
+    for threshold, bits, last in ((1.75, 5, 1.75), (1.75, 5, 0.75), (1.9, 5, 0.75), (2.0, 4, 1.0)):
+        setting = f"prune {threshold:g} std (last {last:g}) + k-means {bits} b + huffman"
         plans.append(
             (
                 "deep compression",
-                f"prune {threshold:g} std + k-means {bits} b + huffman",
-                deep_compression(layers, threshold, bits),
+                setting,
+                deep_compression(layers, threshold, bits, last),
                 args.dc_steps,
             )
         )
