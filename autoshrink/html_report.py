@@ -283,7 +283,9 @@ def _e(value: Any) -> str:
     return escape(str(value))
 
 
-def _table(head: list[str], rows: list[list[str]], numeric: Collection[int] = ()) -> str:
+def _table(
+    head: list[str], rows: list[list[str]], numeric: Collection[int] = (), cls: str = ""
+) -> str:
     """A table from already-escaped cells; columns in ``numeric`` align right."""
     def cls(i: int) -> str:
         return ' class="num"' if i in numeric else ""
@@ -293,7 +295,8 @@ def _table(head: list[str], rows: list[list[str]], numeric: Collection[int] = ()
         "<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>"
         for row in rows
     )
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+    klass = f' class="{cls}"' if cls else ""
+    return f"<table{klass}><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _link(trial: int) -> str:
@@ -314,7 +317,7 @@ def _latency_html(latency: dict[str, Any] | None) -> str:
         rows.append(cells)
     head = ["engine", *(f"batch {_e(b)} (ms)" for b in latency["batches"])]
     caption = f'<p class="note">Latency{": " + facts if facts else ""}; fastest in bold.</p>'
-    return caption + _table(head, rows, set(range(1, len(head))))
+    return caption + _table(head, rows, set(range(1, len(head))), "compact")
 
 
 def _plan_table(member: dict[str, Any]) -> str:
@@ -616,6 +619,7 @@ th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line
   vertical-align: top; }
 th { background: #f9fafb; font-weight: 600; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
+table.compact { width: auto; min-width: 420px; }
 td progress { width: 70px; height: 8px; vertical-align: middle; margin-left: 6px; }
 tr:target { background: #faf5ff; }
 details { margin: 6px 0; } summary { cursor: pointer; font-weight: 500; }

@@ -204,7 +204,7 @@ def pareto_chart(data: dict[str, Any], width: int = 860, height: int = 470) -> s
     left, right, top, bottom = 78.0, width - 24.0, 20.0, height - 104.0
     points, base, budget = data["points"], data["baseline"], data["budget"]
     sizes = [p["bytes"] for p in points] + [base["bytes"]] + ([budget] if budget else [])
-    x = LogScale(min(sizes) / 1.3, max(sizes) * 1.3, left, right)
+    x = LogScale(max(min(sizes) / 1.3, 1.0), max(sizes) * 1.3, left, right)
     y = LinearScale(
         *accuracy_domain([p["val_accuracy"] for p in points] + [base["val_accuracy"]]),
         bottom,
@@ -317,7 +317,7 @@ def shade(share: float) -> tuple[str, bool]:
 
 def heatmap_chart(data: dict[str, Any]) -> str:
     """Rows = front members, columns = layers; shade = share of the file, label = methods."""
-    label_w, cell_w, cell_h, head_h = 150.0, 156.0, 58.0, 30.0
+    label_w, cell_w, cell_h, head_h = 150.0, 170.0, 58.0, 30.0
     columns, rows = data["columns"], data["rows"]
     width = label_w + cell_w * len(columns) + 8
     height = head_h + cell_h * len(rows) + 8

@@ -217,6 +217,20 @@ def test_html_escapes_plugin_text_and_shows_latency() -> None:
     assert "still running" in page  # the running trial makes this a snapshot
 
 
+def test_html_of_an_empty_and_of_an_infeasible_study() -> None:
+    empty = {**synthetic_summary(), "trials": [], "front": [], "best": None,
+             "counts": {"complete": 0, "failed": 0, "over_budget": 0, "running": 0}}
+    page = render_html(empty)
+    assert "No trial fit the budget" in page and "No front member yet" in page
+    assert pareto_plot_data(empty)["points"] == [] and history_data(empty)["best_so_far"] == []
+    over = [t for t in synthetic_summary()["trials"] if t["trial"] == 2]
+    infeasible = {**empty, "trials": over,
+                  "counts": {"complete": 1, "failed": 0, "over_budget": 1, "running": 0}}
+    assert [p["kind"] for p in pareto_plot_data(infeasible)["points"]] == ["over_budget"]
+    assert "No trial fit the budget" in render_html(infeasible)
+    assert recommended(infeasible) is None and heatmap_data(infeasible)["rows"] == []
+
+
 def test_scales() -> None:
     log = svg.LogScale(5_000, 80_000, 0, 100)
     assert log.ticks() == [5_000, 10_000, 20_000, 50_000]
