@@ -136,12 +136,12 @@ def space_command(
     config = settings(task=task, space=space)
     plugins = registry(config)
     chosen = task_of(config.task, plugins)
-    preset = load_preset(config.space) if config.space else None
+    preset = load_preset(config.space)
     rows = build_space(chosen.build_model(1.0), plugins, preset).rows()
     if json_output:
         print(json.dumps(dict(rows), indent=2))
         return
-    table = Table(title=f"Search space of {chosen.name}" + (f" ({preset.name})" if preset else ""))
+    table = Table(title=f"Search space of {chosen.name} ({preset.name})")
     table.add_column("parameter")
     table.add_column("range")
     for name, dist in rows:

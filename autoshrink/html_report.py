@@ -287,12 +287,12 @@ def _table(
     head: list[str], rows: list[list[str]], numeric: Collection[int] = (), cls: str = ""
 ) -> str:
     """A table from already-escaped cells; columns in ``numeric`` align right."""
-    def cls(i: int) -> str:
+    def align(i: int) -> str:
         return ' class="num"' if i in numeric else ""
 
-    header = "".join(f"<th{cls(i)}>{h}</th>" for i, h in enumerate(head))
+    header = "".join(f"<th{align(i)}>{h}</th>" for i, h in enumerate(head))
     body = "".join(
-        "<tr>" + "".join(f"<td{cls(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>"
+        "<tr>" + "".join(f"<td{align(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>"
         for row in rows
     )
     klass = f' class="{cls}"' if cls else ""
@@ -648,7 +648,7 @@ svg.chart { max-width: 100%; height: auto; display: block; font-family: inherit;
 .budget-label { font-size: 12px; font-weight: 600; fill: #b91c1c; }
 .front-line { fill: none; stroke: var(--blue); stroke-width: 2; opacity: 0.45; }
 .baseline-mark { fill: var(--ink); }
-.mark-label { font-size: 12px; fill: #374151; }
+.mark-label { font-size: 12px; fill: #374151; } .mark-label.faint { fill: #9ca3af; }
 .point { cursor: pointer; }
 .point.best { fill: var(--green); stroke: #14532d; stroke-width: 2; }
 .point.front { fill: var(--blue); stroke: #fff; stroke-width: 1.5; }

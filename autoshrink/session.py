@@ -22,6 +22,7 @@ from autoshrink.pareto import summarize
 from autoshrink.progress import SearchProgress, TrainingBar
 from autoshrink.report import write_report
 from autoshrink.settings import Settings
+from autoshrink.space import params_of
 from autoshrink.study import (
     StudyFolder,
     fail_interrupted,
@@ -110,6 +111,9 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
     if not resume:
         save_settings(folder, settings)
     study = open_study(folder, settings, create=not resume)
+    if not resume:
+        for plan in setup.space.starts:
+            study.enqueue_trial(params_of(setup.space, plan) or {}, skip_if_exists=True)
     if resume:
         stale = fail_interrupted(study)
         if stale:

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
 
     task: str = "fashion-mnist-mlp"
     data_dir: Path | None = None
-    space: str | None = None
+    space: str = "default"
     budget: ByteSize | None = None
     trials: int | None = Field(default=None, ge=1)
     timeout: float | None = Field(default=None, gt=0)

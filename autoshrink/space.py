@@ -145,6 +145,8 @@ class Space:
     layers: list[LayerSpace]
     encoding: tuple[str, ...]
     ranges: dict[str, dict[str, BaseDistribution]] = field(default_factory=dict)
+    #: plans the search evaluates first (the preset's ``[[start]]`` entries that fit)
+    starts: list[Plan] = field(default_factory=list)
 
     def sample(self, trial: optuna.Trial) -> Plan:
         """Define-by-run: model stage, then per layer structure and value, then encoding."""
@@ -191,6 +193,36 @@ class Space:
             add(f"layer.{layer.name}", layer.value, "value")
         add("encoding", self.encoding, "method")
         return out
+
+
+def params_of(space: Space, plan: Plan) -> dict[str, Any] | None:
+    """The trial parameters under which :meth:`Space.sample` gives ``plan``, or None when the
+    plan does not fit the space (a method or knob value outside it, or a knob left out)."""
+    params: dict[str, Any] = {}
+
+    def put(prefix: str, slot: str, choices: tuple[str, ...], choice: Choice | None) -> bool:
+        name = NONE if choice is None else choice.method
+        if name not in choices:
+            return False
+        if len(choices) > 1:
+            params[f"{prefix}.{slot}"] = name
+        if choice is None:
+            return True
+        for knob, dist in space.ranges[name].items():
+            value = choice.config.get(knob)
+            if value is None or not dist._contains(dist.to_internal_repr(value)):
+                return False
+            params[f"{prefix}.{name}.{knob}"] = value
+        return True
+
+    fits = put("model", "method", space.model, plan.model)
+    for layer in space.layers:
+        chosen = plan.layer(layer.name)
+        prefix = f"layer.{layer.name}"
+        fits = fits and put(prefix, "structure", layer.structure, chosen.structure)
+        fits = fits and put(prefix, "value", layer.value, chosen.value)
+    fits = fits and put("encoding", "method", space.encoding, plan.encoding)
+    return params if fits else None
 
 
 def suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
@@ -251,7 +283,7 @@ def _allowed(
     return tuple(node)
 
 
-_PRESET_KEYS = {"description", "model", "encoding", "layers", "ranges"}
+_PRESET_KEYS = {"description", "model", "encoding", "layers", "ranges", "start"}
 
 
 def build_space(model: nn.Module, registry: Registry, preset: Preset | None = None) -> Space:
@@ -294,9 +326,37 @@ def build_space(model: nn.Module, registry: Registry, preset: Preset | None = No
                 )
         value = _allowed(preset, ("layers", kind, "value"), names(Stage.VALUE), ())
         layers.append(LayerSpace(name=name, kind=kind, structure=structure, value=value))
-    return Space(
+    space = Space(
         model=_allowed(preset, ("model",), names(Stage.MODEL), (NONE,)),
         layers=layers,
         encoding=_allowed(preset, ("encoding",), names(Stage.ENCODING), (NONE,)),
         ranges=ranges,
     )
+    if preset is not None:
+        space.starts = _starts(preset, space, registry)
+    return space
+
+
+def _starts(preset: Preset, space: Space, registry: Registry) -> list[Plan]:
+    """The preset's ``[[start]]`` plans: ``model``, ``encoding`` and ``every_layer`` (a
+    structure and value choice applied to each layer) with full knob values. A start that
+    names an unknown method is an error; one that does not fit this task's space is skipped.
+    """
+    starts = []
+    for number, entry in enumerate(preset.data.get("start", [])):
+        keys = ("start",)
+        try:
+            every = LayerPlan.model_validate(entry.get("every_layer", {}))
+            plan = Plan(
+                model=entry.get("model"),
+                encoding=entry.get("encoding"),
+                layers={layer.name: every for layer in space.layers},
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise preset.error(keys, f"entry {number + 1} is not a plan: {exc}") from exc
+        for choice in (plan.model, plan.encoding, every.structure, every.value):
+            if choice is not None and choice.method not in registry.methods:
+                raise preset.error(keys, f"entry {number + 1} names unknown `{choice.method}`")
+        if params_of(space, plan) is not None:
+            starts.append(plan)
+    return starts

@@ -94,7 +94,7 @@ def resolve(settings: Settings) -> tuple[Registry, Task, Space]:
     """Plugins, task and search space: everything that needs no data or training."""
     registry = load_registry(strict=settings.strict_plugins)
     task = resolve_task(settings.task, registry.tasks)
-    preset = load_preset(settings.space) if settings.space else None
+    preset = load_preset(settings.space)
     return registry, task, build_space(task.build_model(1.0), registry, preset)
 
 

@@ -249,8 +249,11 @@ def pareto_chart(data: dict[str, Any], width: int = 860, height: int = 470) -> s
         px, py = x(point["bytes"]), y(point["val_accuracy"])
         parts.append(trial_link(point["trial"], title(point["label"]),
                                 _marker(point["kind"], px, py, point["trial"])))
+        # Trial numbers tie marks to the tables; only the front's when they would crowd.
         if point["kind"] in ("front", "best"):
             parts.append(text(px + 9, py - 8, f"#{point['trial']}", "mark-label"))
+        elif len(points) <= 30:
+            parts.append(text(px + 8, py - 7, f"#{point['trial']}", "mark-label faint"))
     parts += _strip(data["failed"] + data["running"], left, right, height - 22.0,
                     "failed or running trials (no size yet)", "failed-point")
     return el("svg", {"class": "chart pareto", "viewBox": f"0 0 {width} {height}",

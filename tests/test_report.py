@@ -215,6 +215,8 @@ def test_html_escapes_plugin_text_and_shows_latency() -> None:
     assert page.count("<script") == 1
     assert "batch 64 (ms)" in page and "torch_eager" in page and "test box" in page
     assert "still running" in page  # the running trial makes this a snapshot
+    for name in re.findall(r'class="([^"]*)"', page):
+        assert re.fullmatch(r"[\w -]+", name), name
 
 
 def test_html_of_an_empty_and_of_an_infeasible_study() -> None:

@@ -107,3 +107,28 @@ def test_plan_errors_name_the_layer(registry, mlp) -> None:
     bad_knob = Plan(layers={"out": LayerPlan(value=Choice(method="float", config={"bits": 8}))})
     with pytest.raises(PlanError, match="layer `out` value stage: `float.bits`"):
         bad_knob.check(registry, mlp)
+
+
+def test_default_preset_starts_replay_exactly(registry, mlp) -> None:
+    from autoshrink.space import params_of
+
+    space = build_space(mlp, registry, load_preset("default"))
+    assert len(space.starts) == 2
+    for plan in space.starts:
+        params = params_of(space, plan)
+        assert params is not None
+        assert space.sample(optuna.trial.FixedTrial(params)) == plan
+
+
+def test_start_outside_the_space_is_skipped_and_unknown_method_is_an_error(
+    tmp_path: Path, registry, mlp
+) -> None:
+    outside = preset(
+        tmp_path,
+        '[layers.Linear]\nstructure = ["dense"]\n'
+        '[[start]]\nevery_layer.structure = { method = "pruning", config = { threshold = 1 } }\n',
+    )
+    assert build_space(mlp, registry, load_preset(str(outside))).starts == []
+    unknown = preset(tmp_path, '[[start]]\nencoding = { method = "zstd", config = {} }\n')
+    with pytest.raises(UsageError, match="names unknown `zstd`"):
+        build_space(mlp, registry, load_preset(str(unknown)))
