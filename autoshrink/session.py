@@ -99,6 +99,10 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
             f"study `{folder.name}` already exists in {folder.root.parent}; continue it with "
             f"`autoshrink resume {folder.name}` or choose another `--study` name"
         )
+    if not resume and Path(settings.space).suffix == ".toml":
+        # settings.json must name the preset so that `report` and `resume` find it from any
+        # working directory.
+        settings = settings.model_copy(update={"space": str(Path(settings.space).resolve())})
     if settings.budget is None:
         raise UsageError("`--budget` is required, e.g. `--budget 5MB`")
     if not resume:
