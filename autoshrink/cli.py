@@ -291,6 +291,26 @@ def search_command(
     finetune_steps: Annotated[
         int | None, typer.Option("--finetune-steps", help="Fine-tune minibatches per trial.")
     ] = None,
+    compile_best: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="After the search, compile the recommended model with TVM and time it beside "
+            "PyTorch (as `autoshrink compile`). Off by default: tuning takes minutes, and the "
+            "default search stays fast.",
+        ),
+    ] = None,
+    compile_front: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile-front",
+            help="Compile every Pareto front member, not only the recommended model.",
+        ),
+    ] = None,
+    tune_trials: Annotated[
+        int | None,
+        typer.Option("--tune-trials", help="Tuning measurements for --compile (default 256)."),
+    ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Search per-layer compression plans for the best accuracy at each size under a budget."""
@@ -310,6 +330,9 @@ def search_command(
         workers=workers,
         ray_address=ray_address,
         finetune_steps=finetune_steps,
+        compile=compile_best,
+        compile_front=compile_front,
+        tune_trials=tune_trials,
         data_dir=data_dir,
     )
     registry(config)
@@ -370,6 +393,120 @@ def report_command(
     )
     if open_page and not webbrowser.open(page.as_uri()):
         console.print(f"no web browser found here; open {page} in one", soft_wrap=True)
+
+
+@app.command("compile")
+def compile_command(
+    file: Annotated[Path, typer.Argument(help="An artifact file written by autoshrink.")],
+    target: Annotated[
+        str, typer.Option("--target", help="cpu, or cuda (needs a CUDA GPU on this machine).")
+    ] = "cpu",
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            "--trials",
+            help="Tuning measurements in all (default 256); 0 tunes nothing and uses what the "
+            "tuning database already holds.",
+        ),
+    ] = None,
+    batch: Annotated[
+        int, typer.Option("--batch", help="Batch size compiled and timed, besides 1.")
+    ] = 64,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: FILE's name + `-compiled`)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads of every engine (default: all cores).")
+    ] = None,
+    torch_compile: Annotated[
+        bool,
+        typer.Option(
+            "--torch-compile/--no-torch-compile",
+            help="Also time torch.compile (inductor; compiling it takes about a minute).",
+        ),
+    ] = True,
+    task: TaskOption = None,
+    data_dir: DataDirOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Compile an artifact with TVM into a library that runs without PyTorch (MetaSchedule
+    tuning, reused across runs), check it computes what the artifact does, and time it beside
+    PyTorch: writes model.so, compiled.json and latency.json."""
+    from autoshrink.artifact import read_header
+    from autoshrink.compiler import compile_artifact, resolve_target
+    from autoshrink.errors import DataNotFoundError
+
+    config = settings(task=task, data_dir=data_dir, tune_trials=trials)
+    plugins = registry(config)
+    resolve_target(target, 1)  # a missing GPU fails here, before anything is loaded
+    explicit = task_of(task, plugins) if task else None
+    name = read_header(file)[0].task
+    chosen = explicit or plugins.tasks.get(name)
+    test = None
+    if chosen is not None:
+        try:
+            test = chosen.load_data(config.data_dir).test
+        except DataNotFoundError as exc:
+            errors.print(f"[yellow]warning:[/] accuracy not checked: {exc}", highlight=False)
+    result = compile_artifact(
+        file,
+        plugins,
+        target=target,
+        trials=config.tune_trials,
+        batch=batch,
+        out=out,
+        threads=threads,
+        task=explicit,
+        test=test,
+        torch_compile=torch_compile,
+        console=errors,
+    )
+    latency = result.latency
+    if json_output:
+        print(json.dumps({"folder": str(result.folder), **latency}, indent=2))
+        return
+    _print_latency(latency)
+    tuning = latency["tuning"]
+    lines = [
+        f"library: {result.library} (entries "
+        + ", ".join(f"main_b{b}" for b in latency["batches"])
+        + f"; see {result.folder / 'compiled.json'})",
+        f"tuning: {tuning['trials']} trials in {tuning['seconds']:.0f} s, "
+        f"{tuning['reused']} of {tuning['tasks']} kernels already tuned "
+        f"(database {tuning['database']})",
+        f"max |TVM - PyTorch| {latency['max_abs_error']:.2g} "
+        f"(tolerance {latency['tolerance']:.2g})",
+    ]
+    accuracy = latency.get("accuracy")
+    if accuracy:
+        lines.append(
+            f"test accuracy: TVM {accuracy['tvm']:.4%}, PyTorch {accuracy['torch']:.4%}, same "
+            f"prediction on {accuracy['argmax_agreement']:.2%} of {accuracy['examples']} examples"
+        )
+    lines.extend(f"note: {note}" for note in latency.get("notes", []))
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def _print_latency(latency: dict) -> None:
+    batches = [str(b) for b in latency["batches"]]
+    table = Table(
+        title=f"Median latency (ms), {latency['threads']} threads, {latency['target']}, "
+        f"{latency['machine']}"
+    )
+    table.add_column("engine")
+    for batch in batches:
+        table.add_column(f"batch {batch}", justify="right")
+    eager = latency["engines"].get("torch_eager", {})
+    for engine, times in latency["engines"].items():
+        cells = []
+        for batch in batches:
+            ms, base = times.get(batch), eager.get(batch)
+            ratio = f" ({base / ms:.1f}x)" if ms and base and engine != "torch_eager" else ""
+            cells.append("-" if ms is None else f"{ms:.4f}{ratio}")
+        table.add_row(engine, *cells)
+    console.print(table)
+    console.print("(x) = speedup over PyTorch eager", highlight=False)
 
 
 def main() -> None:

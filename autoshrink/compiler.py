@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -91,16 +91,24 @@ def _is_compressed_layer(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear | nn.Conv2d):
         return parametrize.is_parametrized(module)
     children = {name for name, _ in module.named_children()}
-    if children - {"parametrizations"} or type(module).__module__.startswith("torch."):
+    # A parametrized module's class is made by torch on the fly; its base is the real one.
+    kind = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    if children - {"parametrizations"} or kind.__module__.startswith("torch."):
         return False
     return any(True for _ in module.parameters())
 
 
 def _linear_from_probe(module: nn.Module, features: int, bias: bool | None) -> nn.Linear:
     """The Linear that ``module`` is: bias = module(0), weight = (module(I) - module(0)).T."""
+    columns = []
     with torch.no_grad():
         zero = module(torch.zeros(1, features))[0]
-        weight = (module(torch.eye(features)) - zero).T
+        for start in range(0, features, 1024):  # rows of the identity, 1024 at a time
+            rows = torch.arange(start, min(start + 1024, features))
+            eye = torch.zeros(len(rows), features)
+            eye[torch.arange(len(rows)), rows] = 1.0
+            columns.append(module(eye) - zero)
+        weight = torch.cat(columns).T
     layer = nn.Linear(features, weight.shape[0], bias=bool(zero.any()) if bias is None else bias)
     with torch.no_grad():
         layer.weight.copy_(weight)
@@ -220,7 +228,11 @@ def densify(
     """
     notes = log if log is not None else []
     model = copy.deepcopy(model).eval()
-    candidates = {n: m for n, m in model.named_modules() if n and _is_compressed_layer(m)}
+    candidates = {
+        name: module
+        for name, module in model.named_modules()
+        if name and ".parametrizations." not in f".{name}." and _is_compressed_layer(module)
+    }
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
 
     def recorder(name: str):
@@ -262,11 +274,31 @@ def densify(
             continue
         saved, full = model_flops(module, x), model_flops(dense, x)
         if saved < full:
-            notes.append(f"{name}: kept {type(module).__name__} ({saved / full:.0%} of dense FLOPs)")
+            share = f"{saved / full:.0%} of dense FLOPs"
+            notes.append(f"{name}: kept {type(module).__name__} ({share})")
             continue
         replace_module(model, name, dense)
         notes.append(f"{name}: {type(module).__name__} -> dense {type(dense).__name__}")
     return model
+
+
+def fold_batchnorm(model: nn.Module, log: list[str] | None = None) -> nn.Module:
+    """``model`` with each eval-mode BatchNorm folded into the Conv2d/Linear before it (one
+    kernel less each, for TVM and PyTorch alike); unchanged when torch.fx cannot trace it."""
+    from torch.fx.experimental.optimization import fuse
+
+    before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not before:
+        return model
+    try:
+        folded = fuse(model.eval())
+    except Exception as exc:  # untraceable control flow: TVM fuses BatchNorm as an epilogue
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        (log if log is not None else []).append(f"BatchNorm not folded ({first[:120]})")
+        return model
+    after = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    (log if log is not None else []).append(f"folded {before - after} BatchNorm layers")
+    return folded
 
 
 # --- targets ---------------------------------------------------------------------------------
@@ -361,9 +393,10 @@ def _database_problem(folder: Path) -> str | None:
         path = folder / filename
         if not path.exists():
             continue
-        for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
-            if not line and number > 1 and path.read_bytes().endswith(b"\n"):
-                continue  # the newline that ends the file
+        lines = path.read_bytes().split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()  # the newline that ends the file
+        for number, line in enumerate(lines, start=1):
             try:
                 value = json.loads(line)
             except ValueError:
@@ -377,6 +410,11 @@ def _database_problem(folder: Path) -> str | None:
             elif not isinstance(value[1], list):
                 return f"{filename} line {number} holds no tuning record"
     return None
+
+
+def _mark_checked(folder: Path) -> None:
+    """Remember the files' sizes and times: unchanged files need no child-process check."""
+    (folder / ".checked").write_text(json.dumps(_stamp(folder)))
 
 
 def _stamp(folder: Path) -> list[list[int]]:
@@ -423,7 +461,7 @@ def open_database(folder: Path, console: Console | None = None) -> Any:
     if problem is None:
         try:
             database = JSONDatabase(work_dir=str(folder), allow_missing=True)
-            checked.write_text(json.dumps(_stamp(folder)))
+            _mark_checked(folder)
             return database
         except Exception as exc:  # TVM raises RuntimeError / InternalError on bad records
             problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -436,7 +474,7 @@ def open_database(folder: Path, console: Console | None = None) -> Any:
         highlight=False,
     )
     database = JSONDatabase(work_dir=str(folder), allow_missing=True)
-    checked.write_text(json.dumps(_stamp(folder)))
+    _mark_checked(folder)
     return database
 
 
@@ -499,16 +537,91 @@ def _make_build():
     return build
 
 
+def _builder(threads: int) -> Any:
+    """MetaSchedule's LocalBuilder with :func:`_make_build`, keeping its worker processes from
+    one round of candidates to the next.
+
+    LocalBuilder starts a fresh process pool for every round; each worker then imports tvm
+    (and torch, which tvm_ffi imports when it is installed): 5-7 s a round on 2 busy cores,
+    more than the builds themselves. Workers here are reused and replaced after 32 builds,
+    which bounds the leak that made TVM restart them.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, LocalBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params, _worker_func
+    from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
+
+    @derived_object
+    class KeptPoolBuilder(LocalBuilder._cls):
+        def build(self, build_inputs: list) -> list:
+            if getattr(self, "pool", None) is None:
+                self.pool = PopenPoolExecutor(
+                    max_workers=self.max_workers,
+                    timeout=self.timeout_sec,
+                    maximum_process_uses=32,
+                )
+            jobs = [
+                (self.f_build, self.f_export, i.mod, i.target, _serialize_params(i.params))
+                for i in build_inputs
+            ]
+            results = []
+            for done in self.pool.map_with_error_catching(lambda job: _worker_func(*job), jobs):
+                if done.status == StatusKind.COMPLETE:
+                    results.append(BuilderResult(done.value, None))
+                elif done.status == StatusKind.TIMEOUT:
+                    results.append(BuilderResult(None, f"timeout after {self.timeout_sec} s"))
+                else:
+                    results.append(BuilderResult(None, f"build failed: {done.value}"))
+            return results
+
+        def close(self) -> None:
+            if getattr(self, "pool", None) is not None:
+                self.pool.shutdown()
+                self.pool = None
+
+    return KeptPoolBuilder(f_build=_make_build(), max_workers=threads, timeout_sec=60)
+
+
+def _cost_model(threads: int) -> Any:
+    """MetaSchedule's XGBoost cost model, minus the trainings whose result is never used.
+
+    Its ``predict`` returns random scores until ``num_warmup_samples`` (100) measurements
+    exist, yet ``update`` retrains after every round from the first one: ~8 s each on 2 busy
+    cores, most of a small tuning budget. Training starts here once predictions use it.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.cost_model import XGBModel
+
+    @derived_object
+    class WarmXGBModel(XGBModel._cls):
+        def _train(self, xs: list, ys: Any) -> None:
+            if self.data_size >= self.num_warmup_samples:
+                super()._train(xs, ys)
+
+    return WarmXGBModel(num_tuning_cores=threads, tree_method="auto")
+
+
 @contextlib.contextmanager
 def _quiet_meta_schedule() -> Iterator[None]:
     """Keep MetaSchedule's log in its files (work_dir/logs): it adds a console handler for
-    its whole logger tree each time tuning contexts are made; those are removed."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    its whole logger tree each time tuning contexts are made; those are removed after.
+
+    TVM rebuilds a logging config naming every handler of that logger and fails on unnamed
+    ones (pytest's capture handlers, for one); they step aside meanwhile.
+    """
     root = logging.getLogger(_MS_LOGGER)
-    for handler in list(root.handlers):
-        if type(handler) is logging.StreamHandler:
-            root.removeHandler(handler)
+    unnamed = [handler for handler in root.handlers if handler.get_name() is None]
+    for handler in unnamed:
+        root.removeHandler(handler)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for handler in list(root.handlers):
+            if type(handler) is logging.StreamHandler:
+                root.removeHandler(handler)
+        for handler in unnamed:
+            root.addHandler(handler)
 
 
 def _records(database: Any, mod: Any, limit: int) -> int:
@@ -529,22 +642,35 @@ def tune(
 ) -> dict[str, Any]:
     """Spend up to ``trials`` measurements, spread evenly over the model's tuning tasks, on
     the tasks the database does not already hold that many records for."""
+    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.analysis import estimate_tir_flops
     from tvm.s_tir.meta_schedule.relax_integration import (
         extract_tasks,
         extracted_tasks_to_tune_contexts,
     )
 
     start = time.monotonic()
-    tasks = list(extract_tasks(fused, target.tvm))
+    found = list(extract_tasks(fused, target.tvm))
+    # Pure data movement (reshapes) has nothing to tune; its plain loop is as fast as any.
+    tasks = [t for t in found if estimate_tir_flops(t.dispatched[0]) > 0]
     summary: dict[str, Any] = {"trials": 0, "seconds": 0.0, "tasks": len(tasks), "reused": 0}
     if not tasks or trials <= 0:
         return summary
     per_task = max(1, math.ceil(trials / len(tasks)))
+    per_round = min(32, per_task)
+    # The evolutionary search evolves a population on the cost model before each round of
+    # measurements; 512 (the default) costs ~45 s per round for a conv on 2 busy cores, so
+    # it is scaled to the round: about 8 candidates evolved per one measured.
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=min(512, max(64, 8 * per_round)),
+        init_min_unmeasured=min(50, max(16, 2 * per_round)),
+        genetic_num_iters=4 if per_round >= 32 else 2,
+    )
     log_dir.mkdir(parents=True, exist_ok=True)
     with _quiet_meta_schedule():
         contexts, weights = extracted_tasks_to_tune_contexts(
-            tasks, str(log_dir), num_threads=threads, seed=0
+            tasks, str(log_dir), strategy=strategy, num_threads=threads, seed=0
         )
     todo = [
         (context, weight)
@@ -567,30 +693,31 @@ def tune(
     bar = progress.add_task("tune", total=total)
     done = [0]
 
-    @tvm.ir.utils.derived_object
+    @derived_object
     class ShowProgress(ms.measure_callback.PyMeasureCallback):
         def apply(self, scheduler, task_id, candidates, builds, runs) -> None:
             done[0] += len(runs)
             progress.update(bar, completed=min(done[0], total))
 
-    builder = ms.builder.LocalBuilder(f_build=_make_build(), max_workers=threads, timeout_sec=60)
+    builder = _builder(threads)
     runner = ms.runner.LocalRunner(
         timeout_sec=60,
         evaluator_config=ms.runner.EvaluatorConfig(
             number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False
         ),
     )
-    with progress, _quiet_meta_schedule():
+    with progress, _quiet_meta_schedule(), contextlib.closing(builder):
         ms.tune.tune_tasks(
             tasks=[c for c, _ in todo],
             task_weights=[w for _, w in todo],
             work_dir=str(log_dir),
             max_trials_global=total,
             max_trials_per_task=per_task,
-            num_trials_per_iter=min(64, per_task),
+            num_trials_per_iter=per_round,
             builder=builder,
             runner=runner,
             database=database,
+            cost_model=_cost_model(threads),
             measure_callbacks=[*ms.MeasureCallback.create("default"), ShowProgress()],
         )
     summary.update(trials=done[0], seconds=round(time.monotonic() - start, 1))
@@ -600,12 +727,15 @@ def tune(
 def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any:
     """Compile the fused module with the database's best schedules (DLight's defaults for
     unscheduled GPU kernels); packed weight layouts are folded into the constants."""
+    import importlib
+
     from tvm.s_tir import dlight
 
-    lower = [
-        *relax.pipeline.dataflow_lower_passes(target.tvm),
-        *relax.pipeline.finalize_passes(target.tvm),
-    ]
+    # tvm.relax.pipeline.dataflow_lower_passes looks the CPU one up in a package that does not
+    # export it (TVM 0.27), so the backend's own pipeline module is asked directly.
+    backend = "cuda" if target.kind == "cuda" else "cpu_generic"
+    passes = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
+    lower = [*passes.dataflow_lower_passes(target.tvm), *passes.finalize_passes(target.tvm)]
     with target.tvm, database, tvm.transform.PassContext(opt_level=3):
         mod = relax.transform.MetaScheduleApplyDatabase()(fused)
         if prepack:
@@ -628,8 +758,8 @@ def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any
 
 
 def _run(vm: Any, batch: int, x: np.ndarray, device: Any) -> np.ndarray:
-    result = vm[entry(batch)](tvm.runtime.tensor(np.ascontiguousarray(x), device))
-    return result[0].numpy() if hasattr(result, "__getitem__") else result.numpy()
+    # torch.export returns a tuple of outputs; the model's logits are its only element.
+    return vm[entry(batch)](tvm.runtime.tensor(np.ascontiguousarray(x), device))[0].numpy()
 
 
 def _max_error(vm: Any, model: nn.Module, shape: tuple[int, ...], batches, device) -> tuple:
@@ -657,7 +787,8 @@ def _accuracy(vm, model: nn.Module, split: Split, task: Task, batch: int, device
         padded[: len(part)] = part  # the library's batch size is fixed
         chunks.append(_run(vm, batch, padded, device)[: len(part)])
     compiled = torch.from_numpy(np.concatenate(chunks))
-    reference = predict(model, split.x)
+    with torch.no_grad():
+        reference = predict(model, split.x)
     return {
         "torch": task.metric(reference, split.y),
         "tvm": task.metric(compiled, split.y),
@@ -666,13 +797,14 @@ def _accuracy(vm, model: nn.Module, split: Split, task: Task, batch: int, device
     }
 
 
-def _tvm_times(vm: Any, shape, batches, device, repeats: int) -> dict[str, float]:
+def _tvm_times(vm: Any, shape, batches, target: Target, repeats: int) -> dict[str, float]:
     times = {}
+    device = target.device
     for batch in batches:
         x = tvm.runtime.tensor(np.zeros((batch, *shape), dtype=np.float32), device)
         function = vm[entry(batch)]
-        sync = device.sync if device.device_type != tvm.cpu(0).device_type else None
-        times[str(batch)] = median_ms(lambda: function(x), repeats=repeats, sync=sync)
+        sync = device.sync if target.kind == "cuda" else None  # kernels launch asynchronously
+        times[str(batch)] = median_ms(functools.partial(function, x), repeats=repeats, sync=sync)
     return times
 
 
@@ -719,7 +851,7 @@ def compile_artifact(
     notes: list[str] = []
     templates = compressible_layers(task.build_model(artifact.header.width), registry)
     reference = artifact.model.eval()
-    model = densify(reference, task.example_input(1), templates, notes)
+    model = fold_batchnorm(densify(reference, task.example_input(1), templates, notes), notes)
     _load_tensor_intrinsics(chosen.kind)
     with thread_count(threads):
         try:
@@ -727,12 +859,10 @@ def compile_artifact(
         except Exception as exc:
             raise CompileError(f"{path}: the model cannot be exported to TVM: {exc}") from exc
         fused = _fuse(mod, chosen, prepack)
-        database = open_database(tuning_dir or cache_dir() / "tuning" / chosen.key, console)
+        db_folder = tuning_dir or cache_dir() / "tuning" / chosen.key
+        database = open_database(db_folder, console)
         tuning = tune(fused, chosen, database, trials, threads, out / "tuning-logs", console)
-        if tuning["trials"]:
-            (Path(database.path_workload).parent / ".checked").write_text(
-                json.dumps(_stamp(Path(database.path_workload).parent))
-            )
+        _mark_checked(db_folder)  # what tuning appended came from TVM itself
         library = out / LIBRARY
         build_tuned(fused, chosen, database, prepack).export_library(str(library))
         untuned = relax.VirtualMachine(tvm.compile(mod, target=chosen.tvm), chosen.device)
@@ -748,10 +878,10 @@ def compile_artifact(
         inputs = {b: torch.randn(b, *shape) for b in batches}
         engines: dict[str, dict[str, float]] = {}
         if chosen.kind == "cpu":  # this project's torch is a CPU build: time it on the CPU
-            engines, more = time_torch(reference, inputs, compiled=torch_compile, repeats=repeats)
+            engines, more = time_torch(model, inputs, compiled=torch_compile, repeats=repeats)
             notes.extend(more)
-        engines["tvm_untuned"] = _tvm_times(untuned, shape, batches, chosen.device, repeats)
-        engines["tvm_tuned"] = _tvm_times(vm, shape, batches, chosen.device, repeats)
+        engines["tvm_untuned"] = _tvm_times(untuned, shape, batches, chosen, repeats)
+        engines["tvm_tuned"] = _tvm_times(vm, shape, batches, chosen, repeats)
     order = ("tvm_tuned", "tvm_untuned", "torch_eager", "torch_compile")
     latency = {
         "machine": cpu_model(),
@@ -786,23 +916,40 @@ def compile_artifact(
     return CompileResult(folder=out, library=library, latency=latency)
 
 
-def compile_best(root: Path, summary: dict[str, Any], setup: Any, console: Console) -> None:
-    """After a search: compile the recommended model into ``<study>/compiled/trial-NNNN/``
-    (``summarize`` then reads its ``latency.json``). A failure is a warning: the search's
-    results are already saved."""
-    best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
-    if best is None or not best.get("artifact"):
-        return
+def compile_winners(
+    root: Path, summary: dict[str, Any], setup: Any, console: Console, *, front: bool = False
+) -> None:
+    """After a search: compile the recommended model (``front``: every front member) into
+    ``<study>/compiled/trial-NNNN/``, where ``summarize`` reads its ``latency.json``. The
+    tuning database is shared, so members after the first mostly reuse its kernels. A failure
+    is a warning: the search's results are already saved."""
+    members = [
+        m
+        for m in summary["front"]
+        if m.get("artifact") and (front or m["trial"] == summary["best"])
+    ]
     settings = setup.settings
-    try:
-        compile_artifact(
-            root / best["artifact"],
-            setup.registry,
-            trials=settings.tune_trials,
-            out=root / "compiled" / f"trial-{best['trial']:04d}",
-            task=setup.task,
-            test=setup.data.test,
-            console=console,
+    for member in members:
+        label = f"trial {member['trial']}" + (
+            " (recommended)" if member["trial"] == summary["best"] else ""
         )
-    except AutoshrinkError as exc:
-        console.print(f"[yellow]warning:[/] compiling the recommended model failed: {exc}")
+        try:
+            result = compile_artifact(
+                root / member["artifact"],
+                setup.registry,
+                trials=settings.tune_trials,
+                out=root / "compiled" / f"trial-{member['trial']:04d}",
+                task=setup.task,
+                test=setup.data.test,
+                console=console,
+            )
+        except AutoshrinkError as exc:
+            console.print(f"[yellow]warning:[/] compiling {label} failed: {exc}")
+            continue
+        tuned = result.latency["engines"]["tvm_tuned"]
+        console.print(
+            f"compiled {label}: {result.library} ("
+            + ", ".join(f"batch {b} {ms:.3f} ms" for b, ms in tuned.items())
+            + ")",
+            highlight=False,
+        )

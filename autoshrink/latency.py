@@ -14,6 +14,7 @@ GFLOP/s figures.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -206,7 +207,8 @@ def torch_engines(
     model = model.eval()
     with torch.inference_mode():
         for batch, x in inputs.items():
-            engines["torch_eager"][str(batch)] = median_ms(lambda: model(x), repeats=repeats)
+            run = functools.partial(model, x)
+            engines["torch_eager"][str(batch)] = median_ms(run, repeats=repeats)
         if not compiled:
             return engines, notes
         try:
@@ -214,7 +216,7 @@ def torch_engines(
             times = {}
             for batch, x in inputs.items():
                 fast(x)  # compiles for this shape; not part of the timing
-                times[str(batch)] = median_ms(lambda: fast(x), repeats=repeats)
+                times[str(batch)] = median_ms(functools.partial(fast, x), repeats=repeats)
             engines["torch_compile"] = times
         except Exception as exc:  # inductor needs a C++ compiler; say why it is missing
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

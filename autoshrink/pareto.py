@@ -7,7 +7,9 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
 - ``front``: feasible Pareto-optimal trials by Optuna's ``best_trials``, smallest first, each
   with ``trial``, ``bytes``, ``ratio`` (baseline bytes / bytes), ``val_accuracy``,
   ``test_accuracy``, ``artifact`` (relative to the study folder), ``plan``, ``layers`` (bytes
-  per layer and section of the artifact) and ``seconds``
+  per layer and section of the artifact) and ``seconds``; a member compiled with
+  ``--compile`` also has ``latency`` (its ``compiled/trial-NNNN/latency.json``, the schema of
+  :mod:`autoshrink.compiler`)
 - ``best``: trial number of the recommended model (best validation accuracy within the
   budget; ties go to the smaller file), or null when no trial fit; copied to
   ``best.safetensors``
@@ -74,6 +76,17 @@ def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: Searc
     return known
 
 
+def _latency(folder: StudyFolder, number: int) -> dict[str, Any] | None:
+    """The timings ``autoshrink.compiler`` wrote for a compiled trial, if any (unreadable
+    ones are skipped: the report shows no latency rather than failing)."""
+    path = folder.root / "compiled" / f"trial-{number:04d}" / "latency.json"
+    try:
+        latency = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return latency if isinstance(latency, dict) else None
+
+
 def summarize(
     study: optuna.Study, folder: StudyFolder, setup: SearchSetup, *, final: bool
 ) -> dict[str, Any]:
@@ -90,6 +103,9 @@ def summarize(
         row["test_accuracy"] = tests.get(str(trial.number))
         path = folder.root / row["artifact"] if row["artifact"] else None
         row["layers"] = size_breakdown(path) if path and path.is_file() else {}
+        latency = _latency(folder, trial.number)
+        if latency is not None:
+            row["latency"] = latency
         members.append(row)
     best = max(members, key=lambda r: (r["val_accuracy"], -r["bytes"]), default=None)
     trials = []

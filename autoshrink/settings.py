@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     finetune_steps: int = Field(default=300, ge=0)
     trial_timeout: float = Field(default=300.0, gt=0)
     strict_plugins: bool = False
+    # Compile the recommended model with TVM after a search. Off by default: tuning takes
+    # minutes, and the default search (and CI) must stay fast.
+    compile: bool = False
+    compile_front: bool = False  # every front member, not only the recommended model
+    tune_trials: int = Field(default=256, ge=0)
 
     @classmethod
     def settings_customise_sources(

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args()
     console = Console()
+    args.out.mkdir(parents=True, exist_ok=True)
     runs: list[tuple[str, dict]] = [
         ("mixed (nsga2)", {}),
         ("mixed, random sampling", {"sampler": "random"}),
