@@ -2,13 +2,17 @@
 eager and torch.compile, at batch 1 and 64, on a fixed number of threads.
 
     python benchmarks/compile.py [--threads 2] [--mlp-trials 480] [--cnn-trials 360] [--fresh]
+                                 [--artifact reports/<study>/best.safetensors ...]
 
 Each model goes through the product's own path (``autoshrink.compiler.compile_artifact`` on
 the baseline's artifact file): densify, export, MetaSchedule tuning, build, output check
 against PyTorch, test accuracy through the library, then every engine timed in one process
 (median of repeats). ``--fresh`` tunes into a new database instead of the shared one in the
-cache, so the tuning time is that of a first run. GFLOP/s use torch's FLOP count of one
-forward pass; the peak is cores x GHz x fp32 FLOPs per cycle of the CPU's widest FMA.
+cache, so the tuning time is that of a first run. Each ``--artifact`` (a search's recommended
+model, a front member) is compiled after the baselines with ``--artifact-trials`` more
+measurements; kernels of shapes the baselines already tuned are reused, not tuned again.
+GFLOP/s use torch's FLOP count of one forward pass; the peak is cores x GHz x fp32 FLOPs per
+cycle of the CPU's widest FMA.
 
 The numbers are only as steady as the machine: on shared cores, other processes make the
 multi-threaded engines wait for each other; the load average is printed with the table.
@@ -26,6 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from autoshrink.artifact import read_header
 from autoshrink.baseline import load_baseline
 from autoshrink.compiler import compile_artifact
 from autoshrink.latency import cpu_model, cpu_peak
@@ -41,6 +46,8 @@ def main() -> None:
     parser.add_argument("--mlp-trials", type=int, default=480)
     parser.add_argument("--cnn-trials", type=int, default=360)
     parser.add_argument("--fresh", action="store_true", help="tune into a new database")
+    parser.add_argument("--artifact", type=Path, action="append", default=[])
+    parser.add_argument("--artifact-trials", type=int, default=360)
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="keep the libraries here")
@@ -52,6 +59,7 @@ def main() -> None:
     peak = cpu_peak(args.threads)
     load_before = os.getloadavg()
     results = {}
+    jobs = []
     for name, trials in (
         ("fashion-mnist-mlp", args.mlp_trials),
         ("fashion-mnist-cnn", args.cnn_trials),
@@ -60,13 +68,19 @@ def main() -> None:
         data = task.load_data(args.data_dir)
         with console.status(f"baseline of {name} (trained once, then cached)"):
             baseline = load_baseline(task, data, registry)
+        jobs.append((f"{name} baseline", baseline.path, task, data, trials))
+    for path in args.artifact:
+        task = registry.tasks[read_header(path)[0].task]
+        label = f"{task.name} {path.parent.name}/{path.stem}"
+        jobs.append((label, path, task, task.load_data(args.data_dir), args.artifact_trials))
+    for number, (name, path, task, data, trials) in enumerate(jobs):
         start = time.monotonic()
         result = compile_artifact(
-            baseline.path,
+            path,
             registry,
             trials=trials,
             batch=args.batch,
-            out=out / name,
+            out=out / f"model-{number}",
             threads=args.threads,
             task=task,
             test=data.test,
@@ -74,7 +88,11 @@ def main() -> None:
             tuning_dir=out / "tuning" if args.fresh else None,
             console=console,
         )
-        results[name] = {**result.latency, "wall_seconds": time.monotonic() - start}
+        results[name] = {
+            **result.latency,
+            "bytes": path.stat().st_size,
+            "wall_seconds": time.monotonic() - start,
+        }
         console.print(f"{name}: done in {time.monotonic() - start:.0f} s", highlight=False)
     load_after = os.getloadavg()
 
@@ -98,7 +116,8 @@ def main() -> None:
     for name, latency in results.items():
         tuning, accuracy = latency["tuning"], latency["accuracy"] or {}
         console.print(
-            f"{name}: tuning {tuning['trials']} trials over {tuning['tasks']} kernels in "
+            f"{name} ({latency['bytes']:,} bytes): tuning {tuning['trials']} trials over "
+            f"{tuning['tasks']} kernels in "
             f"{tuning['seconds']:.0f} s ({tuning['reused']} kernels reused from the database); "
             f"whole compile {latency['wall_seconds']:.0f} s; max |TVM - torch| "
             f"{latency['max_abs_error']:.2g}; test accuracy TVM {accuracy.get('tvm', 0):.4f} "

@@ -2,6 +2,7 @@
 
     python benchmarks/search.py [--task fashion-mnist-mlp] [--trials 24] [--seed 0]
                                 [--finetune-steps 200] [--budget 5MB] [--out /tmp/bench]
+                                [--only tpe random ...] [--skip-ray]
 
 Every search is a real study run through the product's own path (same trial count, seed and
 fine-tune steps). Hypervolume is computed with moocore on the feasible trials, objectives
@@ -81,15 +82,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="bench-")))
     parser.add_argument("--ray-trials", type=int, default=8)
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run only searches whose label holds a word given"
+    )
     args = parser.parse_args()
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[tuple[str, dict]] = [
         ("mixed (nsga2)", {}),
         ("mixed, random sampling", {"sampler": "random"}),
+        ("mixed (tpe)", {"sampler": "tpe"}),
     ]
     for name, choices in ALONE.items():
         runs.append((f"{name} alone", {"space": str(preset(args.out, name, choices))}))
+    if args.only:
+        runs = [run for run in runs if any(word in run[0] for word in args.only)]
     table = Table(
         title=f"{args.task}: {args.trials} trials, seed {args.seed}, "
         f"{args.finetune_steps} fine-tune steps, budget {args.budget}"
