@@ -276,7 +276,10 @@ def search_command(
         float | None, typer.Option("--timeout", help="Stop starting trials after this many s.")
     ] = None,
     sampler: Annotated[
-        str | None, typer.Option("--sampler", help="nsga2 (default), tpe or random.")
+        str | None,
+        typer.Option(
+            "--sampler", help="tpe (default; best at tens of trials), nsga2 (hundreds) or random."
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed of sampler and training.")

@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--dc-steps", type=int, default=2000, help="fine-tune steps, DC plan")
     parser.add_argument("--only-dc", action="store_true", help="only the Deep Compression rows")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=150)  # tables stay whole when the output goes to a file
     registry = load_registry()
     task = registry.tasks[args.task]
     data = task.load_data(None)
