@@ -50,6 +50,7 @@ from autoshrink.plan import compressible_layers
 
 if TYPE_CHECKING:
     from autoshrink.plugins import Registry
+    from autoshrink.study import SearchSetup, StudyFolder
     from autoshrink.tasks import Split, Task
 
 __all__ = ["CompileError", "CompileResult", "compile_artifact", "densify", "open_database"]
@@ -287,6 +288,7 @@ def fold_batchnorm(model: nn.Module, log: list[str] | None = None) -> nn.Module:
     kernel less each, for TVM and PyTorch alike); unchanged when torch.fx cannot trace it."""
     from torch.fx.experimental.optimization import fuse
 
+    notes = log if log is not None else []
     before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if not before:
         return model
@@ -294,10 +296,10 @@ def fold_batchnorm(model: nn.Module, log: list[str] | None = None) -> nn.Module:
         folded = fuse(model.eval())
     except Exception as exc:  # untraceable control flow: TVM fuses BatchNorm as an epilogue
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        (log if log is not None else []).append(f"BatchNorm not folded ({first[:120]})")
+        notes.append(f"BatchNorm not folded ({first[:120]})")
         return model
     after = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    (log if log is not None else []).append(f"folded {before - after} BatchNorm layers")
+    notes.append(f"folded {before - after} BatchNorm layers")
     return folded
 
 
@@ -917,7 +919,12 @@ def compile_artifact(
 
 
 def compile_winners(
-    root: Path, summary: dict[str, Any], setup: Any, console: Console, *, front: bool = False
+    folder: StudyFolder,
+    summary: dict[str, Any],
+    setup: SearchSetup,
+    console: Console,
+    *,
+    front: bool = False,
 ) -> None:
     """After a search: compile the recommended model (``front``: every front member) into
     ``<study>/compiled/trial-NNNN/``, where ``summarize`` reads its ``latency.json``. The
@@ -928,17 +935,16 @@ def compile_winners(
         for m in summary["front"]
         if m.get("artifact") and (front or m["trial"] == summary["best"])
     ]
-    settings = setup.settings
     for member in members:
         label = f"trial {member['trial']}" + (
             " (recommended)" if member["trial"] == summary["best"] else ""
         )
         try:
             result = compile_artifact(
-                root / member["artifact"],
+                folder.root / member["artifact"],
                 setup.registry,
-                trials=settings.tune_trials,
-                out=root / "compiled" / f"trial-{member['trial']:04d}",
+                trials=setup.settings.tune_trials,
+                out=folder.compiled(member["trial"]),
                 task=setup.task,
                 test=setup.data.test,
                 console=console,

@@ -79,7 +79,7 @@ def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: Searc
 def _latency(folder: StudyFolder, number: int) -> dict[str, Any] | None:
     """The timings ``autoshrink.compiler`` wrote for a compiled trial, if any (unreadable
     ones are skipped: the report shows no latency rather than failing)."""
-    path = folder.root / "compiled" / f"trial-{number:04d}" / "latency.json"
+    path = folder.compiled(number) / "latency.json"
     try:
         latency = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):

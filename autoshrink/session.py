@@ -141,7 +141,7 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
         from autoshrink.compiler import compile_winners
 
         # summarize() picks up compiled/trial-NNNN/latency.json for the report.
-        compile_winners(folder.root, summary, setup, console, front=settings.compile_front)
+        compile_winners(folder, summary, setup, console, front=settings.compile_front)
         summary = summarize(study, folder, setup, final=True)
         write_report(folder.root, summary)
     return SearchOutcome(folder, summary, time.monotonic() - start)

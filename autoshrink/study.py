@@ -65,6 +65,10 @@ class StudyFolder:
     def artifact(self, number: int) -> Path:
         return self.root / "artifacts" / f"trial-{number:04d}.safetensors"
 
+    def compiled(self, number: int) -> Path:
+        """Where ``--compile`` puts a trial's TVM library and its ``latency.json``."""
+        return self.root / "compiled" / f"trial-{number:04d}"
+
     def load_settings(self) -> Settings:
         if not self.settings.is_file():
             raise UsageError(
