@@ -437,7 +437,7 @@ def compile_command(
     tuning, reused across runs), check it computes what the artifact does, and time it beside
     PyTorch: writes model.so, compiled.json and latency.json."""
     from autoshrink.artifact import read_header
-    from autoshrink.compiler import compile_artifact, resolve_target
+    from autoshrink.compile import compile_artifact, resolve_target
     from autoshrink.errors import DataNotFoundError
 
     config = settings(task=task, data_dir=data_dir, tune_trials=trials)

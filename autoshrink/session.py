@@ -138,7 +138,7 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
     summary = summarize(study, folder, setup, final=True)
     write_report(folder.root, summary)
     if (settings.compile or settings.compile_front) and summary["best"] is not None:
-        from autoshrink.compiler import compile_winners
+        from autoshrink.compile import compile_winners
 
         # summarize() picks up compiled/trial-NNNN/latency.json for the report.
         compile_winners(folder, summary, setup, console, front=settings.compile_front)

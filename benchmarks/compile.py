@@ -32,8 +32,8 @@ from rich.table import Table
 
 from autoshrink.artifact import read_header
 from autoshrink.baseline import load_baseline
-from autoshrink.compiler import compile_artifact
-from autoshrink.latency import cpu_model, cpu_peak
+from autoshrink.compile import compile_artifact
+from autoshrink.compile.timing import cpu_model, cpu_peak
 from autoshrink.plugins import load_registry
 
 ENGINES = ("tvm_tuned", "tvm_untuned", "torch_eager", "torch_compile")

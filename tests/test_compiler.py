@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from autoshrink.artifact import read_artifact, write_artifact
-from autoshrink.compiler import compile_artifact, densify, open_database
+from autoshrink.compile import compile_artifact, densify, open_database
 from autoshrink.compress import compress
 from autoshrink.pareto import _latency
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers

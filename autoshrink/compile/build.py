@@ -1,0 +1,87 @@
+"""Relax modules from PyTorch models, the passes MetaSchedule tunes after, and the build."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+from autoshrink.compile.target import Target
+
+__all__ = ["build_tuned", "entry", "fuse", "to_relax"]
+
+
+def entry(batch: int) -> str:
+    """The library's function for inputs of ``batch`` examples."""
+    return f"main_b{batch}"
+
+
+def to_relax(model: nn.Module, input_shape: tuple[int, ...], batches: list[int]) -> Any:
+    """One IRModule with a function ``main_b<batch>`` per batch size, weights as constants."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    functions = {}
+    for batch in batches:
+        example = torch.zeros(batch, *input_shape)
+        with warnings.catch_warnings():  # torch.export's deprecation chatter
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, (example,))
+            converted = from_exported_program(program, keep_params_as_input=False)
+        functions[entry(batch)] = converted["main"].with_attr("global_symbol", entry(batch))
+    return tvm.IRModule(functions)
+
+
+def fuse(mod: Any, target: Target, prepack: bool) -> Any:
+    """Legalize and fuse into the TIR functions MetaSchedule tunes (what ``tvm.compile``
+    would do first). With ``prepack``, weights are marked layout-free so schedules may ask
+    for a packed weight layout, which is then computed once at compile time."""
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        *relax.pipeline.library_dispatch_passes(target.tvm),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    if prepack:
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    with target.tvm:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+
+def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any:
+    """Compile the fused module with the database's best schedules (DLight's defaults for
+    unscheduled GPU kernels); packed weight layouts are folded into the constants."""
+    import importlib
+
+    from tvm.s_tir import dlight
+
+    # tvm.relax.pipeline.dataflow_lower_passes looks the CPU one up in a package that does not
+    # export it (TVM 0.27), so the backend's own pipeline module is asked directly.
+    backend = "cuda" if target.kind == "cuda" else "cpu_generic"
+    passes = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
+    lower = [*passes.dataflow_lower_passes(target.tvm), *passes.finalize_passes(target.tvm)]
+    with target.tvm, database, tvm.transform.PassContext(opt_level=3):
+        mod = relax.transform.MetaScheduleApplyDatabase()(fused)
+        if prepack:
+            # The layout rewrite of each weight becomes its own function, applied to the
+            # constant at compile time: the library stores the packed weights.
+            mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+            mod = relax.transform.FoldConstant()(mod)
+        if target.kind == "cuda":
+            mod = dlight.ApplyDefaultSchedule(
+                dlight.gpu.Matmul(),
+                dlight.gpu.GEMV(),
+                dlight.gpu.Reduction(),
+                dlight.gpu.GeneralReduction(),
+                dlight.gpu.Fallback(),
+            )(mod)
+        return tvm.compile(mod, target=target.tvm, relax_pipeline=tvm.transform.Sequential(lower))
+
