@@ -34,7 +34,15 @@ from autoshrink.tasks import Task
 if TYPE_CHECKING:
     from autoshrink.plugins import Registry
 
-__all__ = ["Artifact", "Header", "read_artifact", "size_breakdown", "write_artifact"]
+__all__ = [
+    "Artifact",
+    "Header",
+    "read_artifact",
+    "read_header",
+    "size_breakdown",
+    "stream_array",
+    "write_artifact",
+]
 
 FORMAT = "autoshrink-artifact"
 VERSION = 1
@@ -235,7 +243,10 @@ def read_artifact(path: Path, registry: Registry, task: Task | None = None) -> A
     return Artifact(path=path, bytes=path.stat().st_size, header=header, model=model)
 
 
-def _array(header: Header, blobs: dict[str, bytes], key: str, registry: Registry) -> np.ndarray:
+def stream_array(
+    header: Header, blobs: dict[str, bytes], key: str, registry: Registry
+) -> np.ndarray:
+    """Stream `key` of an artifact as the array it stores (entropy coding undone)."""
     stream = header.streams.get(key)
     if stream is None:
         raise ValueError(f"stream `{key}` is missing")
@@ -272,11 +283,12 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
         try:
             for payload, p in info.payloads.items():
                 stored = {
-                    k: _array(header, blobs, f"{name}/{payload}/{k}", registry) for k in p.arrays
+                    k: stream_array(header, blobs, f"{name}/{payload}/{k}", registry)
+                    for k in p.arrays
                 }
                 code.payloads[payload] = value.decode(stored, p.meta, tuple(p.shape), value_config)
             for key in info.arrays:
-                code.arrays[key] = _array(header, blobs, f"{name}/{key}", registry)
+                code.arrays[key] = stream_array(header, blobs, f"{name}/{key}", registry)
             module = structure.decode(
                 code, template.get_submodule(name), structure.config(choice.structure.config)
             )
@@ -291,7 +303,7 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
     if set(header.state) != expected:
         raise ValueError(f"state tensors {sorted(header.state)} do not match {sorted(expected)}")
     state = {
-        key: torch.from_numpy(_array(header, blobs, f"state/{key}", registry).copy())
+        key: torch.from_numpy(stream_array(header, blobs, f"state/{key}", registry).copy())
         for key in header.state
     }
     model.load_state_dict(state, strict=False)

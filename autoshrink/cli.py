@@ -433,9 +433,10 @@ def compile_command(
     data_dir: DataDirOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Compile an artifact with TVM into a library that runs without PyTorch (MetaSchedule
-    tuning, reused across runs), check it computes what the artifact does, and time it beside
-    PyTorch: writes model.so, compiled.json and latency.json."""
+    """Compile an artifact with TVM into a bundle that runs without PyTorch, its weights kept
+    in their compressed form and decoded inside the kernels (MetaSchedule tuning, reused
+    across runs); check it computes what the artifact does and time it beside a dense TVM
+    compile, PyTorch and ONNX Runtime: writes model.so, compiled.json and latency.json."""
     from autoshrink.artifact import read_header
     from autoshrink.compile import compile_artifact, resolve_target
     from autoshrink.errors import DataNotFoundError
@@ -471,13 +472,24 @@ def compile_command(
         return
     _print_latency(latency)
     tuning = latency["tuning"]
+    spent = [tuning[part] for part in ("layers", "model", "dense")]
     lines = [
-        f"library: {result.library} (entries "
-        + ", ".join(f"main_b{b}" for b in latency["batches"])
-        + f"; see {result.folder / 'compiled.json'})",
-        f"tuning: {tuning['trials']} trials in {tuning['seconds']:.0f} s, "
-        f"{tuning['reused']} of {tuning['tasks']} kernels already tuned "
-        f"(database {tuning['database']})",
+        f"bundle: {result.folder} ({humanize.naturalsize(latency['bundle_bytes'])} to ship: "
+        f"{latency['bundle_bytes']:,} B for a {latency['artifact_bytes']:,} B artifact; "
+        f"the dense compile takes {latency['dense_bytes']:,} B)",
+        *(
+            f"  {row['layer']}: {row['form']} kernel ({row['methods']}; {row['why']}; "
+            + ", ".join(
+                f"{form} b{b} {ms:.4f} ms" for form, times in row["ms"].items()
+                for b, ms in times.items()
+            )
+            + ")"
+            for row in latency["layers"]
+        ),
+        f"tuning: {sum(t['trials'] for t in spent)} trials in "
+        f"{sum(t['seconds'] for t in spent):.0f} s, "
+        f"{sum(t['reused'] for t in spent)} of {sum(t['tasks'] for t in spent)} kernels "
+        f"already tuned (database {tuning['database']})",
         f"max |TVM - PyTorch| {latency['max_abs_error']:.2g} "
         f"(tolerance {latency['tolerance']:.2g})",
     ]

@@ -15,6 +15,7 @@ hooks of the contract it fills in:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -27,6 +28,8 @@ from torch import nn
 __all__ = [
     "EncodingMethod",
     "LayerCode",
+    "LoweredLayer",
+    "LoweredValue",
     "Method",
     "MethodConfig",
     "ModelMethod",
@@ -63,6 +66,33 @@ class LayerCode:
     payloads: dict[str, torch.Tensor] = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoweredValue:
+    """A payload as a compiled kernel reads it (see :mod:`autoshrink.compile.kernels`).
+
+    ``arrays`` are stored in the compiled bundle as they are (packed codes, a codebook);
+    ``element(tensors, i)`` is the TVM expression of element ``i`` (int32, row-major flat
+    index) of the float32 payload, given ``arrays`` as TE tensors under the same keys.
+    """
+
+    arrays: dict[str, np.ndarray]
+    element: Callable[[Mapping[str, Any], Any], Any]
+
+
+@dataclass
+class LoweredLayer:
+    """A layer as one compiled kernel that reads its stored form.
+
+    ``arrays`` are the layer's own arrays for the bundle (bias, sparse positions);
+    ``compute(x, tensors, payloads)`` returns the TE tensor of the layer's output for the TE
+    input ``x``, given ``arrays`` as TE tensors and, per payload name, a function from a flat
+    element index to that payload's float32 element (the value stage's decoding, inlined).
+    """
+
+    arrays: dict[str, np.ndarray]
+    compute: Callable[[Any, Mapping[str, Any], Mapping[str, Callable[[Any], Any]]], Any]
 
 
 class Method(ABC):
@@ -133,6 +163,14 @@ class StructureMethod(Method):
         """Rebuild the module from its code; ``template`` is an untrained layer of the
         original type and shape. Must raise ``ValueError`` when the code does not fit it."""
 
+    def lower(
+        self, code: LayerCode, template: nn.Module, config: MethodConfig
+    ) -> LoweredLayer | None:
+        """Optional: the layer as a kernel that computes from its stored form (``code``
+        holds the layer's meta and arrays; its payloads are lowered by the value method).
+        ``None`` (the default) compiles the layer as the dense weight it decodes to."""
+        return None
+
 
 class ValueMethod(Method):
     """Stores float tensors in fewer bits (quantization) and trains under that restriction."""
@@ -160,6 +198,17 @@ class ValueMethod(Method):
     ) -> torch.Tensor:
         """The float32 tensor of ``shape`` stored by :meth:`encode`. Raise ``ValueError`` on
         inconsistent input."""
+
+    def lower(
+        self,
+        arrays: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        shape: tuple[int, ...],
+        config: MethodConfig,
+    ) -> LoweredValue | None:
+        """Optional: the stored form as a kernel reads it. ``None`` (the default) gives the
+        kernel the decoded float32 values instead."""
+        return None
 
 
 class EncodingMethod(Method):

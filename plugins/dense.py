@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.methods import LayerCode, Method, MethodConfig, StructureMethod
+from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 
 
 class Dense(StructureMethod):
@@ -42,6 +42,21 @@ class Dense(StructureMethod):
                     raise ValueError(f"bias of shape {tuple(module.bias.shape)} expected")
                 module.bias.copy_(torch.from_numpy(bias.astype("float32")))
         return module
+
+    def lower(
+        self, code: LayerCode, template: nn.Module, config: MethodConfig
+    ) -> LoweredLayer | None:
+        """A Linear / Conv2d whose weight elements come from the value stage as it reads
+        them (codes stay codes); grouped or non-zero-padded convolutions stay dense."""
+        from autoshrink.compile.kernels import dense_layer, supports
+
+        if not supports(template):
+            return None
+        arrays = {"bias": code.arrays["bias"]} if "bias" in code.arrays else {}
+        return LoweredLayer(
+            arrays=arrays,
+            compute=lambda x, t, p: dense_layer(x, template, p["weight"], t.get("bias")),
+        )
 
 
 @hookimpl

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoshrink import hookimpl
-from autoshrink.methods import Method, MethodConfig, ValueMethod
+from autoshrink.methods import LoweredValue, Method, MethodConfig, ValueMethod
 
 
 class FloatConfig(MethodConfig):
@@ -58,6 +58,19 @@ class Float(ValueMethod):
         if values is None or values.dtype != expected or values.size != int(np.prod(shape)):
             raise ValueError(f"{int(np.prod(shape))} {np.dtype(expected).name} values expected")
         return torch.from_numpy(values.astype(np.float32).reshape(shape))
+
+    def lower(
+        self,
+        arrays: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        shape: tuple[int, ...],
+        config: FloatConfig,
+    ) -> LoweredValue:
+        """The values as stored (float16 widens to float32 as the kernel reads it)."""
+        return LoweredValue(
+            arrays={"values": arrays["values"]},
+            element=lambda t, i: t["values"][i].astype("float32"),
+        )
 
 
 @hookimpl

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.methods import LayerCode, Method, MethodConfig, StructureMethod
+from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 
 __all__ = ["LowRank", "LowRankConfig", "LowRankConv2d", "LowRankLinear", "full_rank"]
 
@@ -183,6 +183,43 @@ class LowRank(StructureMethod):
             if bias is not None:
                 module.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
         return module
+
+    def lower(
+        self, code: LayerCode, template: nn.Module, config: LowRankConfig
+    ) -> LoweredLayer | None:
+        """Two kernels' worth of loops in one: x -> V x (a kh x kw conv to r channels) ->
+        U (V x) + b, each factor read in its stored value format."""
+        from autoshrink.compile.kernels import conv2d, linear, supports
+
+        if not supports(template):
+            return None
+        rank = int(code.meta["rank"])
+        out = template.weight.shape[0]
+        inner = int(np.prod(template.weight.shape[1:]))
+
+        def compute(x, t, p):
+            v, u = p["v"], p["u"]
+            if isinstance(template, nn.Linear):
+                hidden = linear(x, lambda j, i: v(j * inner + i), rank, name="v")
+                return linear(hidden, lambda o, j: u(o * rank + j), out, t.get("bias"))
+            _, channels, kh, kw = template.weight.shape
+            hidden = conv2d(
+                x,
+                lambda j, c, r, s: v(((j * channels + c) * kh + r) * kw + s),
+                rank,
+                kernel=template.kernel_size,
+                stride=template.stride,
+                padding=template.padding,
+                dilation=template.dilation,
+                name="v",
+            )
+            return conv2d(hidden, lambda o, j, r, s: u(o * rank + j), out, (1, 1),
+                          bias=t.get("bias"))
+
+        return LoweredLayer(
+            arrays={"bias": code.arrays["bias"]} if "bias" in code.arrays else {},
+            compute=compute,
+        )
 
 
 @hookimpl

@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.methods import LayerCode, Method, MethodConfig, StructureMethod
+from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 from autoshrink.packing import pack_bits, packed_size, unpack_bits
 
 __all__ = ["Pruned", "Pruning", "PruningConfig", "relative_positions", "with_fillers"]
@@ -219,6 +219,35 @@ class Pruning(StructureMethod):
             with torch.no_grad():
                 module.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
         return module
+
+    def lower(
+        self, code: LayerCode, template: nn.Module, config: PruningConfig
+    ) -> LoweredLayer | None:
+        """Rows in CSR form: each survivor's column (one byte when a row has at most 256
+        columns, else two), a start per row, and the survivors in their value format;
+        the kernel loops over a row's survivors only."""
+        from autoshrink.compile.kernels import index_dtype, sparse_layer, supports
+
+        numel = int(np.prod(template.weight.shape))
+        positions = _decode_positions(code.arrays, code.meta, numel)
+        if not supports(template) or positions.size == 0:
+            return None
+        rows, row_size = template.weight.shape[0], numel // template.weight.shape[0]
+        row_of, columns = np.divmod(positions, row_size)
+        starts = np.searchsorted(row_of, np.arange(rows + 1)).astype(np.int32)
+        width = int(np.diff(starts).max())
+        arrays = {
+            "columns": columns.astype(index_dtype(row_size)),
+            "starts": starts,
+        }
+        if "bias" in code.arrays:
+            arrays["bias"] = code.arrays["bias"]
+        return LoweredLayer(
+            arrays=arrays,
+            compute=lambda x, t, p: sparse_layer(
+                x, template, p["survivors"], t["columns"], t["starts"], width, t.get("bias")
+            ),
+        )
 
 
 def _decode_positions(

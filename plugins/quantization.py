@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoshrink import hookimpl
-from autoshrink.methods import Method, MethodConfig, ValueMethod
+from autoshrink.methods import LoweredValue, Method, MethodConfig, ValueMethod
 from autoshrink.packing import pack_bits, packed_size, unpack_bits
 
 __all__ = ["Quantization", "QuantizationConfig", "SharedWeights", "UniformGrid", "kmeans_1d"]
@@ -192,6 +192,23 @@ class Quantization(ValueMethod):
         if count and int(indices.max()) >= codebook.size:
             raise ValueError(f"index {int(indices.max())} outside a codebook of {codebook.size}")
         return torch.from_numpy(codebook[indices].reshape(shape))
+
+    def lower(
+        self,
+        arrays: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        shape: tuple[int, ...],
+        config: QuantizationConfig,
+    ) -> LoweredValue:
+        """The packed indices and the codebook as stored; each element is a table lookup of
+        its ``bits``-bit index, decoded inside the kernel's loop."""
+        from autoshrink.compile.kernels import padded, unpack
+
+        bits = config.bits
+        return LoweredValue(
+            arrays={"codebook": arrays["codebook"], "indices": padded(arrays["indices"], bits)},
+            element=lambda t, i: t["codebook"][unpack(t["indices"], bits, i)],
+        )
 
 
 @hookimpl

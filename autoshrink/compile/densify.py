@@ -148,9 +148,11 @@ def densify(
     example: torch.Tensor,
     templates: dict[str, nn.Module] | None = None,
     log: list[str] | None = None,
+    *,
+    keep_cheaper: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` in which every compressed layer that costs at least as many FLOPs
-    as a dense one is a plain ``nn.Linear`` / ``nn.Conv2d`` computing the same function.
+    as a dense one (every one, without ``keep_cheaper``) is a plain ``nn.Linear`` / ``nn.Conv2d`` computing the same function.
 
     Works for any structure method's module, by probing: a layer fed 2-D inputs is read as
     W = (layer(I) - layer(0)).T, b = layer(0); one fed images as a convolution whose taps come
@@ -207,7 +209,7 @@ def densify(
             notes.append(f"{name}: kept ({type(module).__name__} is not affine: error {error:.2g})")
             continue
         saved, full = model_flops(module, x), model_flops(dense, x)
-        if saved < full:
+        if keep_cheaper and saved < full:
             share = f"{saved / full:.0%} of dense FLOPs"
             notes.append(f"{name}: kept {type(module).__name__} ({share})")
             continue

@@ -13,8 +13,10 @@ without torch. ``compiled.json`` beside it names the entries and their shapes, a
 
 from __future__ import annotations
 
-import functools
+import copy
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,21 +28,23 @@ from rich.console import Console
 from torch import nn
 from tvm import relax
 
-from autoshrink.artifact import read_artifact
+from autoshrink.artifact import read_artifact, read_header
 from autoshrink.baseline import cache_dir
 from autoshrink.compile.build import build_tuned, entry, fuse, to_relax
+from autoshrink.compile.choice import choose_kernels
 from autoshrink.compile.database import mark_checked, open_database
 from autoshrink.compile.densify import RELATIVE_TOLERANCE, densify, fold_batchnorm
-from autoshrink.compile.target import Target, load_tensor_intrinsics, resolve_target
-from autoshrink.compile.timing import (
-    available_cores,
-    cpu_model,
-    median_ms,
-    model_flops,
-    thread_count,
+from autoshrink.compile.lowering import (
+    KernelCall,
+    compressed_kernels,
+    dense_kernel,
+    to_relax_lowered,
 )
-from autoshrink.compile.timing import torch_engines as time_torch
+from autoshrink.compile.machine import available_cores, cpu_model
+from autoshrink.compile.target import Target, load_tensor_intrinsics, resolve_target
+from autoshrink.compile.timing import TvmEngine, measure, model_flops, prepare_peers, thread_count
 from autoshrink.compile.tuning import tune
+from autoshrink.compress import replace_module
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.plan import compressible_layers
 
@@ -114,18 +118,45 @@ def _accuracy(vm, model: nn.Module, split: Split, task: Task, batch: int, device
     }
 
 
-def _tvm_times(vm: Any, shape, batches, target: Target, repeats: int) -> dict[str, float]:
-    times = {}
-    device = target.device
-    for batch in batches:
-        x = tvm.runtime.tensor(np.zeros((batch, *shape), dtype=np.float32), device)
-        function = vm[entry(batch)]
-        sync = device.sync if target.kind == "cuda" else None  # kernels launch asynchronously
-        times[str(batch)] = median_ms(functools.partial(function, x), repeats=repeats, sync=sync)
-    return times
+def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> tuple[dict, dict]:
+    """Input and output shapes (without the batch) of the named layers on ``example``."""
+    inputs, outputs = {}, {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            inputs[name], outputs[name] = tuple(args[0].shape[1:]), tuple(output.shape[1:])
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs
 
 
-# --- the whole path --------------------------------------------------------------------------
+def _bundle_bytes(folder: Path) -> int:
+    """Bytes of everything a user ships: the folder's files minus JSON and logs."""
+    return sum(
+        p.stat().st_size
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix not in (".json", ".log")
+    )
+
+
+def _compile_dense(
+    model: nn.Module, shape, batches, chosen: Target, database, trials, threads, folder, console
+) -> tuple[Path, dict[str, Any]]:
+    """The ``tvm_dense`` peer: the densified model with its weights as packed constants,
+    tuned with the same budget, into ``folder/dense.so``."""
+    fused = fuse(to_relax(model, shape, batches), chosen, True)
+    tuning = tune(fused, chosen, database, trials, threads, folder / "tuning-logs", console)
+    library = folder / "dense.so"
+    build_tuned(fused, chosen, database, True).export_library(str(library))
+    return library, tuning
 
 
 def compile_artifact(
@@ -140,26 +171,30 @@ def compile_artifact(
     task: Task | None = None,
     test: Split | None = None,
     torch_compile: bool = True,
-    prepack: bool = True,
     tuning_dir: Path | None = None,
-    repeats: int = 7,
+    rounds: int = 7,
     console: Console | None = None,
 ) -> CompileResult:
-    """Compile the artifact at ``path`` for ``target`` (cpu or cuda), tune it with up to
-    ``trials`` measurements (0: use only what the tuning database holds), check its outputs
-    against PyTorch (and its ``test`` accuracy when given), time every engine at batch 1 and
-    ``batch``, and write ``model.so``, ``compiled.json`` and ``latency.json`` into ``out``
-    (default: ``<artifact name>-compiled`` beside the artifact)."""
+    """Compile the artifact at ``path`` for ``target`` (cpu or cuda) into a bundle folder
+    ``out`` (default ``<artifact name>-compiled`` beside it): ``model.so`` with every layer's
+    weights in their stored form, read by kernels that decode as they compute (dense only
+    where a layer has no compressed kernel, or where the dense one is faster within
+    :data:`~autoshrink.compile.choice.DENSE_ALLOWANCE`), plus ``compiled.json`` and
+    ``latency.json``. ``trials`` tuning measurements go to the bundle and as many to the
+    ``tvm_dense`` peer (0: use only what the tuning database holds). Outputs are checked
+    against PyTorch (and ``test`` accuracy when given); every engine is timed at batch 1 and
+    ``batch``, each in its own process."""
     if batch < 1:
         raise UsageError(f"`--batch` {batch}: must be at least 1")
     if trials < 0:
         raise UsageError(f"`--trials` {trials}: must be 0 or more")
-    threads = threads or available_cores()
+    threads = available_cores() if threads is None else threads
     if threads < 1:
-        raise UsageError(f"`--threads` {threads}: must be at least 1")
+        raise UsageError(f"`--threads` {threads}: must be at least 1 (default: all cores)")
     chosen = resolve_target(target, threads)  # first: a missing GPU fails before any work
     path = Path(path)
     artifact = read_artifact(path, registry, task)
+    header, blobs = read_header(path)
     task = task or registry.tasks[artifact.header.task]
     out = Path(out) if out else path.with_name(f"{path.stem}-compiled")
     out.mkdir(parents=True, exist_ok=True)
@@ -168,63 +203,99 @@ def compile_artifact(
     notes: list[str] = []
     templates = compressible_layers(task.build_model(artifact.header.width), registry)
     reference = artifact.model.eval()
-    model = fold_batchnorm(densify(reference, task.example_input(1), templates, notes), notes)
+    dense = densify(reference, task.example_input(1), templates, notes, keep_cheaper=False)
+    inputs, outputs = _layer_inputs(reference, list(templates), task.example_input(1))
+    compressed = compressed_kernels(header, blobs, registry, templates, notes)
+    options = {}
+    for name in templates:
+        forms = [k for k in (compressed.get(name), dense_kernel(name, dense.get_submodule(name)))
+                 if k is not None]
+        if forms and name in inputs:
+            options[name] = forms
     load_tensor_intrinsics(chosen.kind)
-    with thread_count(threads):
-        try:
-            mod = to_relax(model, shape, batches)
-        except Exception as exc:
-            raise CompileError(f"{path}: the model cannot be exported to TVM: {exc}") from exc
-        fused = fuse(mod, chosen, prepack)
-        db_folder = tuning_dir or cache_dir() / "tuning" / chosen.key
-        database = open_database(db_folder, console)
-        tuning = tune(fused, chosen, database, trials, threads, out / "tuning-logs", console)
-        mark_checked(db_folder)  # what tuning appended came from TVM itself
-        library = out / LIBRARY
-        build_tuned(fused, chosen, database, prepack).export_library(str(library))
-        untuned = relax.VirtualMachine(tvm.compile(mod, target=chosen.tvm), chosen.device)
-        # Everything below runs the file that ships, loaded as a user would load it.
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), chosen.device)
-        error, tolerance = _max_error(vm, reference, shape, batches, chosen.device)
-        if not error <= tolerance:
-            raise CompileError(
-                f"{path}: compiled outputs differ from PyTorch's by {error:.3g} "
-                f"(tolerance {tolerance:.3g})"
+    db_folder = tuning_dir or cache_dir() / "tuning" / chosen.key
+    database = open_database(db_folder, console)
+    scratch = Path(tempfile.mkdtemp(prefix="autoshrink-compile-"))
+    try:
+        with thread_count(threads):
+            kernels, layers, layer_tuning = choose_kernels(
+                options, inputs, batches, chosen, database, trials, threads,
+                out / "tuning-logs", console,
             )
-        accuracy = _accuracy(vm, reference, test, task, batch, chosen.device) if test else None
-        inputs = {b: torch.randn(b, *shape) for b in batches}
-        engines: dict[str, dict[str, float]] = {}
-        if chosen.kind == "cpu":  # this project's torch is a CPU build: time it on the CPU
-            engines, more = time_torch(model, inputs, compiled=torch_compile, repeats=repeats)
-            notes.extend(more)
-        engines["tvm_untuned"] = _tvm_times(untuned, shape, batches, chosen, repeats)
-        engines["tvm_tuned"] = _tvm_times(vm, shape, batches, chosen, repeats)
-    order = ("tvm_tuned", "tvm_untuned", "torch_eager", "torch_compile")
+            stubbed = copy.deepcopy(reference)
+            for name, kernel in kernels.items():
+                replace_module(stubbed, name, KernelCall(kernel, outputs[name]))
+            try:
+                mod = to_relax_lowered(stubbed, shape, batches)
+            except Exception as exc:
+                raise CompileError(f"{path}: the model cannot be exported to TVM: {exc}") from exc
+            fused = fuse(mod, chosen, False)
+            tuning = tune(fused, chosen, database, trials, threads, out / "tuning-logs", console)
+            library = out / LIBRARY
+            build_tuned(fused, chosen, database, False).export_library(str(library))
+            peer_model = fold_batchnorm(densify(reference, task.example_input(1), templates))
+            dense_library, dense_tuning = _compile_dense(
+                peer_model, shape, batches, chosen, database, trials, threads, scratch, console
+            )
+            mark_checked(db_folder)  # what tuning appended came from TVM itself
+            # Everything below runs the file that ships, loaded as a user would load it.
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), chosen.device)
+            error, tolerance = _max_error(vm, reference, shape, batches, chosen.device)
+            if not error <= tolerance:
+                raise CompileError(
+                    f"{path}: compiled outputs differ from PyTorch's by {error:.3g} "
+                    f"(tolerance {tolerance:.3g})"
+                )
+            accuracy = _accuracy(vm, reference, test, task, batch, chosen.device) if test else None
+            engines = {"tvm_tuned": TvmEngine(library, chosen.kind),
+                       "tvm_dense": TvmEngine(dense_library, chosen.kind)}
+            if chosen.kind == "cpu":  # this project's torch is a CPU build: peers on the CPU
+                peers, more = prepare_peers(peer_model, shape, batches, scratch)
+                if not torch_compile:
+                    peers.pop("torch_compile", None)
+                engines.update(peers)
+                notes.extend(more)
+            timings = measure(engines, shape, batches, threads, rounds=rounds)
+            notes.extend(timings.notes)
+            dense_bytes = dense_library.stat().st_size
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    order = ("tvm_tuned", "tvm_dense", "torch_eager", "torch_compile", "onnxruntime")
+    bundle = _bundle_bytes(out)
     latency = {
         "machine": cpu_model(),
         "threads": threads,
         "target": chosen.text,
         "batches": batches,
-        "engines": {name: engines[name] for name in order if name in engines},
-        "tuning": {**tuning, "database": chosen.key},
+        "engines": {n: timings.engines[n] for n in order if n in timings.engines},
+        "spread": {n: timings.spread[n] for n in order if n in timings.spread},
+        "rounds": timings.rounds,
+        "artifact_bytes": artifact.bytes,
+        "bundle_bytes": bundle,
+        "dense_bytes": dense_bytes,
+        "layers": layers,
+        "tuning": {
+            "layers": layer_tuning, "model": tuning, "dense": dense_tuning,
+            "database": chosen.key,
+        },
         "max_abs_error": error,
         "tolerance": tolerance,
         "accuracy": accuracy,
-        "flops": {str(b): model_flops(model, torch.zeros(b, *shape)) for b in batches},
-        "prepack": prepack,
+        "flops": {str(b): model_flops(peer_model, torch.zeros(b, *shape)) for b in batches},
         "notes": notes,
     }
     manifest = {
-        "format": "autoshrink-compiled/1",
+        "format": "autoshrink-compiled/2",
         "library": LIBRARY,
         "artifact": str(path),
         "task": task.name,
         "target": chosen.text,
         "tvm": tvm.__version__,
         "threads": threads,
-        "entries": {
-            entry(b): {"input": [b, *shape], "dtype": "float32"} for b in batches
-        },
+        "bundle_bytes": bundle,
+        "layers": {row["layer"]: {"form": row["form"], "methods": row["methods"]}
+                   for row in layers},
+        "entries": {entry(b): {"input": [b, *shape], "dtype": "float32"} for b in batches},
         "usage": "tvm.relax.VirtualMachine(tvm.runtime.load_module(library), tvm.cpu())"
         "[entry](tvm.runtime.tensor(x))[0]",
     }

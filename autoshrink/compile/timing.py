@@ -1,14 +1,22 @@
-"""Latency of one model on several engines, measured side by side in one process.
+"""Latency of one model on several engines, each in a process of its own, rounds interleaved.
 
-Every engine is timed by the same harness: a Python loop calling it on the same input, the
-loop count calibrated so one repeat lasts at least ``min_repeat_s``, and the median over
-repeats reported in milliseconds. Engines run one after the other (never interleaved), each
-after its own warm-up, so one engine's spinning worker threads do not tax the next one's
-measurement. The thread count is fixed for all of them: ``torch.set_num_threads`` for PyTorch
-and ``TVM_NUM_THREADS`` (read when TVM's thread pool starts) for TVM.
+:func:`measure` starts one long-lived child per engine (:mod:`.timing_child`, run by path so
+it imports only its engine's library). Each child sets its thread count before it loads
+anything (``torch.set_num_threads``, ``TVM_NUM_THREADS``, ``OMP_NUM_THREADS``, ONNX Runtime's
+session options), loads its engine, warms each batch up, and calibrates the calls per sample
+so one sample lasts ``min_repeat_s``. The parent then runs ``rounds`` rounds: each round asks
+every engine in turn, for every batch, for one sample, the order rotating from round to round,
+with a pause between engines so the worker threads of the one before (TVM's and OpenMP's spin
+after a call) are quiet. The median over rounds is reported, with the quartiles beside it.
 
-Also here: what the machine is (CPU model, SIMD width, clock) and its theoretical peak, for
-GFLOP/s figures.
+Why processes: timed in one process, PyTorch eager after TVM measured 2x slower than alone
+(3.03 ms vs 1.59 ms at batch 64); two runtimes' thread pools in one process, each pinning or
+spinning its own workers, tax whichever engine runs next. Why interleaved: a slow spell of
+this machine (other tenants, frequency changes) then costs every engine a round, not one
+engine its whole measurement.
+
+:func:`prepare_peers` writes what PyTorch and ONNX Runtime need to run ``model``;
+:func:`median_ms` and :func:`thread_count` remain for in-process timing of a single engine.
 """
 
 from __future__ import annotations
@@ -16,122 +24,45 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform
-import re
 import statistics
-import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from autoshrink.compile import timing_child
+from autoshrink.compile.timing_child import (
+    Child,
+    ChildFailed,
+    Engine,
+    OnnxEngine,
+    TorchEngine,
+    TvmEngine,
+)
+
 __all__ = [
-    "Peak",
-    "available_cores",
-    "cpu_model",
-    "cpu_peak",
+    "Engine",
+    "OnnxEngine",
+    "Timings",
+    "TorchEngine",
+    "TvmEngine",
+    "measure",
     "median_ms",
     "model_flops",
+    "prepare_peers",
     "thread_count",
     "torch_engines",
 ]
 
-
-def available_cores() -> int:
-    """The CPUs this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def _lscpu() -> str:
-    try:
-        return subprocess.run(
-            ["lscpu"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _field(text: str, name: str) -> str | None:
-    found = re.search(rf"^{re.escape(name)}\s*:\s*(.+)$", text, re.MULTILINE)
-    return found.group(1).strip() if found else None
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it (``/proc/cpuinfo``, else ``platform``)."""
-    return (
-        _field(_cpuinfo(), "model name")
-        or _field(_lscpu(), "Model name")
-        or platform.processor()
-        or platform.machine()
-    )
-
-
-@dataclass(frozen=True)
-class Peak:
-    """Theoretical fp32 peak: cores x clock x FLOPs per cycle of the widest FMA units."""
-
-    cores: int
-    ghz: float
-    simd: str
-    flops_per_cycle: int
-    note: str = ""
-
-    @property
-    def gflops(self) -> float:
-        return self.cores * self.ghz * self.flops_per_cycle
-
-    def describe(self) -> str:
-        text = (
-            f"{self.cores} cores x {self.ghz:.2f} GHz x {self.flops_per_cycle} fp32 FLOP/cycle "
-            f"({self.simd}) = {self.gflops:.0f} GFLOP/s"
-        )
-        return f"{text}; {self.note}" if self.note else text
-
-
-def cpu_peak(cores: int) -> Peak:
-    """The fp32 peak of ``cores`` cores of this CPU, from lscpu / ``/proc/cpuinfo``.
-
-    FLOPs per cycle: two FMA units each doing width/32 multiply-adds (2 FLOPs): AVX-512 = 64,
-    AVX2 with FMA = 32, AVX = 16, SSE = 8. AMD Zen 4 (family 25 with AVX-512) executes 512-bit
-    instructions as two 256-bit halves, so its true peak is the AVX2 figure; that is noted.
-    """
-    info, lscpu = _cpuinfo(), _lscpu()
-    flags = set((_field(info, "flags") or _field(lscpu, "Flags") or "").split())
-    mhz = None
-    for text, name in ((lscpu, "CPU max MHz"), (lscpu, "CPU MHz"), (info, "cpu MHz")):
-        value = _field(text, name)
-        if value:
-            with contextlib.suppress(ValueError):
-                mhz = float(value)
-                break
-    ghz = (mhz or 0.0) / 1000
-    note = ""
-    if "avx512f" in flags:
-        simd, per_cycle = "AVX-512 FMA", 64
-        vendor = _field(info, "vendor_id") or ""
-        if vendor == "AuthenticAMD" and _field(info, "cpu family") == "25":
-            per_cycle = 32
-            note = "Zen 4 runs AVX-512 as 2 x 256-bit, so 32 FLOP/cycle (64 nominal)"
-    elif "avx2" in flags and "fma" in flags:
-        simd, per_cycle = "AVX2 FMA", 32
-    elif "avx" in flags:
-        simd, per_cycle = "AVX", 16
-    else:
-        simd, per_cycle = "SSE", 8
-    return Peak(cores=cores, ghz=ghz, simd=simd, flops_per_cycle=per_cycle, note=note)
+ONNX_MISSING = "onnxruntime not measured: it is not installed (pip install 'autoshrink[onnx]')"
+PAUSE_S = 0.02  # between two engines' samples: the previous one's spinning threads go quiet
+LOAD_TIMEOUT_S = 1800.0  # loading, warm-up (torch.compile compiles then) and calibration
+SEED = 0
 
 
 def model_flops(model: nn.Module, example: torch.Tensor) -> int:
@@ -222,3 +153,141 @@ def torch_engines(
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             notes.append(f"torch.compile failed ({first[:200]}); no fourth engine measured")
     return engines, notes
+
+
+# --- peers and the harness ------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+
+
+def prepare_peers(
+    model: nn.Module, shape: tuple[int, ...], batches: list[int], folder: Path
+) -> tuple[dict[str, Engine], list[str]]:
+    """Write what PyTorch and ONNX Runtime need to run ``model`` on inputs ``(B, *shape)`` into
+    ``folder``, and return their engines by name (``torch_eager``, ``torch_compile``,
+    ``onnxruntime``) with notes on the peers left out and why.
+
+    PyTorch gets one ``torch.export`` program with a dynamic batch dimension
+    (``program.pt2``; ``torch.compile`` specializes it per batch size in the child); ONNX
+    Runtime gets the TorchScript-based ONNX export (``model.onnx``), batch axis dynamic too.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.zeros(max(2, *batches), *shape)  # a batch of 1 would be specialized
+    peers: dict[str, Engine] = {}
+    notes: list[str] = []
+    with warnings.catch_warnings():  # export's deprecation and tracer chatter
+        warnings.simplefilter("ignore")
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, folder / "program.pt2")
+            peers["torch_eager"] = TorchEngine(folder / "program.pt2", compiled=False)
+            peers["torch_compile"] = TorchEngine(folder / "program.pt2", compiled=True)
+        except Exception as exc:
+            notes.append(f"torch_eager and torch_compile not measured: {_first_line(exc)}")
+        try:
+            import onnx  # noqa: F401  (the exporter writes with it)
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            notes.append(ONNX_MISSING)
+            return peers, notes
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(folder / "model.onnx"),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+            peers["onnxruntime"] = OnnxEngine(folder / "model.onnx")
+        except Exception as exc:
+            notes.append(f"onnxruntime not measured: the ONNX export failed: {_first_line(exc)}")
+    return peers, notes
+
+
+@dataclass
+class Timings:
+    """What :func:`measure` found: median ms per engine and batch (``engines[name][str(B)]``,
+    the shape the reports read), the quartiles and extremes over rounds beside it, the number
+    of rounds, and notes on the engines that were dropped."""
+
+    engines: dict[str, dict[str, float]] = field(default_factory=dict)
+    spread: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    rounds: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _spread(samples: list[float]) -> dict[str, float]:
+    if len(samples) == 1:
+        return dict.fromkeys(("min", "q1", "q3", "max"), samples[0])
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")  # q1 <= median <= q3
+    return {"min": min(samples), "q1": q1, "q3": q3, "max": max(samples)}
+
+
+def measure(
+    engines: dict[str, Engine],
+    shape: tuple[int, ...],
+    batches: list[int],
+    threads: int,
+    *,
+    rounds: int = 7,
+    min_repeat_s: float = 0.05,
+) -> Timings:
+    """Median ms per call of each engine at each batch size, on inputs ``(B, *shape)`` (fixed,
+    seeded float32 normals, the same for every engine), each engine in its own child process
+    limited to ``threads`` threads, over ``rounds`` interleaved rounds (see the module's
+    docstring). An engine whose child fails to start, load or run is dropped with a note
+    naming it and why; the others go on. The children end before this returns."""
+    if rounds < 1:
+        raise ValueError(f"rounds {rounds}: must be at least 1")
+    timings = Timings(rounds=rounds)
+    samples = {name: {str(b): [] for b in batches} for name in engines}
+    setup = {"shape": list(shape), "batches": list(batches), "threads": threads, "seed": SEED}
+    children: dict[str, Child] = {}
+    expected: dict[str, float] = {}  # seconds the longest sample of each engine lasted
+
+    def step(name: str, request: dict[str, Any] | None, timeout: float) -> dict[str, Any] | None:
+        try:
+            return children[name].ask(request, timeout)
+        except (ChildFailed, OSError, ValueError) as exc:
+            timings.notes.append(f"{name} not measured: {exc}")
+            children.pop(name).close()
+            return None
+
+    try:
+        for name, engine in engines.items():  # all load at once: loading is not timed
+            try:
+                children[name] = Child({**setup, "engine": timing_child.spec(engine)}, threads)
+            except (ChildFailed, OSError) as exc:
+                timings.notes.append(f"{name} not measured: {exc}")
+        for name in list(children):
+            step(name, None, LOAD_TIMEOUT_S)
+        for name in list(children):  # one at a time, the others idle
+            found = step(name, {"calibrate": min_repeat_s}, LOAD_TIMEOUT_S)
+            if found:
+                expected[name] = max(found["seconds"].values())
+            time.sleep(PAUSE_S)
+        for turn in range(rounds):
+            for batch in batches:
+                order = list(children)  # rotated: no engine always goes first
+                shift = turn % len(order) if order else 0
+                for name in order[shift:] + order[:shift]:
+                    answer = step(name, {"sample": batch}, max(60.0, 20 * expected[name]))
+                    if answer:
+                        samples[name][str(batch)].append(float(answer["ms"]))
+                    time.sleep(PAUSE_S)
+    finally:
+        for child in children.values():  # all exit at once; then each is waited for
+            child.stop()
+        for child in children.values():
+            child.close()
+    for name in children:  # those that answered every request
+        timings.engines[name] = {b: statistics.median(s) for b, s in samples[name].items()}
+        timings.spread[name] = {b: _spread(s) for b, s in samples[name].items()}
+    return timings

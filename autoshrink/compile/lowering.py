@@ -1,0 +1,234 @@
+"""Compressed lowering: each layer of an artifact as a kernel that reads its stored form.
+
+For every compressible layer, the structure method's ``lower`` hook gives the layer's compute
+and the value method's ``lower`` hook gives how each payload element is rebuilt from its
+stored arrays (packed codes and a codebook, say); both inline into one TE kernel. A value
+method without the hook hands over its decoded float32 values instead; a structure method
+without it (or a layer it cannot lower) keeps the dense form: its decoded weight as float32.
+
+The model goes through ``torch.export`` with each such layer replaced by a call to the
+custom operator ``autoshrink::compiled_layer``, which the Relax importer turns into a
+``call_tir`` of the layer's kernel. A layer's arrays are Relax constants made once and shared
+by every batch entry, so the library stores them once. Kernels are marked opaque, so fusion
+leaves them as they were tuned (:mod:`autoshrink.compile.choice` tunes them one by one).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import tvm
+from torch import nn
+from tvm import relax
+
+from autoshrink.artifact import Header, stream_array
+from autoshrink.compile.build import entry
+from autoshrink.compile.kernels import dense_layer, supports
+from autoshrink.methods import LayerCode, LoweredValue, Stage, StructureMethod, ValueMethod
+
+if TYPE_CHECKING:
+    from autoshrink.plugins import Registry
+
+__all__ = ["LayerKernel", "compressed_kernels", "dense_kernel", "to_relax_lowered"]
+
+#: TVM's op pattern "opaque": fusion leaves the kernel alone.
+_OPAQUE = 8
+
+
+@dataclass
+class LayerKernel:
+    """One layer as a kernel: the arrays it reads and its TE compute."""
+
+    layer: str
+    form: str  # "compressed" or "dense"
+    methods: str  # "pruning + quantization", for the notes
+    arrays: dict[str, np.ndarray]
+    compute: Callable[[Any, dict[str, Any]], Any]  # (x, tensors by array name) -> y
+    constants: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the arrays the compiled library stores for this layer."""
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+    def relax_constants(self) -> list[Any]:
+        """The arrays as Relax constants, in name order: made once, shared by every use."""
+        if not self.constants:
+            self.constants = {k: relax.const(self.arrays[k]) for k in sorted(self.arrays)}
+        return list(self.constants.values())
+
+    def emit(self, builder: Any, x: Any, batch: int) -> Any:
+        """Emit ``call_tir`` of this kernel on ``x`` (a Relax expression) into ``builder``."""
+        names = sorted(self.arrays)
+
+        def compute(x: Any, *tensors: Any) -> Any:
+            return self.compute(x, dict(zip(names, tensors, strict=True)))
+
+        label = re.sub(r"\W", "_", self.layer)
+        return builder.emit_te(
+            compute,
+            x,
+            *self.relax_constants(),
+            primfunc_name_hint=f"{label}_{self.form}_b{batch}",
+            primfunc_attrs={"op_pattern": _OPAQUE},
+        )
+
+
+def _float_values(tensor: torch.Tensor) -> LoweredValue:
+    """A payload as plain float32 values: what a value method without ``lower`` gives."""
+    values = tensor.detach().float().reshape(-1).numpy().copy()
+    return LoweredValue(arrays={"values": values}, element=lambda t, i: t["values"][i])
+
+
+def _bind(lowered: LoweredValue, prefix: str, tensors: dict[str, Any]) -> Callable:
+    scoped = {key: tensors[f"{prefix}.{key}"] for key in lowered.arrays}
+    return lambda i: lowered.element(scoped, i)
+
+
+def compressed_kernels(
+    header: Header,
+    blobs: dict[str, bytes],
+    registry: Registry,
+    templates: dict[str, nn.Module],
+    notes: list[str],
+) -> dict[str, LayerKernel]:
+    """The compressed kernel of each layer whose structure method can lower it; one note
+    per layer that cannot."""
+    kernels: dict[str, LayerKernel] = {}
+    for name, info in header.layers.items():
+        choice = header.plan.layer(name)
+        structure = registry.method(choice.structure.method, Stage.STRUCTURE)
+        value = registry.method(choice.value.method, Stage.VALUE)
+        if not isinstance(structure, StructureMethod) or not isinstance(value, ValueMethod):
+            raise TypeError(f"layer `{name}`: its plan names methods of the wrong stage")
+        value_config = value.config(choice.value.config)
+        payloads: dict[str, LoweredValue] = {}
+        for payload, p in info.payloads.items():
+            stored = {k: stream_array(header, blobs, f"{name}/{payload}/{k}", registry)
+                      for k in p.arrays}
+            lowered = value.lower(stored, p.meta, tuple(p.shape), value_config)
+            if lowered is None:
+                notes.append(f"{name}: `{value.name}` has no lowering; its values are float32")
+                decoded = value.decode(stored, p.meta, tuple(p.shape), value_config)
+                lowered = _float_values(decoded)
+            payloads[payload] = lowered
+        code = LayerCode(
+            meta=info.meta,
+            arrays={k: stream_array(header, blobs, f"{name}/{k}", registry) for k in info.arrays},
+        )
+        layer = structure.lower(
+            code, templates[name], structure.config(choice.structure.config)
+        )
+        if layer is None:
+            notes.append(f"{name}: `{structure.name}` has no compressed kernel for it; dense")
+            continue
+        arrays = dict(layer.arrays)
+        for payload, lowered in payloads.items():
+            arrays.update({f"{payload}.{k}": v for k, v in lowered.arrays.items()})
+
+        def compute(x: Any, tensors: dict[str, Any], layer=layer, payloads=payloads) -> Any:
+            own = {k: tensors[k] for k in layer.arrays}
+            elements = {p: _bind(lowered, p, tensors) for p, lowered in payloads.items()}
+            return layer.compute(x, own, elements)
+
+        kernels[name] = LayerKernel(
+            layer=name,
+            form="compressed",
+            methods=f"{structure.name} + {value.name}",
+            arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
+            compute=compute,
+        )
+    return kernels
+
+
+def dense_kernel(name: str, layer: nn.Module) -> LayerKernel | None:
+    """A plain Linear / Conv2d as a kernel over its float32 weight (the dense form), or
+    ``None`` when :func:`autoshrink.compile.kernels.supports` does not cover it."""
+    if not isinstance(layer, nn.Linear | nn.Conv2d) or not supports(layer):
+        return None
+    arrays = {"weight": layer.weight.detach().float().reshape(-1).numpy().copy()}
+    if layer.bias is not None:
+        arrays["bias"] = layer.bias.detach().float().numpy().copy()
+    return LayerKernel(
+        layer=name,
+        form="dense",
+        methods="dense float32",
+        arrays=arrays,
+        compute=lambda x, t: dense_layer(
+            x, layer, lambda f: t["weight"][f], t.get("bias"), name="dense"
+        ),
+    )
+
+
+# --- the model with kernels in place of its layers -------------------------------------------
+
+_KERNELS: dict[int, tuple[LayerKernel, tuple[int, ...]]] = {}
+_COUNTER = itertools.count()
+
+
+@torch.library.custom_op("autoshrink::compiled_layer", mutates_args=())
+def _compiled_layer(x: torch.Tensor, index: int) -> torch.Tensor:
+    raise RuntimeError("a compiled layer runs only inside TVM")
+
+
+@_compiled_layer.register_fake
+def _(x: torch.Tensor, index: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], *_KERNELS[index][1]))
+
+
+class KernelCall(nn.Module):
+    """Stands in for a layer during export: a call of its kernel (by a process-wide index)."""
+
+    def __init__(self, kernel: LayerKernel, out_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.index = next(_COUNTER)
+        _KERNELS[self.index] = (kernel, tuple(out_shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.autoshrink.compiled_layer(x, self.index)
+
+
+def _convert(node: Any, importer: Any) -> Any:
+    kernel, _ = _KERNELS[node.args[1]]
+    batch = int(node.args[0].meta["val"].shape[0])
+    return kernel.emit(importer.block_builder, importer.env[node.args[0]], batch)
+
+
+def to_relax_lowered(model: nn.Module, input_shape: tuple[int, ...], batches: list[int]) -> Any:
+    """One IRModule with ``main_b<batch>`` per batch size for a model whose layers are
+    :class:`KernelCall` s (the rest exports as usual, its small tensors as constants)."""
+    functions: dict[Any, Any] = {}
+    calls = [m.index for m in model.modules() if isinstance(m, KernelCall)]
+    try:
+        for batch in batches:
+            functions.update(_export(model, input_shape, batch))
+    finally:
+        for index in calls:  # the kernels' arrays are not needed once they are constants
+            _KERNELS.pop(index, None)
+    return tvm.IRModule(functions)
+
+
+def _export(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> dict[Any, Any]:
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with warnings.catch_warnings():  # torch.export's deprecation chatter
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (torch.zeros(batch, *input_shape),))
+        converted = from_exported_program(
+            program, custom_convert_map={"compiled_layer.default": _convert}
+        )
+    functions = {}
+    for var, function in converted.functions.items():
+        if var.name_hint == "main":
+            name = entry(batch)
+            functions[tvm.ir.GlobalVar(name)] = function.with_attr("global_symbol", name)
+        else:  # the kernels, named per layer, form and batch: no clashes across batches
+            functions[var] = function
+    return functions
