@@ -106,6 +106,7 @@ def summarize(
         latency = _latency(folder, trial.number)
         if latency is not None:
             row["latency"] = latency
+            row["bundle_bytes"] = latency.get("bundle_bytes")
         members.append(row)
     best = max(members, key=lambda r: (r["val_accuracy"], -r["bytes"]), default=None)
     trials = []

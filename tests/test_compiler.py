@@ -27,7 +27,7 @@ from autoshrink.settings import Settings
 from autoshrink.study import StudyFolder
 from tests.conftest import run_cli
 
-ENGINES = {"tvm_tuned", "tvm_untuned", "torch_eager"}
+ENGINES = {"tvm_tuned", "tvm_dense", "torch_eager", "onnxruntime"}
 
 MIXED = Plan(
     layers={
@@ -85,7 +85,7 @@ def tuned_mlp(tmp_path_factory, registry_once):
         out=folder / "compiled",
         test=task.load_data(None).test,
         torch_compile=False,
-        repeats=3,
+        rounds=3,
     )
     return path, result
 
@@ -128,7 +128,8 @@ def test_tuned_mlp_matches_torch_and_writes_latency(tuned_mlp) -> None:
     assert set(latency["engines"]) == ENGINES
     for times in latency["engines"].values():
         assert set(times) == {"1", "16"} and all(ms > 0 for ms in times.values())
-    assert latency["tuning"]["trials"] > 0 and latency["tuning"]["seconds"] > 0
+    assert latency["tuning"]["layers"]["trials"] > 0 and latency["tuning"]["dense"]["trials"] > 0
+    assert latency["bundle_bytes"] == (result.folder / "model.so").stat().st_size
     assert latency["max_abs_error"] <= latency["tolerance"]
     accuracy = latency["accuracy"]
     assert accuracy["tvm"] == pytest.approx(accuracy["torch"], abs=1e-9)
@@ -140,10 +141,11 @@ def test_tuned_mlp_matches_torch_and_writes_latency(tuned_mlp) -> None:
 def test_tuned_workloads_are_not_tuned_again(tuned_mlp, registry_once, tmp_path: Path) -> None:
     path, _ = tuned_mlp
     again = compile_artifact(
-        path, registry_once, trials=16, batch=16, out=tmp_path, torch_compile=False, repeats=3
+        path, registry_once, trials=16, batch=16, out=tmp_path, torch_compile=False, rounds=3
     )
-    tuning = again.latency["tuning"]
-    assert tuning["trials"] == 0 and tuning["reused"] == tuning["tasks"] > 0
+    for part in ("layers", "model", "dense"):
+        tuning = again.latency["tuning"][part]
+        assert tuning["trials"] == 0 and tuning["reused"] == tuning["tasks"], part
 
 
 def test_library_runs_without_torch(tuned_mlp, registry_once, tmp_path: Path) -> None:
@@ -189,18 +191,18 @@ def test_library_runs_without_torch(tuned_mlp, registry_once, tmp_path: Path) ->
 def test_compressed_mlp_compiles_and_matches(registry_once, tmp_path: Path) -> None:
     path = _artifact(tmp_path, registry_once, "digits-mlp", MIXED)
     result = compile_artifact(
-        path, registry_once, trials=0, batch=4, out=tmp_path / "c", torch_compile=False, repeats=3
+        path, registry_once, trials=0, batch=4, out=tmp_path / "c", torch_compile=False, rounds=3
     )
     latency = result.latency
     assert latency["max_abs_error"] <= latency["tolerance"]
     assert any("Pruned -> dense Linear" in note for note in latency["notes"])
-    assert latency["tuning"]["trials"] == 0
+    assert all(latency["tuning"][part]["trials"] == 0 for part in ("layers", "model", "dense"))
 
 
 def test_distilled_cnn_compiles_and_matches(registry_once, tmp_path: Path) -> None:
     path = _artifact(tmp_path, registry_once, "fashion-mnist-cnn", CNN, width=0.25)
     result = compile_artifact(
-        path, registry_once, trials=0, batch=4, out=tmp_path / "c", torch_compile=False, repeats=3
+        path, registry_once, trials=0, batch=4, out=tmp_path / "c", torch_compile=False, rounds=3
     )
     latency = result.latency
     assert latency["max_abs_error"] <= latency["tolerance"]

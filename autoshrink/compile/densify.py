@@ -152,7 +152,8 @@ def densify(
     keep_cheaper: bool = True,
 ) -> nn.Module:
     """A copy of ``model`` in which every compressed layer that costs at least as many FLOPs
-    as a dense one (every one, without ``keep_cheaper``) is a plain ``nn.Linear`` / ``nn.Conv2d`` computing the same function.
+    as a dense one (every one, without ``keep_cheaper``) is a plain ``nn.Linear`` /
+    ``nn.Conv2d`` computing the same function.
 
     Works for any structure method's module, by probing: a layer fed 2-D inputs is read as
     W = (layer(I) - layer(0)).T, b = layer(0); one fed images as a convolution whose taps come

@@ -1,5 +1,5 @@
-"""The child side of :mod:`autoshrink.compile.timing`: one engine, loaded and timed in a
-process of its own.
+"""Both ends of one engine's child process for :mod:`autoshrink.compile.timing`: the engines
+(each loads itself in the child), the child's loop, and :class:`Child`, the parent's handle.
 
 The parent runs this file by path (``python -P timing_child.py``), not as a module of the
 package: ``autoshrink.compile`` imports torch and TVM, and an ONNX Runtime child should hold
@@ -15,10 +15,13 @@ print cannot corrupt an answer nor reach the terminal).
   answers ``{"ready": true}``.
 - ``{"calibrate": min_repeat_s}``: the calls per sample of each batch, so that one sample
   lasts at least ``min_repeat_s``; answers ``{"calls": {batch: n}, "seconds": {batch: s}}``.
-- ``{"sample": batch}``: times that many calls; answers ``{"ms": t}``, milliseconds per call.
+- ``{"sample": batch}``: times that many calls; answers ``{"ms": t, "settled_ms": w}``,
+  milliseconds per call and how long the engine's worker threads then took to go quiet.
 - end of input: the child exits.
 
-Any failure answers ``{"error": "<last line of the traceback>"}`` and exits with status 1.
+Every answer waits for the engine's worker threads to go quiet (:func:`settle`), so the
+next engine's sample does not share the cores with this one's spinning threads. Any failure
+answers ``{"error": "<last line of the traceback>"}`` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import select
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -184,6 +188,33 @@ def _calibrate(calls: Calls, min_repeat_s: float) -> tuple[int, float]:
         number = max(2 * number, int(number * min_repeat_s / max(elapsed, 1e-9) * 1.2))
 
 
+def _workers_ns() -> int:
+    """CPU time (ns) used so far by this process's threads other than the calling one, from
+    ``/proc/self/task/*/schedstat`` (Linux; 0 elsewhere)."""
+    me, total = threading.get_native_id(), 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) != me:
+                with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    return total
+
+
+def settle(window_s: float = 0.005, busy: float = 0.05, limit_s: float = 1.0) -> float:
+    """Wait until the engine's worker threads are quiet: less than ``busy`` of one core over
+    ``window_s`` (TVM's pool spins up to 300,000 ``sched_yield`` calls after a job, OpenMP's
+    and ONNX Runtime's spin too), at most ``limit_s``; returns the seconds waited."""
+    start = time.perf_counter()
+    used = _workers_ns()
+    while time.perf_counter() - start < limit_s:
+        time.sleep(window_s)
+        now = _workers_ns()
+        if now - used < busy * window_s * 1e9:
+            break
+        used = now
+    return time.perf_counter() - start
+
+
 def serve(requests: IO[str], answer: Callable[[dict[str, Any]], None]) -> None:
     """Answer the parent's ``requests`` (see the module's docstring) until they end."""
     setup = json.loads(requests.readline())
@@ -201,6 +232,7 @@ def serve(requests: IO[str], answer: Callable[[dict[str, Any]], None]) -> None:
         runs[str(batch)] = calls = prepare(batch, x)
         calls(1)  # the first call may compile (torch.compile) or allocate
         calls(3)
+    settle()
     answer({"ready": True})
     calls_per_sample: dict[str, int] = {}
     for line in requests:
@@ -208,6 +240,7 @@ def serve(requests: IO[str], answer: Callable[[dict[str, Any]], None]) -> None:
         if "calibrate" in request:
             found = {b: _calibrate(run, float(request["calibrate"])) for b, run in runs.items()}
             calls_per_sample = {b: n for b, (n, _) in found.items()}
+            settle()
             answer({"calls": calls_per_sample, "seconds": {b: s for b, (_, s) in found.items()}})
         elif "sample" in request:
             batch = str(request["sample"])
@@ -219,7 +252,9 @@ def serve(requests: IO[str], answer: Callable[[dict[str, Any]], None]) -> None:
                 elapsed = time.perf_counter() - start
             finally:
                 gc.enable()
-            answer({"ms": elapsed / number * 1e3})
+            # Answered once quiet: the next engine's sample must not share the cores with
+            # this one's spinning workers.
+            answer({"ms": elapsed / number * 1e3, "settled_ms": settle() * 1e3})
 
 
 # --- the parent's end ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoshrink import MethodConfig, ValueMethod, hookimpl
+from autoshrink.methods import LoweredValue
 
 
 class TernaryConfig(MethodConfig):
@@ -26,6 +27,8 @@ class Ternarize(nn.Module):
         self.threshold = threshold
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if w.numel() == 0:
+            return w
         keep = w.abs() > self.threshold * w.abs().max()
         scale = w.abs()[keep].mean() if keep.any() else w.new_zeros(())
         # (w - w.detach()) is exactly zero but carries w's gradient: the result is exactly
@@ -63,6 +66,21 @@ class Ternary(ValueMethod):
         signs = np.where(codes == 1, 1.0, np.where(codes == 2, -1.0, 0.0))
         scale = np.float32(meta["scale"])
         return torch.from_numpy((signs * scale).astype(np.float32).reshape(shape))
+
+
+    def lower(
+        self, arrays: dict[str, np.ndarray], meta: dict[str, Any], shape: tuple, config: Any
+    ) -> LoweredValue:
+        # The compiled form keeps the 2-bit codes; the kernel decodes each as it multiplies.
+        from autoshrink.compile.kernels import unpack
+
+        scale = float(np.float32(meta["scale"]))
+
+        def element(tensors, i):
+            code = unpack(tensors["codes"], 2, i)
+            return (code == 1).astype("float32") * scale - (code == 2).astype("float32") * scale
+
+        return LoweredValue(arrays={"codes": arrays["codes"]}, element=element)
 
 
 @hookimpl

@@ -1,0 +1,159 @@
+"""Compressed kernels: every built-in (structure, value) pair and the ternary example plugin
+compile into TVM kernels that read the stored form, and compute what PyTorch computes.
+
+Each case is a real (untuned) TVM build of a small model; the bundle-size test runs the
+whole compile command on the Fashion-MNIST MLP's shape with no tuning trials.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from autoshrink.artifact import read_artifact, read_header, write_artifact
+from autoshrink.compile import compile_artifact
+from autoshrink.compile.build import fuse
+from autoshrink.compile.lowering import KernelCall, compressed_kernels, to_relax_lowered
+from autoshrink.compile.pipeline import _layer_inputs
+from autoshrink.compile.target import resolve_target
+from autoshrink.compress import compress, replace_module
+from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+STRUCTURES = {
+    "dense": {},
+    "lowrank": {"rank": 0.3},
+    "pruning": {"threshold": 1.0},
+}
+VALUES = {
+    "float32": ("float", {"bits": 32}),
+    "float16": ("float", {"bits": 16}),
+    "kmeans3": ("quantization", {"bits": 3, "mode": "kmeans"}),
+    "kmeans8": ("quantization", {"bits": 8, "mode": "kmeans"}),
+    "binary": ("quantization", {"bits": 1, "mode": "uniform"}),
+    "ternary": ("ternary", {"threshold": 0.05}),
+}
+
+
+@pytest.fixture(scope="module")
+def methods():
+    """The registry of built-ins plus the example plugin's method, as its hook registers it."""
+    from autoshrink.plugins import load_registry
+
+    sys.path.insert(0, str(ROOT / "examples" / "autoshrink-ternary"))
+    try:
+        import autoshrink_ternary
+    finally:
+        sys.path.pop(0)
+    load_registry.cache_clear()
+    registry = copy.copy(load_registry())
+    registry.methods = dict(registry.methods)
+    autoshrink_ternary.register_methods(lambda method: registry.methods.setdefault(
+        method.name, method))
+    return registry
+
+
+def _compile(tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int):
+    """Write an artifact, lower every layer, build untuned; returns outputs of TVM and torch
+    on one batch, the lowering notes and the kernels' forms."""
+    task = registry.tasks[task_name]
+    torch.manual_seed(0)
+    path = tmp_path / "model.safetensors"
+    model = compress(task.build_model(width), plan, registry)
+    write_artifact(path, model, plan, task, registry, width=width)
+    reference = read_artifact(path, registry).model.eval()
+    header, blobs = read_header(path)
+    templates = compressible_layers(task.build_model(width), registry)
+    notes: list[str] = []
+    kernels = compressed_kernels(header, blobs, registry, templates, notes)
+    _, outputs = _layer_inputs(reference, list(kernels), task.example_input(1))
+    stubbed = copy.deepcopy(reference)
+    for name, kernel in kernels.items():
+        replace_module(stubbed, name, KernelCall(kernel, outputs[name]))
+    shape = tuple(task.input_shape)
+    target = resolve_target("cpu", 2)
+    mod = fuse(to_relax_lowered(stubbed, shape, [batch]), target, False)
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target.tvm), target.device)
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1))
+    got = vm[f"main_b{batch}"](tvm.runtime.tensor(x.numpy()))[0].numpy()
+    with torch.no_grad():
+        want = reference(x).numpy()
+    return got, want, notes, kernels
+
+
+@pytest.mark.parametrize("value", list(VALUES))
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_linear_pairs_compile_to_compressed_kernels(methods, tmp_path, structure, value) -> None:
+    method, config = VALUES[value]
+    layer = LayerPlan(
+        structure=Choice(method=structure, config=STRUCTURES[structure]),
+        value=Choice(method=method, config=config),
+    )
+    plan = Plan(layers={name: layer for name in ("fc1", "fc2", "out")})
+    got, want, notes, kernels = _compile(tmp_path, methods, "digits-mlp", plan, 1.0, 8)
+    assert set(kernels) == {"fc1", "fc2", "out"} and not notes, notes
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    assert (got.argmax(1) == want.argmax(1)).all()
+    # Nothing dense is stored: a layer's arrays are smaller than its float32 weight would be,
+    # except float32 values themselves (dense) and the low-rank factors of a small layer.
+    if value != "float32":
+        dense_bytes = 64 * 128 * 4
+        assert kernels["fc1"].bytes < dense_bytes
+
+
+def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
+    kmeans = Choice(method="quantization", config={"bits": 4})
+    plan = Plan(
+        layers={
+            "conv1": LayerPlan(structure=Choice(method="pruning", config={"threshold": 0.5}),
+                               value=kmeans),
+            "conv2": LayerPlan(structure=Choice(method="lowrank", config={"rank": 0.5}),
+                               value=Choice(method="ternary", config={})),
+            "fc1": LayerPlan(value=Choice(method="float", config={"bits": 16})),
+        }
+    )
+    got, want, notes, kernels = _compile(tmp_path, methods, "fashion-mnist-cnn", plan, 0.25, 2)
+    assert {"conv1", "conv2", "fc1"} <= set(kernels), notes
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def test_hashed_layers_fall_back_to_dense_and_say_so(methods, tmp_path) -> None:
+    plan = Plan(layers={"fc1": LayerPlan(structure=Choice(method="hashing", config={}))})
+    got, want, notes, kernels = _compile(tmp_path, methods, "digits-mlp", plan, 1.0, 4)
+    assert "fc1" not in kernels and {"fc2", "out"} <= set(kernels)
+    assert any("fc1: `hashing` has no compressed kernel" in note for note in notes)
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def test_bundle_of_a_compressed_model_is_smaller_than_its_dense_compile(
+    methods, tmp_path
+) -> None:
+    """The Fashion-MNIST MLP (2.4 M weights) at 4-bit k-means: the bundle holds the codes
+    once; the dense compile holds float32 weights (per batch entry)."""
+    task = methods.tasks["fashion-mnist-mlp"]
+    plan = Plan(layers={
+        name: LayerPlan(value=Choice(method="quantization", config={"bits": 4}))
+        for name in ("fc1", "fc2", "out")
+    })
+    torch.manual_seed(0)
+    path = tmp_path / "mlp.safetensors"
+    model = compress(task.build_model(1.0), plan, methods)
+    artifact_bytes = write_artifact(path, model, plan, task, methods)
+    result = compile_artifact(
+        path, methods, trials=0, batch=4, out=tmp_path / "bundle", torch_compile=False,
+        rounds=1, task=task,
+    )
+    latency = result.latency
+    assert latency["max_abs_error"] <= latency["tolerance"]
+    assert latency["bundle_bytes"] == (tmp_path / "bundle" / "model.so").stat().st_size
+    assert latency["bundle_bytes"] <= artifact_bytes + 512_000
+    assert latency["bundle_bytes"] * 4 < latency["dense_bytes"]
+    assert {row["form"] for row in latency["layers"]} <= {"compressed", "dense"}
+    assert set(latency["engines"]) >= {"tvm_tuned", "tvm_dense", "torch_eager"}
