@@ -1,13 +1,13 @@
-"""Compiled latency of the Fashion-MNIST baselines: TVM tuned and untuned against PyTorch
-eager and torch.compile, at batch 1 and 64, on a fixed number of threads.
+"""Compiled size and latency: the compressed TVM bundle against a dense TVM compile of the same
+model, PyTorch eager, torch.compile and ONNX Runtime, at batch 1 and 64, on fixed threads.
 
     python benchmarks/compile.py [--threads 2] [--mlp-trials 480] [--cnn-trials 360] [--fresh]
                                  [--artifact reports/<study>/best.safetensors ...]
 
-Each model goes through the product's own path (``autoshrink.compiler.compile_artifact`` on
-the baseline's artifact file): densify, export, MetaSchedule tuning, build, output check
-against PyTorch, test accuracy through the library, then every engine timed in one process
-(median of repeats). ``--fresh`` tunes into a new database instead of the shared one in the
+Each model goes through the product's own path (``autoshrink.compile.compile_artifact``):
+compressed kernels per layer (dense where faster within the allowance), MetaSchedule tuning,
+the bundle, output check against PyTorch, test accuracy through the library, then every
+engine timed in a child process of its own, in interleaved rounds (median of rounds). ``--fresh`` tunes into a new database instead of the shared one in the
 cache, so the tuning time is that of a first run. Each ``--artifact`` (a search's recommended
 model, a front member) is compiled after the baselines with ``--artifact-trials`` more
 measurements; kernels of shapes the baselines already tuned are reused, not tuned again.
@@ -33,10 +33,10 @@ from rich.table import Table
 from autoshrink.artifact import read_header
 from autoshrink.baseline import load_baseline
 from autoshrink.compile import compile_artifact
-from autoshrink.compile.timing import cpu_model, cpu_peak
+from autoshrink.compile.machine import cpu_model, cpu_peak
 from autoshrink.plugins import load_registry
 
-ENGINES = ("tvm_tuned", "tvm_untuned", "torch_eager", "torch_compile")
+ENGINES = ("tvm_tuned", "tvm_dense", "torch_eager", "torch_compile", "onnxruntime")
 
 
 def main() -> None:
@@ -97,28 +97,33 @@ def main() -> None:
     load_after = os.getloadavg()
 
     table = Table(title=f"Median latency (ms), {args.threads} threads, {cpu_model()}")
-    for column in ("model", "batch", *ENGINES, "tuned vs eager", "tuned GFLOP/s", "of peak"):
+    for column in ("model", "artifact B", "bundle B", "batch", *ENGINES, "tuned vs dense",
+                   "tuned GFLOP/s", "of peak"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, latency in results.items():
         for batch in (str(b) for b in latency["batches"]):
             times = {e: latency["engines"].get(e, {}).get(batch) for e in ENGINES}
-            tuned, eager = times["tvm_tuned"], times["torch_eager"]
+            tuned, dense = times["tvm_tuned"], times["tvm_dense"]
             gflops = latency["flops"][batch] / (tuned * 1e-3) / 1e9 if tuned else None
             table.add_row(
                 name,
+                f"{latency['artifact_bytes']:,}",
+                f"{latency['bundle_bytes']:,}",
                 batch,
                 *("-" if t is None else f"{t:.4f}" for t in times.values()),
-                f"{eager / tuned:.2f}x" if tuned and eager else "-",
+                f"{dense / tuned:.2f}x" if tuned and dense else "-",
                 "-" if gflops is None else f"{gflops:.1f}",
                 "-" if gflops is None or not peak.gflops else f"{gflops / peak.gflops:.1%}",
             )
     console.print(table)
     for name, latency in results.items():
-        tuning, accuracy = latency["tuning"], latency["accuracy"] or {}
+        parts, accuracy = latency["tuning"], latency["accuracy"] or {}
+        spent = [parts[p] for p in ("layers", "model", "dense")]
         console.print(
-            f"{name} ({latency['bytes']:,} bytes): tuning {tuning['trials']} trials over "
-            f"{tuning['tasks']} kernels in "
-            f"{tuning['seconds']:.0f} s ({tuning['reused']} kernels reused from the database); "
+            f"{name} ({latency['bytes']:,} bytes): tuning {sum(t['trials'] for t in spent)} "
+            f"trials over {sum(t['tasks'] for t in spent)} kernels in "
+            f"{sum(t['seconds'] for t in spent):.0f} s "
+            f"({sum(t['reused'] for t in spent)} kernels reused from the database); "
             f"whole compile {latency['wall_seconds']:.0f} s; max |TVM - torch| "
             f"{latency['max_abs_error']:.2g}; test accuracy TVM {accuracy.get('tvm', 0):.4f} "
             f"vs torch {accuracy.get('torch', 0):.4f}",
