@@ -6,11 +6,12 @@ model, PyTorch eager, torch.compile and ONNX Runtime, at batch 1 and 64, on fixe
 
 Each model goes through the product's own path (``autoshrink.compile.compile_artifact``):
 compressed kernels per layer (dense where faster within the allowance), MetaSchedule tuning,
-the bundle, output check against PyTorch, test accuracy through the library, then every
-engine timed in a child process of its own, in interleaved rounds (median of rounds). ``--fresh`` tunes into a new database instead of the shared one in the
-cache, so the tuning time is that of a first run. Each ``--artifact`` (a search's recommended
-model, a front member) is compiled after the baselines with ``--artifact-trials`` more
-measurements; kernels of shapes the baselines already tuned are reused, not tuned again.
+the bundle, output check against PyTorch, test accuracy through the library, then every engine
+timed in a child process of its own, in interleaved rounds (median of rounds). ``--fresh``
+tunes into a new database instead of the shared one in the cache, so the tuning time is that of
+a first run. Each ``--artifact`` (a search's recommended model, a front member) is compiled
+after the baselines with ``--artifact-trials`` more measurements; kernels of shapes the
+baselines already tuned are reused, not tuned again.
 GFLOP/s use torch's FLOP count of one forward pass; the peak is cores x GHz x fp32 FLOPs per
 cycle of the CPU's widest FMA.
 

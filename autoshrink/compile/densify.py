@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from autoshrink.compile.timing import model_flops
 from autoshrink.compress import replace_module
 
-__all__ = ["RELATIVE_TOLERANCE", "densify", "fold_batchnorm"]
+__all__ = ["RELATIVE_TOLERANCE", "densify", "fold_batchnorm", "layer_shapes"]
 
 #: Outputs may differ from PyTorch's by this much times max(1, largest |output|).
 RELATIVE_TOLERANCE = 1e-4
@@ -143,6 +143,29 @@ def _conv_from_probe(module: nn.Module, in_shape, out_shape, template) -> nn.Con
     return conv
 
 
+def layer_shapes(
+    model: nn.Module, names: list[str], example: torch.Tensor
+) -> dict[str, tuple[torch.Size, torch.Size]]:
+    """The input and output shapes of the named layers on one forward pass of ``example``
+    (layers the pass does not reach are absent)."""
+    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            shapes[name] = (args[0].shape, output.shape)
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(recorder(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
 def densify(
     model: nn.Module,
     example: torch.Tensor,
@@ -170,21 +193,7 @@ def densify(
         for name, module in model.named_modules()
         if name and ".parametrizations." not in f".{name}." and _is_compressed_layer(module)
     }
-    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
-
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            shapes[name] = (args[0].shape, output.shape)
-
-        return hook
-
-    handles = [m.register_forward_hook(recorder(n)) for n, m in candidates.items()]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    shapes = layer_shapes(model, list(candidates), example)
     for name, module in candidates.items():
         if name not in shapes:
             continue  # not reached by the forward pass

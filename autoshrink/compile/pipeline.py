@@ -33,7 +33,12 @@ from autoshrink.baseline import cache_dir
 from autoshrink.compile.build import build_tuned, entry, fuse, to_relax
 from autoshrink.compile.choice import choose_kernels
 from autoshrink.compile.database import mark_checked, open_database
-from autoshrink.compile.densify import RELATIVE_TOLERANCE, densify, fold_batchnorm
+from autoshrink.compile.densify import (
+    RELATIVE_TOLERANCE,
+    densify,
+    fold_batchnorm,
+    layer_shapes,
+)
 from autoshrink.compile.lowering import (
     KernelCall,
     compressed_kernels,
@@ -120,22 +125,11 @@ def _accuracy(vm, model: nn.Module, split: Split, task: Task, batch: int, device
 
 def _layer_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> tuple[dict, dict]:
     """Input and output shapes (without the batch) of the named layers on ``example``."""
-    inputs, outputs = {}, {}
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            inputs[name], outputs[name] = tuple(args[0].shape[1:]), tuple(output.shape[1:])
-
-        return record
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs, outputs
+    shapes = layer_shapes(model, names, example)
+    return (
+        {n: tuple(i[1:]) for n, (i, _) in shapes.items()},
+        {n: tuple(o[1:]) for n, (_, o) in shapes.items()},
+    )
 
 
 def _bundle_bytes(folder: Path) -> int:
