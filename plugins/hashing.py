@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.methods import LayerCode, Method, MethodConfig, StructureMethod
+from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 
 __all__ = ["HashedConv2d", "HashedLinear", "Hashing", "HashingConfig", "position_hash"]
 
@@ -211,6 +211,33 @@ class Hashing(StructureMethod):
             if bias is not None:
                 module.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
         return module
+
+    def lower(
+        self, code: LayerCode, template: nn.Module, config: HashingConfig
+    ) -> LoweredLayer | None:
+        """Only the K values (in their value format) and the bias: the kernel computes each
+        weight's bucket and sign from its flat position and the seed, with the same
+        splitmix64 hashes as :func:`position_hash`, so no index array exists anywhere."""
+        from autoshrink.compile.kernels import dense_layer, modulo, splitmix64, supports
+
+        if not supports(template):
+            return None
+        seed, k = int(code.meta["seed"]), int(code.meta["k"])
+        streams = np.array([seed * 2 + _BUCKET_STREAM, seed * 2 + _SIGN_STREAM], np.uint64)
+        with np.errstate(over="ignore"):
+            bucket_key, sign_key = (int(key) for key in _finalize(streams))
+
+        def element(shared: Any, flat: Any) -> Any:
+            bucket = modulo(splitmix64(bucket_key, flat), k)
+            top_bit = (splitmix64(sign_key, flat)[0] >> 31).astype("float32")
+            return shared(bucket) * (1.0 - 2.0 * top_bit)
+
+        return LoweredLayer(
+            arrays={"bias": code.arrays["bias"]} if "bias" in code.arrays else {},
+            compute=lambda x, t, p: dense_layer(
+                x, template, lambda f: element(p["shared"], f), t.get("bias")
+            ),
+        )
 
 
 @hookimpl

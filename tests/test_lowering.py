@@ -29,6 +29,7 @@ from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
 ROOT = Path(__file__).resolve().parent.parent
 STRUCTURES = {
     "dense": {},
+    "hashing": {"ratio": 0.25},
     "lowrank": {"rank": 0.3},
     "pruning": {"threshold": 1.0},
 }
@@ -124,11 +125,23 @@ def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
 
 
-def test_hashed_layers_fall_back_to_dense_and_say_so(methods, tmp_path) -> None:
-    plan = Plan(layers={"fc1": LayerPlan(structure=Choice(method="hashing", config={}))})
-    got, want, notes, kernels = _compile(tmp_path, methods, "digits-mlp", plan, 1.0, 4)
-    assert "fc1" not in kernels and {"fc2", "out"} <= set(kernels)
-    assert any("fc1: `hashing` has no compressed kernel" in note for note in notes)
+def test_a_value_method_without_lowering_gives_float32_values(methods, tmp_path) -> None:
+    from autoshrink.methods import ValueMethod
+
+    class PlainTernary(type(methods.methods["ternary"])):
+        name = "plain-ternary"
+        lower = ValueMethod.lower  # the contract's default: no compiled form
+
+    registry = copy.copy(methods)
+    registry.methods = {**methods.methods, "plain-ternary": PlainTernary()}
+    plan = Plan(layers={"fc1": LayerPlan(
+        structure=Choice(method="hashing", config={"ratio": 0.5}),
+        value=Choice(method="plain-ternary", config={}),
+    )})
+    got, want, notes, kernels = _compile(tmp_path, registry, "digits-mlp", plan, 1.0, 4)
+    assert {"fc1", "fc2", "out"} <= set(kernels)
+    assert any("fc1: `plain-ternary` has no lowering" in note for note in notes), notes
+    assert kernels["fc1"].arrays["shared.values"].dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
 
 

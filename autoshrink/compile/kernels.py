@@ -23,8 +23,10 @@ __all__ = [
     "dense_layer",
     "index_dtype",
     "linear",
+    "modulo",
     "padded",
     "sparse_layer",
+    "splitmix64",
     "supports",
     "unpack",
 ]
@@ -58,6 +60,74 @@ def index_dtype(limit: int) -> type:
         if limit <= np.iinfo(dtype).max + 1:
             return dtype
     raise ValueError(f"indices up to {limit} do not fit 32 bits")
+
+
+# --- HashedNets' position hash in the kernel ----------------------------------------------
+#
+# TVM 0.27 emits integer arithmetic with LLVM's no-wrap flags (`mul nuw` for unsigned, `nsw`
+# for signed), so a 64-bit product that wraps, as splitmix64's do, is undefined and comes out
+# wrong. Here a 64-bit value is a pair (high, low) of 32-bit halves held in int64 lanes, and
+# every operation keeps each intermediate below 2**63: the hash is exact and never wraps.
+
+_HALF = 0xFFFFFFFF
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+Pair = tuple[Expr, Expr]
+
+
+def _mask() -> Expr:
+    # An explicit int64 constant: a bare 0xFFFFFFFF would become an int32 -1.
+    return tirx.const(_HALF, "int64")
+
+
+def _pair(value: int) -> Pair:
+    return tirx.const(value >> 32, "int64"), tirx.const(value & _HALF, "int64")
+
+
+def _add(a: Pair, b: Pair) -> Pair:
+    low = a[1] + b[1]
+    return (a[0] + b[0] + (low >> 32)) & _mask(), low & _mask()
+
+
+def _mul(a: Pair, constant: int) -> Pair:
+    """``a * constant`` modulo 2**64, from 16 x 32-bit partial products (each < 2**48)."""
+    c_high, c_low = constant >> 32, constant & _HALF
+    # a.low * c_low needs 64 bits: split a.low into 16-bit halves.
+    low_lo, low_hi = a[1] & 0xFFFF, a[1] >> 16
+    first = low_lo * (c_low & 0xFFFF)
+    middle = low_lo * (c_low >> 16) + low_hi * (c_low & 0xFFFF) + (first >> 16)
+    top = low_hi * (c_low >> 16) + (middle >> 16)
+    low = ((middle & 0xFFFF) << 16) | (first & 0xFFFF)
+    cross = (_low32(a[0], c_low) + _low32(a[1], c_high)) & _mask()
+    return (top + cross) & _mask(), low
+
+
+def _low32(a: Expr, constant: int) -> Expr:
+    """``(a * constant) mod 2**32`` for 32-bit ``a`` and ``constant``, via 16-bit halves."""
+    c_lo, c_hi = constant & 0xFFFF, constant >> 16
+    a_lo, a_hi = a & 0xFFFF, a >> 16
+    return (a_lo * c_lo + (((a_lo * c_hi + a_hi * c_lo) & 0xFFFF) << 16)) & _mask()
+
+
+def _xor_shift(a: Pair, k: int) -> Pair:
+    """``a ^ (a >> k)`` for ``0 < k < 32``."""
+    high, low = a[0] >> k, ((a[1] >> k) | (a[0] << (32 - k))) & _mask()
+    return a[0] ^ high, a[1] ^ low
+
+
+def splitmix64(key: int, index: Expr) -> Pair:
+    """The (high, low) halves of splitmix64's output for position ``index`` (int32) of the
+    stream whose state starts at ``key`` (already mixed): ``finalize(key + (index + 1) *
+    gamma)``, as :func:`autoshrink_plugins.hashing.position_hash` computes with numpy."""
+    position = (tirx.const(0, "int64"), index.astype("int64") + 1)
+    z = _add(_pair(key), _mul(position, _GAMMA))
+    z = _mul(_xor_shift(z, 30), _MIX1)
+    z = _mul(_xor_shift(z, 27), _MIX2)
+    return _xor_shift(z, 31)
+
+
+def modulo(value: Pair, k: int) -> Expr:
+    """``value % k`` (int32) for ``0 < k < 2**31``."""
+    return (((value[0] % k) * ((1 << 32) % k) + value[1] % k) % k).astype("int32")
 
 
 def _with_bias(y: te.Tensor, bias: te.Tensor | None, name: str) -> te.Tensor:

@@ -129,6 +129,21 @@ def _quiet_meta_schedule() -> Iterator[None]:
             root.addHandler(handler)
 
 
+def _reduces(mod: Any) -> bool:
+    """Whether the (one-function) module has a block with a reduction axis."""
+    from tvm.s_tir import Schedule
+
+    schedule = Schedule(mod)
+    name = next(iter(mod.functions)).name_hint
+    stack = [schedule.get_sblock("root", func_name=name)]
+    while stack:
+        for child in schedule.get_child_blocks(stack.pop()):
+            if any(int(v.iter_type) == 2 for v in schedule.get(child).iter_vars):  # CommReduce
+                return True
+            stack.append(child)
+    return False
+
+
 def _records(database: Any, mod: Any, limit: int) -> int:
     """Valid tuning records the database holds for a task's workload (at most ``limit``)."""
     if not database.has_workload(mod):
@@ -157,8 +172,14 @@ def tune(
 
     start = time.monotonic()
     found = list(extract_tasks(fused, target.tvm))
-    # Pure data movement (reshapes) has nothing to tune; its plain loop is as fast as any.
-    tasks = [t for t in found if estimate_tir_flops(t.dispatched[0]) > 0]
+    # Only kernels with a reduction (matrix products, convolutions) are tuned. Data movement
+    # and elementwise kernels (an activation after an opaque compressed kernel) keep TVM's
+    # plain loops: their few schedules could never fill a per-task budget, so every later
+    # compile would tune them again.
+    tasks = [
+        t for t in found
+        if estimate_tir_flops(t.dispatched[0]) > 0 and _reduces(t.dispatched[0])
+    ]
     summary: dict[str, Any] = {"trials": 0, "seconds": 0.0, "tasks": len(tasks), "reused": 0}
     if not tasks or trials <= 0:
         return summary
