@@ -114,15 +114,22 @@ def _xor_shift(a: Pair, k: int) -> Pair:
     return a[0] ^ high, a[1] ^ low
 
 
-def splitmix64(key: int, index: Expr) -> Pair:
-    """The (high, low) halves of splitmix64's output for position ``index`` (int32) of the
-    stream whose state starts at ``key`` (already mixed): ``finalize(key + (index + 1) *
-    gamma)``, as :func:`autoshrink_plugins.hashing.position_hash` computes with numpy."""
+def _bound(value: Pair, then: Callable[[Pair], Expr]) -> Expr:
+    """``then(value)`` with the pair bound to variables once: every stage of the hash reads
+    the previous one several times, and unbound that tree would grow exponentially."""
+    high, low = tirx.Var("high", "int64"), tirx.Var("low", "int64")
+    return tirx.Let(high, value[0], tirx.Let(low, value[1], then((high, low))))
+
+
+def splitmix64(key: int, index: Expr, then: Callable[[Pair], Expr]) -> Expr:
+    """``then`` of the (high, low) halves of splitmix64's output for position ``index``
+    (int32) of the stream whose state starts at ``key`` (already mixed): ``finalize(key +
+    (index + 1) * gamma)``, as :func:`autoshrink_plugins.hashing.position_hash` computes."""
     position = (tirx.const(0, "int64"), index.astype("int64") + 1)
-    z = _add(_pair(key), _mul(position, _GAMMA))
-    z = _mul(_xor_shift(z, 30), _MIX1)
-    z = _mul(_xor_shift(z, 27), _MIX2)
-    return _xor_shift(z, 31)
+    start = _add(_pair(key), _mul(position, _GAMMA))
+    return _bound(start, lambda z: _bound(
+        _mul(_xor_shift(z, 30), _MIX1), lambda z: _bound(
+            _mul(_xor_shift(z, 27), _MIX2), lambda z: _bound(_xor_shift(z, 31), then))))
 
 
 def modulo(value: Pair, k: int) -> Expr:
