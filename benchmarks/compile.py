@@ -35,9 +35,82 @@ from autoshrink.artifact import read_header
 from autoshrink.baseline import load_baseline
 from autoshrink.compile import compile_artifact
 from autoshrink.compile.machine import cpu_model, cpu_peak
+from autoshrink.plan import Choice, LayerPlan, Plan
 from autoshrink.plugins import load_registry
+from autoshrink.trial import TrialBudget, run_trial
 
 ENGINES = ("tvm_tuned", "tvm_dense", "torch_eager", "torch_compile", "onnxruntime")
+
+
+def _layer(structure: str, structure_config: dict, value: str, value_config: dict) -> LayerPlan:
+    return LayerPlan(
+        structure=Choice(method=structure, config=structure_config),
+        value=Choice(method=value, config=value_config),
+    )
+
+
+def _every(names: tuple[str, ...], layer: LayerPlan, encoding: Choice | None = None) -> Plan:
+    return Plan(layers={name: layer for name in names}, encoding=encoding)
+
+
+MLP = ("fc1", "fc2", "out")
+KMEANS = "quantization"
+#: The models of the compressed-compile benchmark: (label, task, plan). Each is built from the
+#: task's cached baseline the way a search trial builds it (300 fine-tune steps).
+PLANS = (
+    ("mlp 8-bit k-means", "fashion-mnist-mlp",
+     _every(MLP, _layer("dense", {}, KMEANS, {"bits": 8}))),
+    ("mlp 4-bit k-means", "fashion-mnist-mlp",
+     _every(MLP, _layer("dense", {}, KMEANS, {"bits": 4}))),
+    ("mlp low-rank + uniform", "fashion-mnist-mlp", Plan(layers={
+        "fc1": _layer("lowrank", {"rank": 0.06}, KMEANS, {"bits": 4, "mode": "uniform"}),
+        "fc2": _layer("lowrank", {"rank": 0.06}, KMEANS, {"bits": 4, "mode": "uniform"}),
+        "out": _layer("dense", {}, KMEANS, {"bits": 8, "mode": "uniform"}),
+    })),
+    ("mlp Deep Compression", "fashion-mnist-mlp",
+     _every(MLP, _layer("pruning", {"threshold": 1.75}, KMEANS, {"bits": 5}),
+            Choice(method="entropy", config={"codec": "huffman"}))),
+    ("mlp hashed 1/16", "fashion-mnist-mlp",
+     _every(MLP, _layer("hashing", {"ratio": 0.0625}, KMEANS, {"bits": 6}))),
+    ("cnn mixed", "fashion-mnist-cnn", Plan(layers={
+        "conv1": _layer("dense", {}, KMEANS, {"bits": 8}),
+        "conv2": _layer("pruning", {"threshold": 1.0}, KMEANS, {"bits": 5}),
+        "fc1": _layer("lowrank", {"rank": 0.1}, KMEANS, {"bits": 4, "mode": "uniform"}),
+        "out": _layer("dense", {}, KMEANS, {"bits": 8}),
+    })),
+)
+
+
+def _raw_bytes(path: Path) -> int:
+    """The artifact's bytes with entropy coding undone (what a bundle may hold at most)."""
+    import numpy as np
+
+    header, blobs = read_header(path)
+    coded = sum(len(blob) for blob in blobs.values())
+    raw = sum(
+        int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+        for s in header.streams.values()
+    )
+    return path.stat().st_size - coded + raw
+
+
+def _plan_jobs(registry, data_dir: Path | None, folder: Path, trials: int, console) -> list:
+    """Artifacts of :data:`PLANS`, trained as search trials are (reused when present)."""
+    jobs, loaded = [], {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, (label, name, plan) in enumerate(PLANS):
+        task = registry.tasks[name]
+        if name not in loaded:
+            data = task.load_data(data_dir)
+            loaded[name] = (data, load_baseline(task, data, registry))
+        data, baseline = loaded[name]
+        path = folder / f"plan-{number}.safetensors"
+        if not path.exists():
+            with console.status(f"training {label} (a search trial's fine-tune)"):
+                run_trial(plan, task=task, data=data, baseline=baseline, registry=registry,
+                          artifact=path, budget=TrialBudget(seconds=1800), seed=0)
+        jobs.append((label, path, task, data, trials))
+    return jobs
 
 
 def main() -> None:
@@ -47,6 +120,11 @@ def main() -> None:
     parser.add_argument("--mlp-trials", type=int, default=480)
     parser.add_argument("--cnn-trials", type=int, default=360)
     parser.add_argument("--fresh", action="store_true", help="tune into a new database")
+    parser.add_argument("--plans", action="store_true",
+                        help="compile the compressed plans of PLANS instead of the baselines")
+    parser.add_argument("--plan-trials", type=int, default=96)
+    parser.add_argument("--plan", type=int, action="append", default=[],
+                        help="with --plans: only these rows of PLANS (0-based)")
     parser.add_argument("--artifact", type=Path, action="append", default=[])
     parser.add_argument("--artifact-trials", type=int, default=360)
     parser.add_argument("--no-torch-compile", action="store_true")
@@ -61,7 +139,10 @@ def main() -> None:
     load_before = os.getloadavg()
     results = {}
     jobs = []
-    for name, trials in (
+    if args.plans:
+        jobs = _plan_jobs(registry, args.data_dir, out / "plans", args.plan_trials, console)
+        jobs = [job for i, job in enumerate(jobs) if not args.plan or i in args.plan]
+    for name, trials in () if args.plans else (
         ("fashion-mnist-mlp", args.mlp_trials),
         ("fashion-mnist-cnn", args.cnn_trials),
     ):
@@ -92,13 +173,15 @@ def main() -> None:
         results[name] = {
             **result.latency,
             "bytes": path.stat().st_size,
+            "raw_bytes": _raw_bytes(path),
             "wall_seconds": time.monotonic() - start,
         }
         console.print(f"{name}: done in {time.monotonic() - start:.0f} s", highlight=False)
     load_after = os.getloadavg()
 
     table = Table(title=f"Median latency (ms), {args.threads} threads, {cpu_model()}")
-    for column in ("model", "artifact B", "bundle B", "batch", *ENGINES, "tuned vs dense",
+    for column in ("model", "artifact B", "uncoded B", "bundle B", "batch", *ENGINES,
+                   "tuned vs dense",
                    "tuned GFLOP/s", "of peak"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, latency in results.items():
@@ -109,6 +192,7 @@ def main() -> None:
             table.add_row(
                 name,
                 f"{latency['artifact_bytes']:,}",
+                f"{latency['raw_bytes']:,}",
                 f"{latency['bundle_bytes']:,}",
                 batch,
                 *("-" if t is None else f"{t:.4f}" for t in times.values()),
@@ -127,7 +211,8 @@ def main() -> None:
             f"({sum(t['reused'] for t in spent)} kernels reused from the database); "
             f"whole compile {latency['wall_seconds']:.0f} s; max |TVM - torch| "
             f"{latency['max_abs_error']:.2g}; test accuracy TVM {accuracy.get('tvm', 0):.4f} "
-            f"vs torch {accuracy.get('torch', 0):.4f}",
+            f"vs torch {accuracy.get('torch', 0):.4f}; layers: "
+            + ", ".join(f"{r['layer']} {r['form']} ({r['methods']})" for r in latency["layers"]),
             highlight=False,
         )
     console.print(f"peak: {peak.describe()}", highlight=False)

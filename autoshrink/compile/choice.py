@@ -4,7 +4,8 @@ Each layer's kernels (compressed and dense, at every batch size) are put side by
 module, tuned against the shared database and timed on the target. A layer keeps its
 compressed kernel unless the dense one is faster at every batch size *and* the float32
 weights it adds still fit :data:`DENSE_ALLOWANCE` over the compressed bytes, the fastest
-gains first: what ships stays within the artifact's bytes plus that allowance.
+gains first, or the compressed kernel is over :data:`SLOWDOWN_LIMIT` times slower at some batch
+size (then the bundle grows, and the layer's row says why).
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from autoshrink.compile.lowering import LayerKernel
 from autoshrink.compile.target import Target
 from autoshrink.compile.tuning import tune
 
-__all__ = ["DENSE_ALLOWANCE", "choose_kernels"]
+__all__ = ["DENSE_ALLOWANCE", "SLOWDOWN_LIMIT", "choose_kernels"]
 
 #: Bytes of float32 weights the dense kernels chosen for speed may add to a bundle.
 DENSE_ALLOWANCE = 512_000
+#: A compressed kernel this many times slower than the dense one (at some batch size) is not
+#: shipped whatever the bytes: a bundle that small but that slow serves no one.
+SLOWDOWN_LIMIT = 10.0
 
 
 def _function(layer: str, form: str, batch: int) -> str:
@@ -112,7 +116,12 @@ def _spend_allowance(
     spent = 0
     for _, row in sorted(faster, key=lambda pair: -pair[0]):
         extra = row["bytes"]["dense"] - row["bytes"]["compressed"]
-        if spent + extra <= DENSE_ALLOWANCE:
+        worst = max(row["ms"]["compressed"][b] / row["ms"]["dense"][b] for b in row["ms"]["dense"])
+        if worst > SLOWDOWN_LIMIT:
+            row["form"] = "dense"
+            row["why"] = f"compressed kernel is {worst:.0f}x slower than dense; dense despite bytes"
+            chosen[row["layer"]] = next(k for k in options[row["layer"]] if k.form == "dense")
+        elif spent + extra <= DENSE_ALLOWANCE:
             spent += extra
             row["form"], row["why"] = "dense", "dense kernel is faster and fits the allowance"
             chosen[row["layer"]] = next(

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import tvm
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -144,6 +145,17 @@ def _reduces(mod: Any) -> bool:
     return False
 
 
+def _countable(mod: Any) -> bool:
+    """Whether MetaSchedule can estimate the module's FLOPs (it must, to tune it)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        estimate_tir_flops(mod)
+    except tvm.error.InternalError:
+        return False
+    return True
+
+
 def _records(database: Any, mod: Any, limit: int) -> int:
     """Valid tuning records the database holds for a task's workload (at most ``limit``)."""
     if not database.has_workload(mod):
@@ -164,7 +176,6 @@ def tune(
     the tasks the database does not already hold that many records for."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.analysis import estimate_tir_flops
     from tvm.s_tir.meta_schedule.relax_integration import (
         extract_tasks,
         extracted_tasks_to_tune_contexts,
@@ -175,11 +186,10 @@ def tune(
     # Only kernels with a reduction (matrix products, convolutions) are tuned. Data movement
     # and elementwise kernels (an activation after an opaque compressed kernel) keep TVM's
     # plain loops: their few schedules could never fill a per-task budget, so every later
-    # compile would tune them again.
-    tasks = [
-        t for t in found
-        if estimate_tir_flops(t.dispatched[0]) > 0 and _reduces(t.dispatched[0])
-    ]
+    # compile would tune them again. MetaSchedule cannot count the FLOPs of a kernel with
+    # let-bound expressions (the hashed layers' in-kernel hash): on the CPU those run as TVM's
+    # plain loops (DLight's CPU rules fail on their gathers), so they are slow.
+    tasks = [t for t in found if _reduces(t.dispatched[0]) and _countable(t.dispatched[0])]
     summary: dict[str, Any] = {"trials": 0, "seconds": 0.0, "tasks": len(tasks), "reused": 0}
     if not tasks or trials <= 0:
         return summary
