@@ -218,8 +218,6 @@ class Hashing(StructureMethod):
         """Only the K values (in their value format) and the bias: the kernel computes each
         weight's bucket and sign from its flat position and the seed, with the same
         splitmix64 hashes as :func:`position_hash`, so no index array exists anywhere."""
-        from tvm import tirx
-
         from autoshrink.compile.kernels import dense_layer, modulo, splitmix64, supports
 
         if not supports(template):
@@ -230,13 +228,9 @@ class Hashing(StructureMethod):
             bucket_key, sign_key = (int(key) for key in _finalize(streams))
 
         def element(shared: Any, flat: Any) -> Any:
-            bucket = tirx.Var("bucket", "int32")  # bound once: `shared` may read it twice
+            bucket = splitmix64(bucket_key, flat, lambda z: modulo(z, k))
             top_bit = splitmix64(sign_key, flat, lambda z: (z[0] >> 31).astype("float32"))
-            return tirx.Let(
-                bucket,
-                splitmix64(bucket_key, flat, lambda z: modulo(z, k)),
-                shared(bucket) * (1.0 - 2.0 * top_bit),
-            )
+            return shared(bucket) * (1.0 - 2.0 * top_bit)
 
         return LoweredLayer(
             arrays={"bias": code.arrays["bias"]} if "bias" in code.arrays else {},

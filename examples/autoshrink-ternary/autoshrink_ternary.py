@@ -74,13 +74,12 @@ class Ternary(ValueMethod):
         # The compiled form keeps the 2-bit codes; the kernel decodes each as it multiplies.
         from autoshrink.compile.kernels import unpack
 
-        scale = float(np.float32(meta["scale"]))
-
-        def element(tensors, i):
-            code = unpack(tensors["codes"], 2, i)
-            return (code == 1).astype("float32") * scale - (code == 2).astype("float32") * scale
-
-        return LoweredValue(arrays={"codes": arrays["codes"]}, element=element)
+        scale = np.float32(meta["scale"])
+        levels = np.array([0.0, scale, -scale, 0.0], dtype=np.float32)  # by 2-bit code
+        return LoweredValue(
+            arrays={"codes": arrays["codes"], "levels": levels},
+            element=lambda t, i: t["levels"][unpack(t["codes"], 2, i)],
+        )
 
 
 @hookimpl
