@@ -217,7 +217,9 @@ class Hashing(StructureMethod):
     ) -> LoweredLayer | None:
         """Only the K values (in their value format) and the bias: the kernel computes each
         weight's bucket and sign from its flat position and the seed, with the same
-        splitmix64 hashes as :func:`position_hash`, so no index array exists anywhere."""
+        splitmix64 hashes as :func:`position_hash`, so no index array is stored."""
+        from tvm import te
+
         from autoshrink.compile.kernels import dense_layer, modulo, splitmix64, supports
 
         if not supports(template):
@@ -227,16 +229,29 @@ class Hashing(StructureMethod):
         with np.errstate(over="ignore"):
             bucket_key, sign_key = (int(key) for key in _finalize(streams))
 
-        def element(shared: Any, flat: Any) -> Any:
-            bucket = splitmix64(bucket_key, flat, lambda z: modulo(z, k))
-            top_bit = splitmix64(sign_key, flat, lambda z: (z[0] >> 31).astype("float32"))
-            return shared(bucket) * (1.0 - 2.0 * top_bit)
+        def compute(x: Any, t: Any, p: Any) -> Any:
+            # Bucket and sign of every weight, computed from the position and the seed on each
+            # call (stages of their own: the hash's let-bound halves must not be copied into
+            # each place a value method reads its index).
+            count = int(np.prod(template.weight.shape))
+            bucket = te.compute(
+                (count,), lambda f: splitmix64(bucket_key, f, lambda z: modulo(z, k)),
+                name="bucket",
+            )
+            sign = te.compute(
+                (count,),
+                lambda f: splitmix64(sign_key, f, lambda z: 1 - 2 * (z[0] >> 31)).astype(
+                    "float32"
+                ),
+                name="sign",
+            )
+            return dense_layer(
+                x, template, lambda f: p["shared"](bucket[f]) * sign[f], t.get("bias")
+            )
 
         return LoweredLayer(
             arrays={"bias": code.arrays["bias"]} if "bias" in code.arrays else {},
-            compute=lambda x, t, p: dense_layer(
-                x, template, lambda f: element(p["shared"], f), t.get("bias")
-            ),
+            compute=compute,
         )
 
 
