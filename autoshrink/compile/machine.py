@@ -1,6 +1,6 @@
 """What the machine is: the cores this process may use, the CPU model, its fp32 peak.
 
-The peak turns latencies into GFLOP/s figures (:mod:`benchmarks.compile`); the model name
+The peak turns latencies into GFLOP/s figures (benchmarks/compile.py); the model name
 and the core count go into each compile's ``latency.json``.
 """
 

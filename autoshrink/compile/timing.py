@@ -5,15 +5,19 @@ it imports only its engine's library). Each child sets its thread count before i
 anything (``torch.set_num_threads``, ``TVM_NUM_THREADS``, ``OMP_NUM_THREADS``, ONNX Runtime's
 session options), loads its engine, warms each batch up, and calibrates the calls per sample
 so one sample lasts ``min_repeat_s``. The parent then runs ``rounds`` rounds: each round asks
-every engine in turn, for every batch, for one sample, the order rotating from round to round,
-with a pause between engines so the worker threads of the one before (TVM's and OpenMP's spin
-after a call) are quiet. The median over rounds is reported, with the quartiles beside it.
+every engine in turn, for every batch, for one sample, the order rotating from round to round.
+The median over rounds is reported, with the quartiles and extremes beside it.
 
-Why processes: timed in one process, PyTorch eager after TVM measured 2x slower than alone
-(3.03 ms vs 1.59 ms at batch 64); two runtimes' thread pools in one process, each pinning or
-spinning its own workers, tax whichever engine runs next. Why interleaved: a slow spell of
-this machine (other tenants, frequency changes) then costs every engine a round, not one
-engine its whole measurement.
+Why processes: TVM's pool pins its workers one per core and, after every parallel job, keeps
+them spinning on ``sched_yield`` for up to 300,000 calls (``TVM_THREAD_POOL_SPIN_COUNT``),
+a whole core for 80-400 ms on a 2-core machine. PyTorch eager called in that window, in the
+same process, took 13-56 ms per call instead of 2-4 ms (none of it with the spin count set to
+0); the old in-process harness, timing eager right after TVM had run, reported 3.03 ms where a
+process of its own gives 1.59 ms. A spinning thread takes its core from other processes too,
+so separate processes are not enough: each child answers a sample only once its own worker
+threads are quiet (:func:`.timing_child.settle`), and the parent pauses ``PAUSE_S`` more
+before it asks the next engine. Why interleaved: a slow spell of the machine (another tenant,
+a frequency change) then costs every engine a round, not one engine its whole measurement.
 
 :func:`prepare_peers` writes what PyTorch and ONNX Runtime need to run ``model``;
 :func:`median_ms` and :func:`thread_count` remain for in-process timing of a single engine.
