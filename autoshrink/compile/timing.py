@@ -20,18 +20,17 @@ before it asks the next engine. Why interleaved: a slow spell of the machine (an
 a frequency change) then costs every engine a round, not one engine its whole measurement.
 
 :func:`prepare_peers` writes what PyTorch and ONNX Runtime need to run ``model``;
-:func:`median_ms` and :func:`thread_count` remain for in-process timing of a single engine.
+:func:`thread_count` limits PyTorch and TVM in this process (tuning and checks).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoshrink.compile import timing_child
 from autoshrink.compile.timing_child import (
     Child,
     ChildFailed,
@@ -47,6 +45,7 @@ from autoshrink.compile.timing_child import (
     OnnxEngine,
     TorchEngine,
     TvmEngine,
+    spec,
 )
 
 __all__ = [
@@ -56,11 +55,9 @@ __all__ = [
     "TorchEngine",
     "TvmEngine",
     "measure",
-    "median_ms",
     "model_flops",
     "prepare_peers",
     "thread_count",
-    "torch_engines",
 ]
 
 ONNX_MISSING = "onnxruntime not measured: it is not installed (pip install 'autoshrink[onnx]')"
@@ -95,71 +92,6 @@ def thread_count(threads: int) -> Iterator[None]:
             os.environ.pop("TVM_NUM_THREADS", None)
         else:
             os.environ["TVM_NUM_THREADS"] = env_before
-
-
-def median_ms(
-    run: Callable[[], object],
-    *,
-    repeats: int = 7,
-    warmup: int = 3,
-    min_repeat_s: float = 0.05,
-    sync: Callable[[], None] | None = None,
-) -> float:
-    """Median milliseconds of one call of ``run``: warm up, calibrate the calls per repeat so a
-    repeat lasts ``min_repeat_s``, then take the median over ``repeats`` repeats (robust to
-    the other processes that share this machine's cores)."""
-    for _ in range(warmup):
-        run()
-    if sync:
-        sync()
-
-    def timed(number: int) -> float:
-        start = time.perf_counter()
-        for _ in range(number):
-            run()
-        if sync:
-            sync()
-        return time.perf_counter() - start
-
-    number = 1
-    while (elapsed := timed(number)) < min_repeat_s and number < 1_000_000:
-        number = max(2 * number, int(number * min_repeat_s / max(elapsed, 1e-9) * 1.2))
-    samples = [timed(number) / number for _ in range(repeats)]
-    return statistics.median(samples) * 1e3
-
-
-def torch_engines(
-    model: nn.Module,
-    inputs: dict[int, torch.Tensor],
-    *,
-    compiled: bool = True,
-    repeats: int = 7,
-) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Median ms per batch of PyTorch eager and, with ``compiled``, ``torch.compile``
-    (inductor, static shapes); returns the times and notes on what could not run."""
-    engines: dict[str, dict[str, float]] = {"torch_eager": {}}
-    notes: list[str] = []
-    model = model.eval()
-    with torch.inference_mode():
-        for batch, x in inputs.items():
-            run = functools.partial(model, x)
-            engines["torch_eager"][str(batch)] = median_ms(run, repeats=repeats)
-        if not compiled:
-            return engines, notes
-        try:
-            fast = torch.compile(model, dynamic=False)
-            times = {}
-            for batch, x in inputs.items():
-                fast(x)  # compiles for this shape; not part of the timing
-                times[str(batch)] = median_ms(functools.partial(fast, x), repeats=repeats)
-            engines["torch_compile"] = times
-        except Exception as exc:  # inductor needs a C++ compiler; say why it is missing
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            notes.append(f"torch.compile failed ({first[:200]}); no fourth engine measured")
-    return engines, notes
-
-
-# --- peers and the harness ------------------------------------------------------------------
 
 
 def _first_line(exc: BaseException) -> str:
@@ -267,7 +199,7 @@ def measure(
     try:
         for name, engine in engines.items():  # all load at once: loading is not timed
             try:
-                children[name] = Child({**setup, "engine": timing_child.spec(engine)}, threads)
+                children[name] = Child({**setup, "engine": spec(engine)}, threads)
             except (ChildFailed, OSError) as exc:
                 timings.notes.append(f"{name} not measured: {exc}")
         for name in list(children):
