@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from autoshrink.artifact import read_artifact, write_artifact
-from autoshrink.compile import compile_artifact, densify, open_database
+from autoshrink.compile import compile_artifact, open_database
+from autoshrink.compile.densify import densify
 from autoshrink.compress import compress
 from autoshrink.pareto import _latency
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers

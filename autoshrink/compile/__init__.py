@@ -7,7 +7,8 @@ fallback and the ``tvm_dense`` peer), :mod:`.choice` (compressed or dense, per l
 side by side, each in its own process) and :mod:`.pipeline` (the whole path).
 
 The names below load their module on first use, so that importing one module of the package
-(a plugin importing :mod:`.kernels`) does not import TVM's whole compile path.
+(a plugin importing :mod:`.kernels`) does not import TVM's whole compile path. (The densify
+function lives in :mod:`.densify`: a package attribute of that name would be the submodule.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ __all__ = [
     "CompileResult",
     "compile_artifact",
     "compile_winners",
-    "densify",
     "open_database",
     "resolve_target",
 ]
@@ -30,7 +30,6 @@ _HOMES = {
     "CompileResult": "pipeline",
     "compile_artifact": "pipeline",
     "compile_winners": "pipeline",
-    "densify": "densify",
     "open_database": "database",
     "resolve_target": "target",
 }
