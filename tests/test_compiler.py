@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 from autoshrink.artifact import read_artifact, write_artifact
@@ -293,3 +294,36 @@ def test_search_compile_front_times_every_member_in_the_report(tmp_path: Path) -
         assert (folder / "compiled" / f"trial-{member['trial']:04d}" / "model.so").is_file()
     assert "tvm_tuned" in (folder / "report.md").read_text()
     assert "tvm_tuned" in (folder / "index.html").read_text()
+
+
+def test_records_that_no_longer_replay_are_dropped_and_the_rest_kept(tmp_path: Path) -> None:
+    """Two functions equal but for a stage's name are one workload to MetaSchedule; a record
+    tuned on the second names a stage the first lacks, and TVM then refuses the whole file."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord
+
+    folder = tmp_path / "llvm-test"
+    folder.mkdir()
+    database = JSONDatabase(work_dir=str(folder))
+    x = te.placeholder((4, 8), name="x")
+    for stage in ("double", "twice"):
+        y = te.compute((4, 8), lambda i, j: x[i, j] * 2.0, name=stage)
+        mod = tvm.IRModule({"main": te.create_prim_func([x, y])})
+        schedule = Schedule(mod)
+        schedule.parallel(schedule.get_loops(schedule.get_sblock(stage))[0])
+        workload = database.commit_workload(mod)
+        database.commit_tuning_record(TuningRecord(
+            schedule.trace, workload, [1e-6], tvm.target.Target("llvm"),
+            ArgInfo.from_prim_func(mod["main"]),
+        ))
+    assert len((folder / "database_tuning_record.json").read_text().splitlines()) == 2
+    with pytest.raises(RuntimeError, match="parallel_for"):  # what TVM does with such a file
+        JSONDatabase(work_dir=str(folder))
+    console = Console(stderr=True, record=True, width=200)
+    reopened = open_database(folder, console)
+    assert len(reopened) == 1
+    assert "dropped 1 tuning record(s)" in console.export_text()
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]

@@ -170,3 +170,35 @@ def test_bundle_of_a_compressed_model_is_smaller_than_its_dense_compile(
     assert latency["bundle_bytes"] * 4 < latency["dense_bytes"]
     assert {row["form"] for row in latency["layers"]} <= {"compressed", "dense"}
     assert set(latency["engines"]) >= {"tvm_tuned", "tvm_dense", "torch_eager"}
+
+
+def _prim_func(kernel, batch: int, features: int):
+    """The kernel's TIR function for inputs of ``batch`` x ``features``."""
+    from tvm import te
+
+    x = te.placeholder((batch, features), name="x")
+    tensors = {
+        k: te.placeholder(kernel.arrays[k].shape, str(kernel.arrays[k].dtype), name=k)
+        for k in sorted(kernel.arrays)  # the order of the kernel's call
+    }
+    y = kernel.compute(x, tensors)
+    return te.create_prim_func([x, *tensors.values(), y])
+
+
+def test_both_forms_of_a_float32_layer_name_their_stages_alike(methods, tmp_path) -> None:
+    """MetaSchedule takes structurally equal functions for one workload whatever their
+    stage names, and replays its schedules by stage name: equal kernels need equal names."""
+    import re
+
+    import tvm_ffi
+
+    from autoshrink.compile.lowering import dense_kernel
+
+    plan = Plan(layers={"fc1": LayerPlan(value=Choice(method="float", config={"bits": 32}))})
+    _, _, _, kernels = _compile(tmp_path, methods, "digits-mlp", plan, 1.0, 2)
+    layer = read_artifact(tmp_path / "model.safetensors", methods).model.fc1
+    compressed = _prim_func(kernels["fc1"], 2, layer.in_features)
+    dense = _prim_func(dense_kernel("fc1", layer), 2, layer.in_features)
+    assert tvm_ffi.structural_equal(compressed, dense)
+    stages = [re.findall(r'T\.sblock\("(\w+)"\)', f.script()) for f in (compressed, dense)]
+    assert stages[0] == stages[1] and stages[0]

@@ -56,51 +56,101 @@ def _stamp(folder: Path) -> list[list[int]]:
     ]
 
 
-def _loads_in_child(folder: Path) -> str | None:
-    """Load the database in a child process first: a crash there costs nothing here."""
-    code = (
-        "import sys\nfrom tvm.s_tir.meta_schedule.database import JSONDatabase\n"
-        "JSONDatabase(work_dir=sys.argv[1], allow_missing=True)\n"
-    )
+_CHILD = """
+import json, sys
+from tvm.s_tir.meta_schedule.database import JSONDatabase, TuningRecord, Workload
+folder = sys.argv[1]
+try:
+    JSONDatabase(work_dir=folder, allow_missing=True)
+except Exception:
+    with open(folder + "/database_workload.json") as lines:
+        workloads = [Workload.from_json(json.loads(line)) for line in lines]
+    stale = []
+    with open(folder + "/database_tuning_record.json") as lines:
+        for number, line in enumerate(lines, start=1):
+            index, record = json.loads(line)
+            try:
+                TuningRecord.from_json(record, workloads[index])
+            except Exception:
+                stale.append(number)
+    print(json.dumps(stale))
+    sys.exit(3)
+"""
+
+
+def _load_in_child(folder: Path) -> tuple[str | None, list[int]]:
+    """Load the database in a child process first: a crash there costs nothing here.
+    Returns what is wrong with it, or the line numbers of tuning records whose schedules no
+    longer replay on their workload (TVM refuses the whole file for one such record)."""
     try:
         done = subprocess.run(
-            [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", _CHILD, str(folder)],
+            capture_output=True, text=True, timeout=300,
         )
     except subprocess.TimeoutExpired:
-        return "loading it took over 5 minutes"
+        return "loading it took over 5 minutes", []
     if done.returncode == 0:
-        return None
+        return None, []
+    if done.returncode == 3:
+        stale = json.loads(done.stdout.strip().splitlines()[-1])
+        if stale:
+            return None, stale
     lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    return f"TVM cannot load it ({lines[-1][:200] if lines else f'exit {done.returncode}'})"
+    return f"TVM cannot load it ({lines[-1][:200] if lines else f'exit {done.returncode}'})", []
+
+
+def _drop_records(folder: Path, stale: list[int], console: Console) -> None:
+    """Rewrite the tuning records without the lines in ``stale`` (1-based)."""
+    path = folder / _DB_FILES[1]
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for number, line in enumerate(lines, start=1) if number not in set(stale)]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(b"".join(kept))
+    partial.replace(path)
+    console.print(
+        f"[yellow]warning:[/] tuning database {folder}: dropped {len(stale)} tuning "
+        "record(s) whose schedules no longer apply to their workload",
+        highlight=False,
+    )
 
 
 def open_database(folder: Path, console: Console | None = None) -> Any:
-    """The MetaSchedule JSON database in ``folder``; a corrupt one is moved aside to
-    ``<folder>.corrupt-<time>`` and an empty one started, with a one-line warning.
+    """The MetaSchedule JSON database in ``folder``. Records whose schedules no longer
+    replay are dropped; a database that is otherwise corrupt is moved aside to
+    ``<folder>.corrupt-<time>`` and an empty one started, with a one-line warning either way.
 
     Checks: each line parses as JSON of the right shape (in Python), and, when the files
     changed since this code last loaded them (``.checked`` holds their sizes and times),
-    TVM loads them in a child process; only then are they loaded here.
+    TVM loads them in a child process; only then are they loaded here. Should loading here
+    still fail, the child looks for records that do not replay, once.
     """
     from tvm.s_tir.meta_schedule.database import JSONDatabase
 
+    console = console or Console(stderr=True)
     folder.mkdir(parents=True, exist_ok=True)
     checked = folder / ".checked"
     problem = _database_problem(folder)
     known = checked.is_file() and checked.read_text() == json.dumps(_stamp(folder))
-    if problem is None and not known and any((folder / f).exists() for f in _DB_FILES):
-        problem = _loads_in_child(folder)
-    if problem is None:
+    present = any((folder / f).exists() for f in _DB_FILES)
+    for attempt in range(2):
+        if problem is None and present and (attempt or not known):
+            problem, stale = _load_in_child(folder)
+            if stale:
+                _drop_records(folder, stale, console)
+        if problem is not None:
+            break
         try:
             database = JSONDatabase(work_dir=str(folder), allow_missing=True)
             mark_checked(folder)
             return database
         except Exception as exc:  # TVM raises RuntimeError / InternalError on bad records
-            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            problem = None if attempt == 0 else (
+                (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            )
     aside = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.move(str(folder), str(aside))
     folder.mkdir(parents=True)
-    (console or Console(stderr=True)).print(
+    console.print(
         f"[yellow]warning:[/] tuning database {folder} was corrupt ({problem}); "
         f"moved to {aside.name}, tuning starts afresh",
         highlight=False,
@@ -108,4 +158,3 @@ def open_database(folder: Path, console: Console | None = None) -> Any:
     database = JSONDatabase(work_dir=str(folder), allow_missing=True)
     mark_checked(folder)
     return database
-

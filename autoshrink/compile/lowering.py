@@ -161,9 +161,10 @@ def dense_kernel(name: str, layer: nn.Module) -> LayerKernel | None:
         form="dense",
         methods="dense float32",
         arrays=arrays,
-        compute=lambda x, t: dense_layer(
-            x, layer, lambda f: t["weight"][f], t.get("bias"), name="dense"
-        ),
+        # The stage names are dense_layer's defaults, as in the built-in dense lowering: the
+        # two kernels of a float32 layer are then the same workload with the same names
+        # (MetaSchedule matches workloads ignoring names, and its traces name stages).
+        compute=lambda x, t: dense_layer(x, layer, lambda f: t["weight"][f], t.get("bias")),
     )
 
 
