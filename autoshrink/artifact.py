@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Artifact",
     "Header",
+    "file_digest",
     "read_artifact",
     "read_header",
     "size_breakdown",
@@ -321,3 +322,12 @@ def size_breakdown(path: Path) -> dict[str, int]:
         section = "state" if key.startswith("state/") else key.split("/", 1)[0]
         parts[section] = parts.get(section, 0) + len(blob)
     return parts
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file (None when it is missing): what caches of a trial are keyed by."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError:
+        return None

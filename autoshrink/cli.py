@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -43,6 +44,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.
 
 class State:
     strict_plugins: bool | None = None
+    debug: bool = False
 
 
 def registry(settings: Settings) -> Registry:
@@ -70,9 +72,16 @@ def main_options(
             help="Fail on a broken third-party plugin instead of skipping it with a warning.",
         ),
     ] = None,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", help="Show the traceback of an unexpected error (also AUTOSHRINK_DEBUG=1)."
+        ),
+    ] = False,
 ) -> None:
     """autoshrink: compress trained networks by searching per-layer method mixes."""
     State.strict_plugins = strict_plugins
+    State.debug = debug
 
 
 @app.command("plugins")
@@ -524,8 +533,59 @@ def _print_latency(latency: dict) -> None:
     console.print("(x) = speedup over PyTorch eager", highlight=False)
 
 
+@app.command("doctor")
+def doctor_command(
+    study: Annotated[str, typer.Argument(help="Name of the study folder under --out.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Reports folder.")] = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Rewrite a damaged journal with the records that can be kept (after a backup).",
+        ),
+    ] = False,
+) -> None:
+    """Check a study's journal and files; with --repair, fix a damaged journal."""
+    from autoshrink.journal import check_journal
+    from autoshrink.journal import repair as repair_journal
+    from autoshrink.lock import StudyLock
+    from autoshrink.session import study_folder
+
+    folder = study_folder(settings(study=study, out=out))
+    if not folder.journal.is_file():
+        raise AutoshrinkError(f"no study journal in {folder.root}")
+    found = check_journal(folder.journal)
+    console.print(f"journal {folder.journal}: {found.records} complete records", highlight=False)
+    if found.tail:
+        console.print(
+            f"- the last record is cut off ({len(found.tail)} bytes); `resume` moves it "
+            "aside by itself", highlight=False,
+        )
+    for number, why in found.bad:
+        console.print(f"- line {number} {why}", highlight=False)
+    if found.records == 0 and folder.has_artifacts():
+        console.print("- the journal holds no records, but trial artifacts exist", highlight=False)
+    if not found.bad:
+        if not found.tail:
+            console.print("nothing to repair", highlight=False)
+        return
+    if not repair:
+        raise AutoshrinkError(
+            f"the journal of `{folder.name}` is damaged; `autoshrink doctor {folder.name} "
+            "--repair` keeps what can be kept, after a backup"
+        )
+    with StudyLock(folder.root):
+        backup, what = repair_journal(folder.journal)
+    console.print(f"repaired: {what}; the original is in {backup.name}", highlight=False)
+
+
+def _debugging() -> bool:
+    return State.debug or os.environ.get("AUTOSHRINK_DEBUG", "") not in ("", "0")
+
+
 def main() -> None:
-    """Console entry point: one line per error, exit 2 for usage errors and 1 for failures."""
+    """Console entry point: one line per error, exit 2 for usage errors and 1 for failures;
+    a traceback only with ``--debug`` or ``AUTOSHRINK_DEBUG=1``."""
     try:
         app()
     except AutoshrinkError as exc:
@@ -535,3 +595,19 @@ def main() -> None:
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/]")
         sys.exit(130)
+    except Exception as exc:
+        if _debugging():
+            raise
+        errors.print(f"[red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An unexpected error as one line: what failed, where to look next."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{text[:300]} (`--debug` shows where)"

@@ -30,9 +30,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autoshrink.artifact import read_artifact, size_breakdown
+from autoshrink.artifact import file_digest, read_artifact, size_breakdown
 from autoshrink.errors import ArtifactError
-from autoshrink.study import ARTIFACT, SearchSetup, StudyFolder, trial_summary
+from autoshrink.study import ARTIFACT, SearchSetup, StudyFolder, study_identity, trial_summary
 from autoshrink.training import evaluate
 
 __all__ = ["SCHEMA", "front_trials", "summarize", "versions"]
@@ -59,32 +59,46 @@ def front_trials(study: optuna.Study, budget: int) -> list[FrozenTrial]:
 
 
 def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: SearchSetup) -> dict:
-    """Test-set accuracy of each front member, measured once from its artifact file."""
+    """Test-set accuracy of each front member (by trial number), measured once from its
+    artifact file. The cache is keyed by the study's id, the trial number and the file's
+    hash: a figure of another study, or of an earlier file, is never shown."""
     cache = folder.root / "test_accuracy.json"
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    study_id = study_identity(folder).id
+    found = {}
     for trial in front:
-        key = str(trial.number)
         path = trial.user_attrs.get(ARTIFACT)
-        if key in known or path is None:
-            continue
-        try:
-            artifact = read_artifact(folder.root / path, setup.registry, setup.task)
-        except ArtifactError:
-            continue  # deleted or damaged: the report shows the accuracy as unknown
-        known[key] = evaluate(artifact.model, setup.data.test, setup.task.metric)
-    cache.write_text(json.dumps(known, indent=2))
-    return known
+        digest = file_digest(folder.root / path) if path else None
+        if digest is None:
+            continue  # deleted: the report shows the accuracy as unknown
+        key = f"{study_id}/{trial.number}/{digest}"
+        if not isinstance(known.get(key), float):
+            try:
+                artifact = read_artifact(folder.root / path, setup.registry, setup.task)
+            except ArtifactError:
+                continue  # damaged: unknown, as above
+            known[key] = evaluate(artifact.model, setup.data.test, setup.task.metric)
+        found[str(trial.number)] = known[key]
+    write_atomic(cache, json.dumps(known, indent=2))
+    return found
 
 
-def _latency(folder: StudyFolder, number: int) -> dict[str, Any] | None:
-    """The timings ``autoshrink.compiler`` wrote for a compiled trial, if any (unreadable
-    ones are skipped: the report shows no latency rather than failing)."""
+def _latency(folder: StudyFolder, number: int, artifact: Path | None) -> dict[str, Any] | None:
+    """The timings ``autoshrink compile`` wrote for a compiled trial, if any, and only when
+    they were measured on this very artifact file (unreadable or stale ones are skipped: the
+    report shows no latency rather than a wrong one)."""
     path = folder.compiled(number) / "latency.json"
     try:
         latency = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         return None
-    return latency if isinstance(latency, dict) else None
+    if not isinstance(latency, dict) or artifact is None:
+        return None
+    return latency if latency.get("artifact_sha256") == file_digest(artifact) else None
 
 
 def summarize(
@@ -103,17 +117,21 @@ def summarize(
         row["test_accuracy"] = tests.get(str(trial.number))
         path = folder.root / row["artifact"] if row["artifact"] else None
         row["layers"] = size_breakdown(path) if path and path.is_file() else {}
-        latency = _latency(folder, trial.number)
+        latency = _latency(folder, trial.number, path)
         if latency is not None:
             row["latency"] = latency
             row["bundle_bytes"] = latency.get("bundle_bytes")
         members.append(row)
     best = max(members, key=lambda r: (r["val_accuracy"], -r["bytes"]), default=None)
+    if final:
+        _keep_front_only(folder, study, {r["trial"] for r in members}, best)
     trials = []
     counts = {"complete": 0, "failed": 0, "over_budget": 0, "running": 0}
     for trial in study.get_trials(deepcopy=False):
         row = trial_summary(trial)
         row["feasible"] = row["bytes"] is not None and row["bytes"] <= budget
+        if row["artifact"] and not (folder.root / row["artifact"]).is_file():
+            row["artifact"] = None  # deleted (off the front): name no missing file
         trials.append(row)
         if trial.state == TrialState.COMPLETE:
             counts["complete"] += 1
@@ -122,8 +140,6 @@ def summarize(
             counts["failed"] += 1
         elif trial.state == TrialState.RUNNING:
             counts["running"] += 1
-    if final:
-        _keep_front_only(folder, study, {r["trial"] for r in members}, best)
     command = folder.root / "command.txt"
     return {
         "schema": SCHEMA,
@@ -156,8 +172,14 @@ def _keep_front_only(
         shutil.copyfile(folder.root / best["artifact"], folder.root / BEST)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one step: a browser or a reader never sees half a file, also
+    while a running search rewrites the report."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
 def write_json(path: Path, summary: dict[str, Any]) -> None:
     """Write ``pareto.json`` atomically."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    partial.replace(path)
+    write_atomic(path, json.dumps(summary, indent=2))

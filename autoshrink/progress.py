@@ -15,7 +15,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from autoshrink.study import finished
+from autoshrink.study import FAILURE, finished
 
 __all__ = ["SearchProgress", "TrainingBar"]
 
@@ -79,6 +79,12 @@ class SearchProgress:
         return text
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            reason = (str(trial.user_attrs.get(FAILURE) or "no reason recorded").splitlines()
+                      or [""])[0]
+            self.progress.console.print(
+                f"trial {trial.number} failed: {reason[:300]}", highlight=False
+            )
         self.progress.update(self.bar, advance=1, status=self.status())
 
     def __enter__(self) -> SearchProgress:

@@ -12,8 +12,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from autoshrink.errors import UsageError
-from autoshrink.pareto import BEST, summarize, write_json
-from autoshrink.study import StudyFolder, prepare
+from autoshrink.journal import JournalError, check_journal
+from autoshrink.pareto import BEST, summarize, write_atomic, write_json
+from autoshrink.study import StudyFolder, prepare, study_identity
 
 __all__ = [
     "choice_text",
@@ -213,14 +214,6 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, content: str) -> None:
-    """Replace ``path`` in one step: a browser or a reader never sees half a file, also
-    while a running search rewrites the report."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(content, encoding="utf-8")
-    partial.replace(path)
-
-
 def write_report(root: Path, summary: dict[str, Any]) -> None:
     """Write ``pareto.json``, ``report.md`` and ``index.html`` into ``root``."""
     # html_report builds on this module's helpers, so it is imported here, not at the top.
@@ -228,8 +221,8 @@ def write_report(root: Path, summary: dict[str, Any]) -> None:
 
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "pareto.json", summary)
-    _write_atomic(root / "report.md", render_markdown(summary))
-    _write_atomic(root / "index.html", render_html(summary))
+    write_atomic(root / "report.md", render_markdown(summary))
+    write_atomic(root / "index.html", render_html(summary))
 
 
 def load_study_readonly(folder: StudyFolder) -> optuna.Study:
@@ -241,13 +234,17 @@ def load_study_readonly(folder: StudyFolder) -> optuna.Study:
     """
     if not folder.journal.is_file():
         raise UsageError(f"no study journal in {folder.root}; start one with `autoshrink search`")
+    found = check_journal(folder.journal)
+    if found.problem:  # a cut tail is fine: Optuna's reader skips it
+        raise JournalError(
+            f"study journal {found.problem}. `autoshrink doctor {folder.name}` explains, "
+            "`--repair` fixes it after a backup"
+        )
+    identity = study_identity(folder)
     storage = JournalStorage(JournalFileBackend(str(folder.journal)))
-    names = optuna.get_all_study_names(storage)
-    # A renamed folder keeps its journal's study name; with one study there is no doubt.
-    name = folder.name if folder.name in names else (names[0] if len(names) == 1 else None)
-    if name is None:
-        raise UsageError(f"{folder.journal} holds no study named `{folder.name}`")
-    return optuna.load_study(study_name=name, storage=storage)
+    if identity.name not in optuna.get_all_study_names(storage):
+        raise UsageError(f"{folder.journal} holds no study named `{identity.name}`")
+    return optuna.load_study(study_name=identity.name, storage=storage)
 
 
 def regenerate(folder: StudyFolder) -> dict[str, Any]:

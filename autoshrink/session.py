@@ -7,6 +7,7 @@ finished trials are saved; ``autoshrink resume`` continues.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +19,8 @@ from rich.console import Console
 
 from autoshrink.budget import smallest_artifact
 from autoshrink.errors import AutoshrinkError, UsageError
+from autoshrink.journal import heal_for_append
+from autoshrink.lock import StudyLock
 from autoshrink.pareto import summarize
 from autoshrink.progress import SearchProgress, TrainingBar
 from autoshrink.report import write_report
@@ -27,11 +30,13 @@ from autoshrink.study import (
     StudyFolder,
     fail_interrupted,
     finished,
+    new_identity,
     open_study,
     prepare,
     resolve,
     save_settings,
     search,
+    study_identity,
 )
 
 __all__ = ["Interrupted", "run_search", "study_folder"]
@@ -83,9 +88,59 @@ def check_ray(settings: Settings) -> None:
 
 
 def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchOutcome:
-    """Run (or resume) the search ``settings`` describe and write its report."""
+    """Run (or resume) the search ``settings`` describe and write its report. The study
+    folder is locked for the whole run (one writer per study); a new study's folder is
+    created first, atomically, and removed again if the search fails before it starts."""
     start = time.monotonic()
     folder = study_folder(settings)
+    if resume:
+        if not folder.root.is_dir():
+            raise UsageError(
+                f"no study `{folder.name}` in {folder.root.parent}; `autoshrink search` starts one"
+            )
+        with StudyLock(folder.root):
+            return _run(settings, folder, console, start, resume=True)
+    _claim(folder)
+    try:
+        with StudyLock(folder.root):
+            return _run(settings, folder, console, start, resume=False)
+    except BaseException:
+        if not folder.journal.exists():  # no study was written yet: free the name again
+            shutil.rmtree(folder.root, ignore_errors=True)
+        raise
+
+
+def _claim(folder: StudyFolder) -> None:
+    """Create the study's folder: the one atomic step that claims its name."""
+    try:
+        folder.root.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the study folder {folder.root}: {exc.strerror or exc}; choose "
+            "another `--out`"
+        ) from None
+    if not folder.root.parent.is_dir():
+        raise UsageError(
+            f"cannot create the study folder {folder.root}: {folder.root.parent} is not a "
+            "folder; choose another `--out`"
+        )
+    try:
+        folder.root.mkdir()
+    except FileExistsError:
+        raise UsageError(
+            f"study `{folder.name}` already exists in {folder.root.parent}; continue it with "
+            f"`autoshrink resume {folder.name}` or choose another `--study` name"
+        ) from None
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the study folder {folder.root}: {exc.strerror or exc}; choose "
+            "another `--out`"
+        ) from None
+
+
+def _run(
+    settings: Settings, folder: StudyFolder, console: Console, start: float, *, resume: bool
+) -> SearchOutcome:
     if resume:
         settings = folder.load_settings().model_copy(
             update={
@@ -94,11 +149,12 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
                 if k in {"trials", "timeout", "workers", "backend", "ray_address"}
             }
         )
-    elif folder.root.exists():
-        raise UsageError(
-            f"study `{folder.name}` already exists in {folder.root.parent}; continue it with "
-            f"`autoshrink resume {folder.name}` or choose another `--study` name"
-        )
+        identity = study_identity(folder)
+        healed = heal_for_append(folder.journal, folder.name, has_artifacts=folder.has_artifacts())
+        if healed:
+            console.print(f"[yellow]warning:[/] {healed}", highlight=False, soft_wrap=True)
+    else:
+        identity = new_identity(folder)
     if not resume and Path(settings.space).suffix == ".toml":
         # settings.json must name the preset so that `report` and `resume` find it from any
         # working directory.
@@ -113,15 +169,18 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
             settings, on_step=lambda done, total: progress.update(bar, completed=done, total=total)
         )
     if not resume:
-        save_settings(folder, settings)
-    study = open_study(folder, settings, create=not resume)
+        save_settings(folder, settings, identity)
+    study = open_study(folder, settings, identity, create=not resume)
     if not resume:
         for plan in setup.space.starts:
             study.enqueue_trial(params_of(setup.space, plan) or {}, skip_if_exists=True)
     if resume:
         stale = fail_interrupted(study)
         if stale:
-            console.print(f"marked {stale} interrupted trial(s) as failed", highlight=False)
+            console.print(
+                f"marked {stale} interrupted trial(s) as failed; their plans run again",
+                highlight=False,
+            )
     trials = settings.trials
     if trials is None and settings.timeout is None:
         trials = DEFAULT_TRIALS

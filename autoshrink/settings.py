@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +40,7 @@ class Settings(BaseSettings):
     # TPE by default: at the default 24 trials NSGA-II (population 16) is still in its random
     # first generation, and TPE reached the larger hypervolume (benchmarks/search.py).
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)  # what NumPy's and Optuna's seeds take
     study: str | None = None
     out: Path = Path("reports")
     backend: Literal["local", "ray"] = "local"
@@ -72,14 +73,30 @@ class Settings(BaseSettings):
 
 
 def load_settings(**flags: Any) -> Settings:
-    """Settings with the flags the user actually gave (None means "not given")."""
+    """Settings with the flags the user actually gave (None means "not given").
+
+    The environment and config files are validated on their own first: a bad value there is
+    an error even where a flag overrides it (it would bite the next command)."""
     given = {key: value for key, value in flags.items() if value is not None}
+    try:
+        Settings()
+    except ValidationError as exc:
+        raise UsageError(_explain(exc, given_by_flags=False)) from None
     try:
         return Settings(**given)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            field = ".".join(str(p) for p in error["loc"]) or "settings"
-            shown = f" (got {error['input']!r})" if not isinstance(error["input"], dict) else ""
-            lines.append(f"• {field.replace('_', '-')}: {error['msg']}{shown}")
-        raise UsageError("\n".join(lines)) from exc
+        raise UsageError(_explain(exc, given_by_flags=True)) from None
+
+
+def _explain(exc: ValidationError, *, given_by_flags: bool) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "settings"
+        shown = f" (got {error['input']!r})" if not isinstance(error["input"], dict) else ""
+        where = ""
+        if not given_by_flags:
+            variable = f"AUTOSHRINK_{field.upper()}"
+            where = (f" in the environment variable {variable}" if variable in os.environ
+                     else " in autoshrink.toml or pyproject.toml")
+        lines.append(f"• {field.replace('_', '-')}{where}: {error['msg']}{shown}")
+    return "\n".join(lines)

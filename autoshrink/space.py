@@ -108,7 +108,15 @@ def load_preset(name: str) -> Preset:
     """A preset by built-in name (``search_spaces/<name>.toml``) or by path to a TOML file."""
     path = Path(name)
     if path.suffix == ".toml" and path.is_file():
-        text, label = path.read_text(), str(path)
+        label = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{label}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+            ) from exc
+        except OSError as exc:
+            raise UsageError(f"{label}: cannot read it: {exc.strerror or exc}") from exc
     else:
         builtin = resources.files("autoshrink_search_spaces") / f"{name}.toml"
         if not builtin.is_file():

@@ -7,8 +7,10 @@ in its folder ``<out>/<study>/``: the Optuna journal, the settings, the trials' 
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,9 +31,14 @@ from autoshrink.space import Space, build_space, load_preset
 from autoshrink.tasks import Task, TaskData, resolve_task
 from autoshrink.trial import TrialBudget, run_trial
 
-__all__ = ["SearchSetup", "StudyFolder", "open_study", "prepare", "resolve", "search"]
+__all__ = [
+    "Identity", "SearchSetup", "StudyFolder", "open_study", "prepare", "resolve", "search",
+    "study_identity",
+]
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# ERROR, not WARNING: Optuna logs every failed trial with its traceback; a failure is one line
+# from the progress display and its reason is in the report.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 # Optuna 5 deprecates samplers' `constraints_func` in favour of `Trial.set_constraint`, but Ray
 # Tune's OptunaSearch tells results without a trial we could set a constraint on, so the
 # budget stays a sampler constraint derived from the reported bytes (removal is planned for
@@ -42,6 +49,9 @@ FAILURE = "failure"
 PLAN = "plan"
 ARTIFACT = "artifact"
 SECONDS = "seconds"
+#: The failure reason of trials stopped from outside (Ctrl-C, a killed search): they do not
+#: count toward ``--trials`` and their parameters are tried again on resume.
+INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,15 @@ class StudyFolder:
     def settings(self) -> Path:
         return self.root / "settings.json"
 
+    @property
+    def identity(self) -> Path:
+        """``study.json``: the study's name in the journal and its random id, written when
+        the study is created, so that the folder may be renamed or copied."""
+        return self.root / "study.json"
+
+    def has_artifacts(self) -> bool:
+        return any((self.root / "artifacts").glob("trial-*.safetensors"))
+
     def artifact(self, number: int) -> Path:
         return self.root / "artifacts" / f"trial-{number:04d}.safetensors"
 
@@ -74,7 +93,13 @@ class StudyFolder:
             raise UsageError(
                 f"no study in {self.root} (no settings.json); start one with `autoshrink search`"
             )
-        return Settings.model_validate_json(self.settings.read_text())
+        try:
+            return Settings.model_validate_json(self.settings.read_bytes())
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise UsageError(
+                f"{self.settings} is damaged ({str(exc).splitlines()[0]}); restore it from a "
+                "copy of the study folder"
+            ) from None
 
 
 @dataclass
@@ -147,11 +172,51 @@ def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
     )
 
 
-def open_study(folder: StudyFolder, settings: Settings, *, create: bool) -> optuna.Study:
+@dataclass(frozen=True)
+class Identity:
+    """Who a study is, wherever its folder goes: its name in the journal and a random id
+    (which keys every cache derived from its trials)."""
+
+    name: str
+    id: str
+
+
+def new_identity(folder: StudyFolder) -> Identity:
+    return Identity(name=folder.name, id=uuid.uuid4().hex)
+
+
+def study_identity(folder: StudyFolder) -> Identity:
+    """The identity recorded in ``study.json``; for folders made before it existed, the one
+    study in the journal (refused when the journal holds several)."""
+    if folder.identity.is_file():
+        try:
+            raw = json.loads(folder.identity.read_text())
+            return Identity(name=str(raw["name"]), id=str(raw["id"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise UsageError(
+                f"{folder.identity} is damaged ({type(exc).__name__}); it names the study in "
+                "the journal: restore it from a copy of the folder"
+            ) from None
+    if not folder.journal.is_file():
+        return Identity(name=folder.name, id=folder.name)
+    names = optuna.get_all_study_names(JournalStorage(JournalFileBackend(str(folder.journal))))
+    if len(names) == 1:
+        return Identity(name=names[0], id=names[0])
+    if folder.name in names:
+        return Identity(name=folder.name, id=folder.name)
+    raise UsageError(
+        f"{folder.journal} holds {len(names)} studies ({', '.join(names) or 'none'}) and "
+        f"{folder.identity.name} is missing, so which one is this folder's cannot be told"
+    )
+
+
+def open_study(
+    folder: StudyFolder, settings: Settings, identity: Identity, *, create: bool
+) -> optuna.Study:
     """The study's Optuna object on its journal (created, or loaded to resume)."""
     storage = JournalStorage(JournalFileBackend(str(folder.journal)))
     return optuna.create_study(
-        study_name=folder.name,
+        study_name=identity.name,
         storage=storage,
         sampler=make_sampler(settings),
         directions=["minimize", "maximize"],
@@ -160,15 +225,24 @@ def open_study(folder: StudyFolder, settings: Settings, *, create: bool) -> optu
 
 
 def fail_interrupted(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by a killed search as failed; returns how many."""
+    """Mark trials left RUNNING by a killed search as failed (interrupted) and queue their
+    parameters to be tried again; returns how many."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    # Optuna's public fail_stale_trials needs heartbeats, which journal storage lacks; only
-    # one search runs a study at a time, so every RUNNING trial here is a dead one.
+    # Optuna's public fail_stale_trials needs heartbeats, which journal storage lacks; the
+    # study lock lets one search write a study at a time, so every RUNNING trial here is a
+    # dead one.
     storage = study._storage
     for trial in stale:
-        storage.set_trial_user_attr(trial._trial_id, FAILURE, "interrupted (search was stopped)")
+        study.enqueue_trial(trial.params)
+        storage.set_trial_user_attr(
+            trial._trial_id, FAILURE, f"{INTERRUPTED} (the search was stopped)"
+        )
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     return len(stale)
+
+
+def was_interrupted(trial: FrozenTrial) -> bool:
+    return str(trial.user_attrs.get(FAILURE, "")).startswith(INTERRUPTED)
 
 
 def objective(setup: SearchSetup, folder: StudyFolder) -> Callable[[optuna.Trial], tuple]:
@@ -189,6 +263,11 @@ def objective(setup: SearchSetup, folder: StudyFolder) -> Callable[[optuna.Trial
                 budget=setup.budget,
                 seed=setup.settings.seed + trial.number,
             )
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAILURE, f"{INTERRUPTED} (Ctrl-C)")
+            trial.study.enqueue_trial(trial.params)  # tried again on resume
+            path.unlink(missing_ok=True)
+            raise
         except Exception as exc:
             trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
             path.unlink(missing_ok=True)
@@ -201,8 +280,12 @@ def objective(setup: SearchSetup, folder: StudyFolder) -> Callable[[optuna.Trial
 
 
 def finished(study: optuna.Study) -> int:
-    """Trials that ran to an end (complete, failed or pruned)."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+    """Trials that ran to an end (complete, failed or pruned), not counting interrupted ones:
+    they are tried again."""
+    return sum(
+        1 for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and not was_interrupted(t)
+    )
 
 
 def search(
@@ -233,9 +316,10 @@ def search(
     )
 
 
-def save_settings(folder: StudyFolder, settings: Settings) -> None:
-    """Record the settings and command line so the study can be resumed and reproduced."""
-    folder.root.mkdir(parents=True, exist_ok=False)
+def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -> None:
+    """Record the study's identity, settings and command line, so that it can be resumed
+    and reproduced (its folder exists already: creating it is how a search claims a name)."""
+    folder.identity.write_text(json.dumps({"name": identity.name, "id": identity.id}) + "\n")
     folder.settings.write_text(settings.model_dump_json(indent=2))
     (folder.root / "command.txt").write_text(shlex.join(["autoshrink", *sys.argv[1:]]) + "\n")
 

@@ -119,7 +119,16 @@ def resolve_task(name: str, registered: dict[str, Task]) -> Task:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise UsageError(f"cannot load task `{name}`: {exc}") from exc
-    task = factory() if callable(factory) and not isinstance(factory, Task) else factory
+    if callable(factory) and not isinstance(factory, Task):
+        try:
+            task = factory()
+        except Exception as exc:
+            raise UsageError(
+                f"task `{name}`: calling `{attr}()` failed ({type(exc).__name__}: {exc}); a "
+                "task reference names a function that takes no arguments and returns a Task"
+            ) from exc
+    else:
+        task = factory
     if not isinstance(task, Task):
         raise UsageError(
             f"task `{name}` returned {type(task).__name__}, expected autoshrink.tasks.Task"

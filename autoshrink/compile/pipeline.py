@@ -28,7 +28,7 @@ from rich.console import Console
 from torch import nn
 from tvm import relax
 
-from autoshrink.artifact import read_artifact, read_header
+from autoshrink.artifact import file_digest, read_artifact, read_header
 from autoshrink.baseline import cache_dir
 from autoshrink.compile.build import build_tuned, entry, fuse, to_relax
 from autoshrink.compile.choice import choose_kernels
@@ -273,6 +273,7 @@ def compile_artifact(
         "spread": {n: timings.spread[n] for n in order if n in timings.spread},
         "rounds": timings.rounds,
         "artifact_bytes": artifact.bytes,
+        "artifact_sha256": file_digest(path),
         "bundle_bytes": bundle,
         "dense_bytes": dense_bytes,
         "layers": layers,
