@@ -9,17 +9,20 @@ streams. The artifact's size is the byte count of the file, header included.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 from torch import nn
@@ -27,8 +30,15 @@ from torch import nn
 import autoshrink
 from autoshrink.compress import replace_module
 from autoshrink.errors import ArtifactError
-from autoshrink.methods import EncodingMethod, LayerCode, Stage, StructureMethod, ValueMethod
-from autoshrink.plan import Plan, compressible_layers
+from autoshrink.methods import (
+    EncodingMethod,
+    LayerCode,
+    ModelMethod,
+    Stage,
+    StructureMethod,
+    ValueMethod,
+)
+from autoshrink.plan import Plan, compressible_layers, resolve_choice
 from autoshrink.tasks import Task
 
 if TYPE_CHECKING:
@@ -37,7 +47,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Artifact",
     "Header",
-    "file_digest",
+    "header_json",
+    "header_metadata",
     "read_artifact",
     "read_header",
     "size_breakdown",
@@ -46,8 +57,18 @@ __all__ = [
 ]
 
 FORMAT = "autoshrink-artifact"
-VERSION = 1
+#: 2: one packed tensor and a compressed header; 1 (still read): a tensor per stream and the
+#: header as plain JSON.
+VERSION = 2
+#: The safetensors metadata keys of the header: base85 text of its raw-DEFLATE-compressed
+#: JSON (format 2), or the JSON itself (format 1).
+HEADER_KEY, PLAIN_HEADER_KEY = "autoshrink.z", "autoshrink"
+#: The one tensor of a format-2 file: every stream, back to back, in the header's order.
+PACKED = "streams"
 SUFFIX = ".safetensors"
+#: Limits on the JSON header, checked before it is validated.
+MAX_HEADER = 1 << 22
+MAX_DEPTH = 32
 _DTYPES = {"float32", "float16", "int64", "int32", "int16", "int8", "uint8", "uint16", "bool"}
 
 
@@ -58,6 +79,9 @@ class Stream(BaseModel):
     ]
     shape: list[int]
     coding: str | None = None
+    #: Its length in the file's one packed tensor (format 2 on; format 1 stored each stream
+    #: as a tensor of its own).
+    bytes: int | None = Field(default=None, ge=0)
 
 
 class PayloadInfo(BaseModel):
@@ -170,7 +194,9 @@ def write_artifact(
             if len(coded) < len(raw):
                 raw, coding = coded, encoder.name
         blobs[key] = raw
-        streams[key] = Stream(dtype=array.dtype.name, shape=list(array.shape), coding=coding)
+        streams[key] = Stream(
+            dtype=array.dtype.name, shape=list(array.shape), coding=coding, bytes=len(raw)
+        )
     header = Header(
         format=FORMAT,
         version=VERSION,
@@ -184,13 +210,73 @@ def write_artifact(
         sha256=_digest(blobs),
         info=info or {},
     )
-    tensors = {k: np.frombuffer(v, dtype=np.uint8) for k, v in blobs.items()}
-    data = save(tensors, metadata={"autoshrink": header.model_dump_json()})
+    packed = np.frombuffer(b"".join(blobs[key] for key in streams), dtype=np.uint8)
+    data = save({PACKED: packed}, metadata=header_metadata(header.model_dump(
+        mode="json", exclude_defaults=True
+    )))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError:
+        partial.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
     return path.stat().st_size
+
+
+def header_metadata(raw: dict[str, Any]) -> dict[str, str]:
+    """The safetensors metadata holding header ``raw`` (its fields as JSON values): the
+    compact JSON, raw-DEFLATE compressed, as base85 text. Defaults are left out by the
+    writer; field names stay whole, so the decompressed header describes itself."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    text = json.dumps(raw, separators=(",", ":")).encode()
+    return {HEADER_KEY: base64.b85encode(packer.compress(text) + packer.flush()).decode()}
+
+
+def header_json(metadata: dict[str, str]) -> Any:
+    """The header JSON in an artifact's metadata (either format), decoded within
+    :data:`MAX_HEADER` bytes and :data:`MAX_DEPTH` levels; ValueError otherwise."""
+    if HEADER_KEY in metadata:
+        text = metadata[HEADER_KEY]
+        if len(text) > MAX_HEADER:
+            raise ValueError(f"its header is over {MAX_HEADER:,} bytes")
+        unpacker = zlib.decompressobj(-15)
+        try:
+            data = unpacker.decompress(base64.b85decode(text), MAX_HEADER + 1)
+        except zlib.error as exc:
+            raise ValueError(f"its header does not decompress ({exc})") from None
+        if len(data) > MAX_HEADER or not unpacker.eof or unpacker.unused_data:
+            raise ValueError("its header is over the size limit or cut short")
+    elif PLAIN_HEADER_KEY in metadata:
+        data = metadata[PLAIN_HEADER_KEY].encode()
+        if len(data) > MAX_HEADER:
+            raise ValueError(f"its header is over {MAX_HEADER:,} bytes")
+    else:
+        raise ValueError("it has no autoshrink header")
+    try:
+        raw = json.loads(data)
+    except RecursionError:
+        raise ValueError("its header is nested too deeply") from None
+    if _depth(raw) > MAX_DEPTH:
+        raise ValueError(f"its header is nested over {MAX_DEPTH} levels deep")
+    return raw
+
+
+def _unpack(header: Header, tensors: dict[str, bytes]) -> dict[str, bytes]:
+    """The streams of a file, by name, from its tensors (one packed tensor in format 2)."""
+    if header.version == 1:
+        return tensors
+    if set(tensors) != {PACKED}:
+        raise ValueError(f"format 2 holds one tensor `{PACKED}`, not {len(tensors)}")
+    packed, blobs, at = tensors[PACKED], {}, 0
+    for key, stream in header.streams.items():
+        if stream.bytes is None or at + stream.bytes > len(packed):
+            raise ValueError(f"stream `{key}` has no length or runs past the data")
+        blobs[key], at = packed[at : at + stream.bytes], at + stream.bytes
+    if at != len(packed):
+        raise ValueError(f"its streams take {at:,} bytes, its data {len(packed):,}")
+    return blobs
 
 
 def read_header(path: Path) -> tuple[Header, dict[str, bytes]]:
@@ -202,22 +288,44 @@ def read_header(path: Path) -> tuple[Header, dict[str, bytes]]:
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-            blobs = {key: handle.get_tensor(key).tobytes() for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+            for key in handle.keys():
+                if handle.get_slice(key).get_dtype() != "U8":
+                    raise ArtifactError(
+                        f"{problem}: tensor `{key[:80]}` is not a byte stream "
+                        f"({handle.get_slice(key).get_dtype()})"
+                    )
+            tensors = {key: handle.get_tensor(key).tobytes() for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise ArtifactError(f"{problem} (truncated or corrupt safetensors file: {exc})") from exc
-    if "autoshrink" not in metadata:
-        raise ArtifactError(f"{problem}: it has no autoshrink header")
     try:
-        header = Header.model_validate(json.loads(metadata["autoshrink"]))
+        header = Header.model_validate(header_json(metadata))
     except (ValueError, ValidationError) as exc:
         raise ArtifactError(
             f"{problem}: its header is corrupt ({str(exc).splitlines()[0]})"
         ) from exc
-    if header.version != VERSION:
+    if header.version not in (1, VERSION):
         raise ArtifactError(f"{problem}: format version {header.version}, expected {VERSION}")
+    try:
+        blobs = _unpack(header, tensors)
+    except ValueError as exc:
+        raise ArtifactError(f"{problem}: {exc}") from exc
     if set(blobs) != set(header.streams) or _digest(blobs) != header.sha256:
         raise ArtifactError(f"{problem}: its data does not match its checksum (corrupt file)")
     return header, blobs
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON ``value`` nests (without recursion: a hostile header may be deep)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item if isinstance(
+            item, list) else ()
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def read_artifact(path: Path, registry: Registry, task: Task | None = None) -> Artifact:
@@ -240,7 +348,8 @@ def read_artifact(path: Path, registry: Registry, task: Task | None = None) -> A
     except ArtifactError:
         raise
     except Exception as exc:
-        raise ArtifactError(f"{path} cannot be decoded: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"{path} cannot be decoded: {first}") from exc
     return Artifact(path=path, bytes=path.stat().st_size, header=header, model=model)
 
 
@@ -252,24 +361,73 @@ def stream_array(
     if stream is None:
         raise ValueError(f"stream `{key}` is missing")
     raw = blobs[key]
+    dtype = np.dtype(stream.dtype).newbyteorder("<")
+    count = math.prod(stream.shape)
+    if min(stream.shape, default=0) < 0:
+        raise ValueError(f"stream `{key}` has a negative dimension {stream.shape}")
     if stream.coding is not None:
         encoder = registry.method(stream.coding, Stage.ENCODING)
         assert isinstance(encoder, EncodingMethod)
         config = header.plan.encoding.config if header.plan.encoding else {}
-        raw = encoder.decode(raw, encoder.config(config))
-    dtype = np.dtype(stream.dtype).newbyteorder("<")
-    count = int(np.prod(stream.shape, dtype=np.int64))
-    if count < 0 or len(raw) != count * dtype.itemsize:
+        raw = encoder.decode(raw, encoder.config(config), limit=count * dtype.itemsize)
+    if len(raw) != count * dtype.itemsize:
         raise ValueError(
             f"stream `{key}` holds {len(raw)} bytes, expected {count * dtype.itemsize}"
         )
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(stream.shape)
 
 
+def _plan_width(plan: Plan, registry: Registry) -> float:
+    """The width the plan's model stage gives (1.0 without one)."""
+    if plan.model is None:
+        return 1.0
+    method = resolve_choice(registry, plan.model, Stage.MODEL, "model stage")
+    assert isinstance(method, ModelMethod)
+    return method.width(method.config(plan.model.config))
+
+
+def _checked_template(header: Header, task: Task, registry: Registry) -> nn.Module:
+    """The task's model at the header's width, once the header is shown to be possible:
+    the width is the one its plan's model stage gives (at most 1 without one), every method
+    is known with knobs in its schema, and the streams declare no more elements than a sane
+    multiple of the model's (so nothing large is allocated for a small hostile file)."""
+    width = header.width
+    if header.plan.model is not None:
+        planned = _plan_width(header.plan, registry)
+        if not math.isclose(width, planned, rel_tol=1e-6):
+            raise ValueError(f"width {width} is not the width its plan gives ({planned})")
+    elif not 0 < width <= 1:  # the search narrows models, it never widens them
+        raise ValueError(f"width {width} is outside (0, 1]")
+    template = task.build_model(width)
+    header.plan.check(registry, template)
+    numel = sum(t.numel() for t in template.state_dict().values())
+    declared = sum(math.prod(s.shape) for s in header.streams.values())
+    if declared > 4 * numel + (1 << 16):
+        raise ValueError(
+            f"its streams declare {declared:,} values for a model of {numel:,}"
+        )
+    return template
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"`{name}` holds NaN or infinite values")
+
+
 def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Registry) -> nn.Module:
-    if not 0 < header.width <= 16:
-        raise ValueError(f"width {header.width} out of range")
-    template = task.build_model(header.width)
+    template = _checked_template(header, task, registry)
+    used = {f"state/{key}" for key in header.state} | {
+        f"{name}/{key}" for name, info in header.layers.items() for key in info.arrays
+    } | {
+        f"{name}/{payload}/{key}"
+        for name, info in header.layers.items()
+        for payload, p in info.payloads.items()
+        for key in p.arrays
+    }
+    if set(header.streams) - used:
+        unused = ", ".join(sorted(set(header.streams) - used)[:3])
+        raise ValueError(f"it holds streams no layer reads ({unused})")
     model = copy.deepcopy(template)
     layer_names = list(compressible_layers(template, registry))
     if sorted(layer_names) != sorted(header.layers):
@@ -294,7 +452,8 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
                 code, template.get_submodule(name), structure.config(choice.structure.config)
             )
         except Exception as exc:
-            raise ArtifactError(f"layer `{name}` cannot be decoded: {exc}") from exc
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ArtifactError(f"layer `{name}` cannot be decoded: {first}") from exc
         replace_module(model, name, module)
     expected = {
         key
@@ -309,6 +468,7 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
     }
     model.load_state_dict(state, strict=False)
     model.eval()
+    _check_finite(model)
     return model
 
 
@@ -322,12 +482,3 @@ def size_breakdown(path: Path) -> dict[str, int]:
         section = "state" if key.startswith("state/") else key.split("/", 1)[0]
         parts[section] = parts.get(section, 0) + len(blob)
     return parts
-
-
-def file_digest(path: Path) -> str | None:
-    """SHA-256 of a file (None when it is missing): what caches of a trial are keyed by."""
-    try:
-        with open(path, "rb") as file:
-            return hashlib.file_digest(file, "sha256").hexdigest()
-    except OSError:
-        return None

@@ -254,8 +254,10 @@ def _print_outcome(outcome) -> None:
             f"recommended: trial {best['trial']}, {best['bytes']:,} bytes "
             f"({best['ratio']:.1f}x smaller than {summary['baseline']['bytes']:,}), "
             f"validation {best['val_accuracy']:.2%}, test {best['test_accuracy']:.2%} "
-            f"(baseline test {summary['baseline']['test_accuracy']:.2%})\n"
-            f"file: {outcome.folder.root / 'best.safetensors'}",
+            f"(baseline test {summary['baseline']['test_accuracy']:.2%})"
+            + (f", after retraining {best['retrained']['epochs']:g} epochs (search: "
+               f"validation {best['search']['val_accuracy']:.2%})" if "search" in best else "")
+            + f"\nfile: {outcome.folder.root / 'best.safetensors'}",
             highlight=False,
         )
     console.print(
@@ -323,6 +325,18 @@ def search_command(
         int | None,
         typer.Option("--tune-trials", help="Tuning measurements for --compile (default 256)."),
     ] = None,
+    retrain_epochs: Annotated[
+        float | None,
+        typer.Option(
+            "--retrain-epochs",
+            help="After the search, retrain the best front members for this many epochs "
+            "(default 2; 0 = off).",
+        ),
+    ] = None,
+    retrain_top: Annotated[
+        int | None,
+        typer.Option("--retrain-top", help="How many front members to retrain (default 4)."),
+    ] = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Search per-layer compression plans for the best accuracy at each size under a budget."""
@@ -345,6 +359,8 @@ def search_command(
         compile=compile_best,
         compile_front=compile_front,
         tune_trials=tune_trials,
+        retrain_epochs=retrain_epochs,
+        retrain_top=retrain_top,
         data_dir=data_dir,
     )
     registry(config)

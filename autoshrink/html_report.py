@@ -108,7 +108,8 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
 
     ``points``: one per complete trial (``trial``, ``bytes``, ``val_accuracy``, ``kind``,
     ``label``); ``failed`` and ``running``: trials without a size, drawn in a strip below;
-    ``front_line``: ``[bytes, val_accuracy]`` of the front members, smallest first;
+    ``front_line``: ``[bytes, val_accuracy]`` of the front members as the search measured
+    them (like the points; retrained figures are in the tables), smallest first;
     ``budget`` and ``baseline`` (from ``summary["baseline"]``; the trials list lacks it).
     """
     points, failed, running = [], [], []
@@ -127,9 +128,10 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
         "points": points,
         "failed": failed,
         "running": running,
-        "front_line": [
-            [m["bytes"], m["val_accuracy"]] for m in sorted(summary["front"], key=_by_size)
-        ],
+        "front_line": sorted(
+            [m.get("search", m)["bytes"], m.get("search", m)["val_accuracy"]]
+            for m in summary["front"]
+        ),
         "budget": budget,
         "budget_label": f"budget {size_text(budget)}: trials right of this line are over it",
         "baseline": {
@@ -256,6 +258,18 @@ def heatmap_data(summary: dict[str, Any]) -> dict[str, Any]:
             }
         )
     return {"columns": columns, "rows": out}
+
+
+def retrained_text(member: dict[str, Any]) -> str:
+    """", retrained N epochs (search: validation X, test Y)" for a retrained member."""
+    search = member.get("search")
+    if not search:
+        return ""
+    return (
+        f", retrained {member['retrained']['epochs']:g} epochs (search: "
+        f"{search['bytes']:,} B, validation {pct_text(search['val_accuracy'])}, "
+        f"test {pct_text(search.get('test_accuracy'))})"
+    )
 
 
 def recommended(summary: dict[str, Any]) -> dict[str, Any] | None:
@@ -471,7 +485,7 @@ def _decisions_section(summary: dict[str, Any]) -> str:
             f"{'★ ' if is_best else ''}Trial {member['trial']}: {member['bytes']:,} B "
             f"({member['ratio']:.1f}× smaller), validation {pct_text(member['val_accuracy'])}, "
             f"test {pct_text(member.get('test_accuracy'))}"
-        )
+        ) + retrained_text(member)
         details.append(
             f"<details{' open' if is_best else ''}><summary>{_e(head)}</summary>"
             f"{_plan_table(member)}"

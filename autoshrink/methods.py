@@ -221,5 +221,7 @@ class EncodingMethod(Method):
         """The coded form of ``data``."""
 
     @abstractmethod
-    def decode(self, data: bytes, config: MethodConfig) -> bytes:
-        """The original bytes; raise ``ValueError`` on corrupt input."""
+    def decode(self, data: bytes, config: MethodConfig, limit: int | None = None) -> bytes:
+        """The original bytes; raise ``ValueError`` on corrupt input, and on output that
+        would exceed ``limit`` bytes (the stream's dtype x shape), before allocating it: a
+        file of a few KB must not be able to claim gigabytes."""

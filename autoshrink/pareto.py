@@ -30,8 +30,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autoshrink.artifact import file_digest, read_artifact, size_breakdown
+from autoshrink.artifact import read_artifact, size_breakdown
 from autoshrink.errors import ArtifactError
+from autoshrink.files import file_digest, write_atomic
+from autoshrink.retrain import retrained_figures
 from autoshrink.study import ARTIFACT, SearchSetup, StudyFolder, study_identity, trial_summary
 from autoshrink.training import evaluate
 
@@ -87,6 +89,30 @@ def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: Searc
     return found
 
 
+def _take_retrained(
+    folder: StudyFolder, row: dict[str, Any], epochs: float, budget: int, baseline_bytes: int
+) -> None:
+    """Make a front member's figures its retrained ones when it was retrained, still fits
+    the budget and validates at least as well (validation picks, as everywhere), keeping
+    the search's under ``search``; ``retrained`` holds the schedule and whether it was
+    ``taken``."""
+    figures = retrained_figures(folder, row, epochs) if epochs > 0 else None
+    if figures is None:
+        return
+    row["retrained"] = {
+        key: figures[key] for key in ("epochs", "steps", "seconds", "bytes", "val_accuracy")
+    }
+    row["retrained"]["taken"] = taken = (
+        figures["bytes"] <= budget and figures["val_accuracy"] >= row["val_accuracy"]
+    )
+    if not taken:
+        return
+    keys = ("bytes", "ratio", "val_accuracy", "test_accuracy", "artifact")
+    row["search"] = {key: row[key] for key in keys}
+    row.update({key: figures[key] for key in keys if key in figures})
+    row["ratio"] = baseline_bytes / row["bytes"]
+
+
 def _latency(folder: StudyFolder, number: int, artifact: Path | None) -> dict[str, Any] | None:
     """The timings ``autoshrink compile`` wrote for a compiled trial, if any, and only when
     they were measured on this very artifact file (unreadable or stale ones are skipped: the
@@ -115,6 +141,7 @@ def summarize(
         row = trial_summary(trial)
         row["ratio"] = baseline_bytes / row["bytes"]
         row["test_accuracy"] = tests.get(str(trial.number))
+        _take_retrained(folder, row, setup.settings.retrain_epochs, budget, baseline_bytes)
         path = folder.root / row["artifact"] if row["artifact"] else None
         row["layers"] = size_breakdown(path) if path and path.is_file() else {}
         latency = _latency(folder, trial.number, path)
@@ -168,16 +195,9 @@ def _keep_front_only(
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if trial.number not in keep:
             folder.artifact(trial.number).unlink(missing_ok=True)
+            folder.retrained(trial.number).unlink(missing_ok=True)
     if best is not None:
         shutil.copyfile(folder.root / best["artifact"], folder.root / BEST)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one step: a browser or a reader never sees half a file, also
-    while a running search rewrites the report."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 def write_json(path: Path, summary: dict[str, Any]) -> None:

@@ -54,7 +54,7 @@ class Plan(BaseModel):
         """Raise PlanError, naming the layer, for any impossible choice in this plan."""
         layers = compressible_layers(model, registry)
         for where, choice, stage in self._choices():
-            method = _method(registry, choice, stage, where)
+            method = resolve_choice(registry, choice, stage, where)
             if stage is Stage.STRUCTURE:
                 name = where.removeprefix("layer `").removesuffix("`")
                 if name not in layers:
@@ -79,7 +79,9 @@ class Plan(BaseModel):
         return found
 
 
-def _method(registry: Registry, choice: Choice, stage: Stage, where: str):
+def resolve_choice(registry: Registry, choice: Choice, stage: Stage, where: str):
+    """The method ``choice`` names, checked to be of ``stage`` and to accept its knobs
+    (PlanError naming ``where`` otherwise)."""
     method = registry.methods.get(choice.method)
     if method is None:
         raise PlanError(f"{where}: unknown method `{choice.method}`")

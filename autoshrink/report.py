@@ -12,8 +12,9 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from autoshrink.errors import UsageError
+from autoshrink.files import write_atomic
 from autoshrink.journal import JournalError, check_journal
-from autoshrink.pareto import BEST, summarize, write_atomic, write_json
+from autoshrink.pareto import BEST, summarize, write_json
 from autoshrink.study import StudyFolder, prepare, study_identity
 
 __all__ = [
@@ -177,13 +178,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         "## Pareto front (feasible trials)",
         "",
-        "| trial | bytes | ratio | validation | test | artifact |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| trial | bytes | ratio | validation | test | search: validation, test | artifact |",
+        "|---:|---:|---:|---:|---:|---|---|",
     ]
     for m in summary["front"]:
+        search = m.get("search")
+        before = (
+            f"{pct_text(search['val_accuracy'])}, {pct_text(search.get('test_accuracy'))} "
+            f"(retrained {m['retrained']['epochs']:g} epochs)" if search
+            else "(retraining validated worse)" if m.get("retrained") else "(not retrained)"
+        )
         lines.append(
             f"| {m['trial']} | {m['bytes']:,} | {m['ratio']:.1f}x | "
-            f"{pct_text(m['val_accuracy'])} | {pct_text(m['test_accuracy'])} | "
+            f"{pct_text(m['val_accuracy'])} | {pct_text(m['test_accuracy'])} | {before} | "
             f"`{m['artifact']}` |"
         )
     budget = summary["budget_bytes"]

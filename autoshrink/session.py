@@ -24,6 +24,7 @@ from autoshrink.lock import StudyLock
 from autoshrink.pareto import summarize
 from autoshrink.progress import SearchProgress, TrainingBar
 from autoshrink.report import write_report
+from autoshrink.retrain import retrain_front
 from autoshrink.settings import Settings
 from autoshrink.space import params_of
 from autoshrink.study import (
@@ -146,7 +147,8 @@ def _run(
             update={
                 k: v
                 for k, v in settings.model_dump(exclude_unset=True).items()
-                if k in {"trials", "timeout", "workers", "backend", "ray_address"}
+                if k in {"trials", "timeout", "workers", "backend", "ray_address",
+                         "retrain_epochs", "retrain_top"}
             }
         )
         identity = study_identity(folder)
@@ -196,6 +198,9 @@ def _run(
         ) from exc
     summary = summarize(study, folder, setup, final=True)
     write_report(folder.root, summary)
+    if retrain_front(folder, summary, setup, console):
+        summary = summarize(study, folder, setup, final=True)
+        write_report(folder.root, summary)
     if (settings.compile or settings.compile_front) and summary["best"] is not None:
         from autoshrink.compile import compile_winners
 

@@ -7,6 +7,8 @@ in its folder ``<out>/<study>/``: the Optuna journal, the settings, the trials' 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shlex
 import sys
@@ -23,7 +25,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from autoshrink.baseline import Baseline, load_baseline
-from autoshrink.errors import UsageError
+from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.plan import Plan
 from autoshrink.plugins import Registry, load_registry
 from autoshrink.settings import Settings
@@ -83,6 +85,10 @@ class StudyFolder:
 
     def artifact(self, number: int) -> Path:
         return self.root / "artifacts" / f"trial-{number:04d}.safetensors"
+
+    def retrained(self, number: int) -> Path:
+        """The artifact of a front member retrained after the search."""
+        return self.root / "artifacts" / f"trial-{number:04d}-retrained.safetensors"
 
     def compiled(self, number: int) -> Path:
         """Where ``--compile`` puts a trial's TVM library and its ``latency.json``."""
@@ -245,13 +251,19 @@ def was_interrupted(trial: FrozenTrial) -> bool:
     return str(trial.user_attrs.get(FAILURE, "")).startswith(INTERRUPTED)
 
 
-def objective(setup: SearchSetup, folder: StudyFolder) -> Callable[[optuna.Trial], tuple]:
-    """The local backend's objective: one trial, failures recorded with their reason."""
+class Objective:
+    """The local backend's objective: one trial, failures recorded with their reason. When
+    the study folder stops taking writes, the search stops and :attr:`stopped_by` says why."""
 
-    def run(trial: optuna.Trial) -> tuple[int, float]:
+    def __init__(self, setup: SearchSetup, folder: StudyFolder) -> None:
+        self.setup, self.folder = setup, folder
+        self.stopped_by: StorageFull | None = None
+
+    def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
+        setup = self.setup
         plan = setup.space.sample(trial)
         trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
-        path = folder.artifact(trial.number)
+        path = self.folder.artifact(trial.number)
         try:
             outcome = run_trial(
                 plan,
@@ -268,15 +280,35 @@ def objective(setup: SearchSetup, folder: StudyFolder) -> Callable[[optuna.Trial
             trial.study.enqueue_trial(trial.params)  # tried again on resume
             path.unlink(missing_ok=True)
             raise
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno not in STORAGE_ERRNOS:
+                trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
+                raise
+            # The study folder cannot take writes: this trial fails, and so would every next
+            # one. Record it if the journal still can, and stop the search.
+            where = f" ({exc.filename})" if exc.filename else ""
+            reason = f"the study folder cannot be written: {exc.strerror}{where}"
+            with contextlib.suppress(OSError):
+                trial.set_user_attr(FAILURE, reason)
+            trial.study.stop()
+            self.stopped_by = StorageFull(f"{reason}; free space, then `autoshrink resume`")
+            raise self.stopped_by from exc
         except Exception as exc:
             trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
             path.unlink(missing_ok=True)
             raise
-        trial.set_user_attr(ARTIFACT, str(path.relative_to(folder.root)))
+        trial.set_user_attr(ARTIFACT, str(path.relative_to(self.folder.root)))
         trial.set_user_attr(SECONDS, round(outcome.seconds, 3))
         return outcome.bytes, outcome.val_accuracy
 
-    return run
+
+class StorageFull(AutoshrinkError):
+    """The study folder stopped taking writes (disk full, read-only, over quota)."""
+
+
+#: OS errors that mean "the study folder cannot be written at all" rather than a failed trial.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 
 
 def finished(study: optuna.Study) -> int:
@@ -306,14 +338,17 @@ def search(
 
         search_on_ray(setup, folder, study, trials=remaining, callbacks=callbacks)
         return
+    run = Objective(setup, folder)
     study.optimize(
-        objective(setup, folder),
+        run,
         n_trials=remaining,
         timeout=settings.timeout,
         catch=(Exception,),
         callbacks=list(callbacks),
         gc_after_trial=True,
     )
+    if run.stopped_by is not None:
+        raise run.stopped_by
 
 
 def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -> None:

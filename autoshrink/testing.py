@@ -265,6 +265,15 @@ class EncodingMethodTests(MethodTests):
         raw = data.astype(np.uint8).tobytes()
         assert len(self.method.encode(raw, self.method.config())) < len(raw) // 2
 
+    def test_decode_stops_at_the_limit(self) -> None:
+        """A stream whose output would exceed ``limit`` is refused, not decoded (a few KB
+        of zeros compress from megabytes: the limit is what keeps memory bounded)."""
+        config = self.method.config()
+        coded = self.method.encode(bytes(1 << 20), config)
+        assert self.method.decode(coded, config, limit=1 << 20) == bytes(1 << 20)
+        with pytest.raises(ValueError):
+            self.method.decode(coded, config, limit=(1 << 20) - 1)
+
 
 class ModelMethodTests(MethodTests):
     """The suite for model-stage methods."""

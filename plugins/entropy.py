@@ -83,7 +83,7 @@ class Entropy(EncodingMethod):
         packer = zlib.compressobj(9, zlib.DEFLATED, -15)
         return head + packer.compress(data) + packer.flush()
 
-    def decode(self, data: bytes, config: EntropyConfig) -> bytes:
+    def decode(self, data: bytes, config: EntropyConfig, limit: int | None = None) -> bytes:
         data = bytes(data)
         if not data:
             raise ValueError("empty entropy stream (even empty data codes to a header)")
@@ -91,6 +91,10 @@ class Entropy(EncodingMethod):
         if codec is None:
             raise ValueError(f"unknown entropy codec tag {data[0]}")
         length, at = _read_varint(data, 1)
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"entropy stream claims {length:,} bytes; its dtype and shape hold {limit:,}"
+            )
         if at + 4 > len(data):
             raise ValueError("entropy stream truncated in its header")
         crc = int.from_bytes(data[at : at + 4], "little")

@@ -25,13 +25,30 @@ from torch import nn
 from autoshrink import hookimpl
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 
-__all__ = ["LowRank", "LowRankConfig", "LowRankConv2d", "LowRankLinear", "full_rank"]
+__all__ = [
+    "RANK_FLOOR", "LowRank", "LowRankConfig", "LowRankConv2d", "LowRankLinear", "full_rank",
+    "rank_for",
+]
+
+#: The smallest rank a layer gets, unless the factors would then outweigh the dense layer. A
+#: fraction that suits a 1200-wide layer leaves a 10-class output layer at rank 1, which
+#: loses most of the accuracy; the floor keeps the knob meaningful across layer sizes.
+RANK_FLOOR = 8
 
 
 def full_rank(layer: nn.Module) -> int:
     """The largest rank of the layer's weight viewed as a matrix (out, in*kh*kw)."""
     weight = layer.weight
     return min(weight.shape[0], weight[0].numel())
+
+
+def rank_for(layer: nn.Module, fraction: float) -> int:
+    """The rank ``fraction`` gives ``layer``: that share of its full rank, raised to
+    :data:`RANK_FLOOR` where that still stores fewer weights than the dense layer."""
+    out, rest = layer.weight.shape[0], layer.weight[0].numel()
+    full = min(out, rest)
+    saving = max(1, (out * rest - 1) // (out + rest))  # the largest rank smaller than dense
+    return min(full, max(round(fraction * full), min(RANK_FLOOR, saving)))
 
 
 class _LowRank(nn.Module):
@@ -104,7 +121,8 @@ class LowRankConv2d(_LowRank):
 
 
 class LowRankConfig(MethodConfig):
-    #: r as a fraction of the full rank min(out, in*kh*kw).
+    #: r as a fraction of the full rank min(out, in*kh*kw), at least RANK_FLOOR (8) where
+    #: the factors stay smaller than the dense weight.
     rank: float = Field(0.25, ge=0.01, le=1.0, json_schema_extra={"log": True})
     #: False keeps U (the output-side "dictionary" factor) at its SVD start; only V trains.
     train_u: bool = True
@@ -135,7 +153,7 @@ class LowRank(StructureMethod):
     def build(self, layer: nn.Module, config: LowRankConfig) -> nn.Module:
         if not self.applies(layer):
             raise ValueError(f"`lowrank` does not apply to {layer!r}")
-        rank = max(1, round(config.rank * full_rank(layer)))
+        rank = rank_for(layer, config.rank)
         module = _make(layer, rank, layer.bias is not None, config.train_u)
         module = module.to(layer.weight.device)
         module.fit(layer.weight)

@@ -317,3 +317,32 @@ def test_debug_shows_the_traceback(tmp_path) -> None:
     assert len([line for line in plain.stderr.splitlines() if line.strip()]) == 1
     debug = run_cli("--debug", "space", "--task", "brokentask:make", env=env)
     assert "Traceback" in debug.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 KiB tmpfs (skipped where this process may not mount one)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()[:200]}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_search_in_one_line_and_resume_continues(small_disk) -> None:
+    import subprocess
+
+    done = run_cli("search", *FAST, "--trials", "12", "--out", str(small_disk), "--study", "s")
+    line = one_line(done, 1)
+    assert "No space left on device" in line or "cannot be written" in line, line
+    assert not list(small_disk.rglob("*.partial"))
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    resumed = run_cli("resume", "s", "--out", str(small_disk), "--trials", "4")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = trials_of(small_disk / "s")
+    assert sum(t["state"] == "complete" for t in trials) >= 3

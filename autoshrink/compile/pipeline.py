@@ -28,7 +28,7 @@ from rich.console import Console
 from torch import nn
 from tvm import relax
 
-from autoshrink.artifact import file_digest, read_artifact, read_header
+from autoshrink.artifact import read_artifact, read_header
 from autoshrink.baseline import cache_dir
 from autoshrink.compile.build import build_tuned, entry, fuse, to_relax
 from autoshrink.compile.choice import choose_kernels
@@ -51,6 +51,7 @@ from autoshrink.compile.timing import TvmEngine, measure, model_flops, prepare_p
 from autoshrink.compile.tuning import tune
 from autoshrink.compress import replace_module
 from autoshrink.errors import AutoshrinkError, UsageError
+from autoshrink.files import file_digest
 from autoshrink.plan import compressible_layers
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ class TestLowRankFixedU(StructureMethodTests):
 
 def _layers() -> list[nn.Module]:
     torch.manual_seed(0)
-    return [nn.Linear(64, 32), nn.Conv2d(8, 16, 3, padding=1)]
+    return [nn.Linear(256, 128), nn.Conv2d(32, 64, 3, padding=1)]
 
 
 @pytest.mark.parametrize("layer", _layers(), ids=["linear", "conv2d"])
@@ -63,13 +63,29 @@ def test_full_rank_reproduces_the_layer(layer: nn.Module) -> None:
 
 def test_truncation_keeps_the_top_singular_values() -> None:
     torch.manual_seed(1)
-    layer = nn.Linear(30, 20)
-    module = METHOD.build(layer, METHOD.config({"rank": 0.25}))  # r = 5
+    layer = nn.Linear(120, 80)
+    module = METHOD.build(layer, METHOD.config({"rank": 0.25}))  # r = 20
     approx = module.u @ module.v
     singular = torch.linalg.svdvals(layer.weight.detach().double())
     error = (approx.double() - layer.weight.double()).norm()
-    # Eckart-Young: the best rank-5 error is the norm of the dropped singular values.
-    assert torch.isclose(error, singular[5:].norm(), rtol=1e-4)
+    # Eckart-Young: the best rank-20 error is the norm of the dropped singular values.
+    assert torch.isclose(error, singular[20:].norm(), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("layer", "fraction", "rank"),
+    [
+        (nn.Linear(1200, 10), 0.01, 8),  # a 10-class output layer keeps rank 8, not 1
+        (nn.Linear(1200, 6), 0.01, 5),  # rank 6 would store more than the dense layer
+        (nn.Linear(1200, 6), 1.0, 6),  # but the full rank, asked for, is given
+        (nn.Linear(784, 1200), 0.01, 8),
+        (nn.Linear(784, 1200), 0.25, 196),
+        (nn.Conv2d(1, 32, 3), 0.3, 7),  # full rank 9; 7 x (32 + 9) = 287 < 288 dense
+    ],
+)
+def test_rank_fraction_has_a_floor(layer: nn.Module, fraction: float, rank: int) -> None:
+    module = METHOD.build(layer, METHOD.config({"rank": fraction}))
+    assert module.rank == rank
 
 
 def test_fixed_u_stays_fixed() -> None:
@@ -102,7 +118,7 @@ def test_flops_fall() -> None:
     layer = nn.Conv2d(32, 64, 3, padding=1)
     module = METHOD.build(layer, METHOD.config({"rank": 0.1}))
     r = module.rank
-    assert r == 6  # round(0.1 * min(64, 288))
+    assert r == 8  # round(0.1 * min(64, 288)) = 6, raised to the floor
     assert r * (32 * 9 + 64) < 64 * 32 * 9
 
 

@@ -1,0 +1,26 @@
+"""Files of a study that readers may see while they change: written in one step, and
+identified by their content."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+__all__ = ["file_digest", "write_atomic"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one step: a browser or a reader never sees half a file, also
+    while a running search rewrites the report."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file (None when it is missing): what caches of a trial are keyed by."""
+    try:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError:
+        return None

@@ -1,0 +1,121 @@
+"""Retraining the front: each front member's plan trained again from the baseline with a
+longer schedule, its artifact written beside the search's, its accuracy measured again.
+
+The search fine-tunes every trial briefly, so its front measures how fast a plan recovers.
+Pruning, quantization and low-rank papers report accuracy after retraining to convergence;
+this stage does that for the few plans worth it. The figures are cached in
+``retrained.json`` under the study id, the trial, the search artifact's hash and the
+schedule, so a report never shows a figure of another plan or schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from rich.console import Console
+
+from autoshrink.artifact import read_artifact
+from autoshrink.files import file_digest, write_atomic
+from autoshrink.plan import Plan
+from autoshrink.study import SearchSetup, StudyFolder, study_identity
+from autoshrink.training import evaluate, steps_for
+from autoshrink.trial import TrialBudget, run_trial
+
+__all__ = ["CACHE", "retrain_front", "retrained_figures"]
+
+CACHE = "retrained.json"
+
+
+def _key(folder: StudyFolder, member: dict[str, Any], epochs: float) -> str | None:
+    search = member.get("search", member)
+    digest = file_digest(folder.root / search["artifact"]) if search.get("artifact") else None
+    if digest is None:
+        return None
+    return f"{study_identity(folder).id}/{member['trial']}/{digest}/{epochs:g}"
+
+
+def _load(folder: StudyFolder) -> dict[str, Any]:
+    path = folder.root / CACHE
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def retrained_figures(
+    folder: StudyFolder, member: dict[str, Any], epochs: float
+) -> dict[str, Any] | None:
+    """The cached retraining of a front member, if its artifact file still exists."""
+    key = _key(folder, member, epochs)
+    found = _load(folder).get(key) if key else None
+    if not isinstance(found, dict) or not (folder.root / str(found.get("artifact"))).is_file():
+        return None
+    return found
+
+
+def retrain_front(
+    folder: StudyFolder, summary: dict[str, Any], setup: SearchSetup, console: Console
+) -> int:
+    """Retrain the ``retrain_top`` front members of best validation accuracy for
+    ``retrain_epochs`` epochs each (not already cached); returns how many were trained."""
+    settings = setup.settings
+    epochs = settings.retrain_epochs
+    if epochs <= 0 or not summary["front"]:
+        return 0
+    chosen = sorted(summary["front"], key=lambda m: -m["val_accuracy"])[: settings.retrain_top]
+    # Never shorter than the search's own fine-tune (small data sets have short epochs).
+    steps = max(
+        steps_for(epochs, len(setup.data.train), setup.budget.batch_size),
+        2 * setup.budget.finetune_steps,
+    )
+    budget = TrialBudget(
+        finetune_steps=steps,
+        distill_steps=3 * steps,
+        batch_size=setup.budget.batch_size,
+        lr=setup.budget.lr,
+        seconds=math.inf,
+    )
+    done = 0
+    for member in chosen:
+        key = _key(folder, member, epochs)
+        if key is None or retrained_figures(folder, member, epochs) is not None:
+            continue
+        start = time.monotonic()
+        with console.status(
+            f"retraining trial {member['trial']} for {epochs:g} epochs ({steps} steps)"
+        ):
+            path = folder.retrained(member["trial"])
+            outcome = run_trial(
+                Plan.model_validate(member["plan"]),
+                task=setup.task,
+                data=setup.data,
+                baseline=setup.baseline,
+                registry=setup.registry,
+                artifact=path,
+                budget=budget,
+                seed=settings.seed + member["trial"],
+            )
+            model = read_artifact(path, setup.registry, setup.task).model
+            test = evaluate(model, setup.data.test, setup.task.metric)
+        figures = {
+            "bytes": outcome.bytes,
+            "val_accuracy": outcome.val_accuracy,
+            "test_accuracy": test,
+            "artifact": str(path.relative_to(folder.root)),
+            "epochs": epochs,
+            "steps": steps,
+            "seconds": round(time.monotonic() - start, 3),
+        }
+        known = _load(folder)
+        known[key] = figures
+        write_atomic(folder.root / CACHE, json.dumps(known, indent=2))
+        console.print(
+            f"retrained trial {member['trial']}: validation {member['val_accuracy']:.2%} -> "
+            f"{outcome.val_accuracy:.2%}, {outcome.bytes:,} bytes", highlight=False,
+        )
+        done += 1
+    return done

@@ -1,0 +1,62 @@
+"""Retraining the front after a search: artifacts rewritten with longer training, both the
+search's and the retrained figures kept, and the files match what pareto.json says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+
+def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> None:
+    done = run_cli(
+        "search", "--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB",
+        "--seed", "5", "--trials", "4", "--retrain-epochs", "6", "--retrain-top", "2",
+        "--out", str(tmp_path), "--study", "r",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "r"
+    pareto = json.loads((folder / "pareto.json").read_text())
+    tried = [m for m in pareto["front"] if "retrained" in m]
+    assert 1 <= len(tried) <= 2
+    best_validation = sorted(pareto["front"], key=lambda m: -m.get("search", m)["val_accuracy"])
+    assert {m["trial"] for m in tried} == {m["trial"] for m in best_validation[:2]}
+    cache = json.loads((folder / "retrained.json").read_text())
+    assert len(cache) == len(tried)
+    for member in tried:
+        retrained = member["retrained"]
+        assert retrained["epochs"] == 6 and retrained["steps"] >= 40
+        assert (folder / f"artifacts/trial-{member['trial']:04d}-retrained.safetensors").is_file()
+        if not retrained["taken"]:
+            assert "search" not in member
+            continue
+        assert member["search"]["val_accuracy"] <= member["val_accuracy"]
+        path = folder / member["artifact"]
+        assert path.name.endswith("-retrained.safetensors")
+        assert path.stat().st_size == member["bytes"] <= pareto["budget_bytes"]
+        evaluated = run_cli("eval", str(path), "--json")
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert json.loads(evaluated.stdout)["test_accuracy"] == member["test_accuracy"]
+    best = next(m for m in pareto["front"] if m["trial"] == pareto["best"])
+    assert best["val_accuracy"] == max(m["val_accuracy"] for m in pareto["front"])
+    assert (folder / "best.safetensors").read_bytes() == (folder / best["artifact"]).read_bytes()
+    # The report regenerates the same figures from the caches, without training again.
+    again = run_cli("report", "r", "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-2000:]
+    regenerated = json.loads((folder / "pareto.json").read_text())
+    assert [m["val_accuracy"] for m in regenerated["front"]] == [
+        m["val_accuracy"] for m in pareto["front"]
+    ]
+    assert "retrained 6 epochs" in (folder / "report.md").read_text()
+
+
+def test_retraining_off(tmp_path: Path) -> None:
+    done = run_cli(
+        "search", "--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB",
+        "--trials", "2", "--retrain-epochs", "0", "--out", str(tmp_path), "--study", "n",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    pareto = json.loads((tmp_path / "n" / "pareto.json").read_text())
+    assert all("retrained" not in m for m in pareto["front"])
+    assert not (tmp_path / "n" / "retrained.json").exists()
