@@ -8,8 +8,12 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   with ``trial``, ``bytes``, ``ratio`` (baseline bytes / bytes), ``val_accuracy``,
   ``test_accuracy``, ``artifact`` (relative to the study folder), ``plan``, ``layers`` (bytes
   per layer and section of the artifact) and ``seconds``; a member compiled with
-  ``--compile`` also has ``latency`` (its ``compiled/trial-NNNN/latency.json``, the schema of
-  :mod:`autoshrink.compiler`)
+  ``--compile`` also has ``latency`` and ``bundle_bytes`` (its
+  ``compiled/trial-NNNN/latency.json``, see :mod:`autoshrink.compile`, used only when it
+  was measured on this very artifact); a member retrained after the search
+  (:mod:`autoshrink.retrain`) has ``retrained`` (``epochs``, ``steps``, ``seconds``, its
+  ``bytes`` and ``val_accuracy``, and ``taken``): when taken, ``bytes`` to ``artifact`` are
+  the retrained figures and ``search`` holds the search's
 - ``best``: trial number of the recommended model (best validation accuracy within the
   budget; ties go to the smaller file), or null when no trial fit; copied to
   ``best.safetensors``
