@@ -17,12 +17,34 @@ from autoshrink.tasks import Task, TaskData, TrainingSettings
 
 __version__ = "0.1.0"
 
+#: The Python API (autoshrink.api), loaded on first use: plugin authors who import only the
+#: method contract do not pay for Optuna and the search.
+_API = ("Member", "SearchResult", "load", "resume", "search")
+#: API calls named like the modules that do the work: ``autoshrink.report(...)`` and
+#: ``autoshrink.compile(...)`` call those modules, which are callable (see ``api.callable``).
+_CALLABLE_MODULES = ("compile", "report")
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from autoshrink import api
+
+        return getattr(api, name)
+    if name in _CALLABLE_MODULES:
+        import importlib
+
+        return importlib.import_module(f"autoshrink.{name}")
+    raise AttributeError(f"module 'autoshrink' has no attribute {name!r}")
+
+
 __all__ = [
     "EncodingMethod",
     "LayerCode",
+    "Member",
     "Method",
     "MethodConfig",
     "ModelMethod",
+    "SearchResult",
     "Stage",
     "StructureMethod",
     "Task",
@@ -30,5 +52,10 @@ __all__ = [
     "TrainingSettings",
     "ValueMethod",
     "__version__",
+    "compile",
     "hookimpl",
+    "load",
+    "report",
+    "resume",
+    "search",
 ]

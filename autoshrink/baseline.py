@@ -7,6 +7,7 @@ float32 artifact, so the baseline's size is measured exactly as every compressed
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable
@@ -63,6 +64,17 @@ def _weights_key(weights: Path) -> str:
     return "weights-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
+def _model_key(model: nn.Module, data: TaskData) -> str:
+    """The cache key of a user's trained model: its weights and the data's fingerprints."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode() + str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for split in (data.train, data.val, data.test):
+        digest.update(split.fingerprint().encode())
+    return "model-" + digest.hexdigest()[:16]
+
+
 def _load_weights(task: Task, weights: Path) -> nn.Module:
     model = task.build_model(1.0)
     try:
@@ -82,12 +94,17 @@ def load_baseline(
     registry: Registry,
     *,
     weights: Path | None = None,
+    pretrained: nn.Module | None = None,
     retrain: bool = False,
     on_step: Callable[[int, int], None] | None = None,
 ) -> Baseline:
     """The cached baseline of ``task``, training it first if needed (``on_step(done, total)``
-    reports progress). ``weights`` is a safetensors state dict of the user's own trained model."""
-    key = _weights_key(weights) if weights else task.key(data)
+    reports progress). ``weights`` is a safetensors state dict of the user's own trained
+    model; ``pretrained`` is such a model itself (measured, never trained again)."""
+    if pretrained is not None:
+        key = _model_key(pretrained, data)
+    else:
+        key = _weights_key(weights) if weights else task.key(data)
     folder = cache_dir() / "baselines"
     path = folder / f"{task.name.replace(':', '_').replace('/', '_')}-{key}.safetensors"
     if path.exists() and not retrain:
@@ -105,7 +122,9 @@ def load_baseline(
             )
         except (ArtifactError, KeyError):
             pass  # a damaged cache entry is simply rebuilt
-    if weights is not None:
+    if pretrained is not None:
+        model = copy.deepcopy(pretrained).float()
+    elif weights is not None:
         model = _load_weights(task, weights)
     else:
         torch.manual_seed(task.training.seed)
@@ -127,4 +146,5 @@ def load_baseline(
     test = evaluate(model, data.test, task.metric)
     info = {"val_accuracy": val, "test_accuracy": test, "key": key}
     size = write_artifact(path, model, Plan(), task, registry, info=info, overwrite=True)
-    return Baseline(task, model, path, size, val, test, trained=weights is None)
+    trained = weights is None and pretrained is None
+    return Baseline(task, model, path, size, val, test, trained=trained)

@@ -15,7 +15,7 @@ from autoshrink.errors import UsageError
 from autoshrink.files import write_atomic
 from autoshrink.journal import JournalError, check_journal
 from autoshrink.pareto import BEST, summarize, write_json
-from autoshrink.study import StudyFolder, prepare, study_identity
+from autoshrink.study import Provided, StudyFolder, prepare, study_identity
 
 __all__ = [
     "choice_text",
@@ -254,12 +254,19 @@ def load_study_readonly(folder: StudyFolder) -> optuna.Study:
     return optuna.load_study(study_name=identity.name, storage=storage)
 
 
-def regenerate(folder: StudyFolder) -> dict[str, Any]:
+def regenerate(folder: StudyFolder, provided: Provided | None = None) -> dict[str, Any]:
     """Rebuild ``pareto.json``, ``report.md`` and ``index.html`` from the study's journal,
-    also while its search is still running; returns the summary."""
+    also while its search is still running; returns the summary. A study of a model handed
+    over in Python needs it again (``provided``)."""
     settings = folder.load_settings()
     study = load_study_readonly(folder)
-    setup = prepare(settings)  # the baseline comes from its cache: no training here
+    if provided is None and settings.task.startswith("model:"):
+        raise UsageError(
+            f"study `{folder.name}` searched a model handed over in Python "
+            f"({settings.task}); rebuild its report with `autoshrink.report(\"{folder.name}\", "
+            "model=..., train=..., test=...)`"
+        )
+    setup = prepare(settings, provided=provided)  # the baseline is cached: no training here
     # Not final: a running search still needs the artifacts a final summary would delete.
     summary = summarize(study, folder, setup, final=False)
     best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
@@ -269,3 +276,9 @@ def regenerate(folder: StudyFolder) -> dict[str, Any]:
         summary["best_artifact"] = BEST
     write_report(folder.root, summary)
     return summary
+
+
+# `autoshrink.report(study)` is the API call of this module's name (autoshrink.api.report).
+from autoshrink.api import callable_module  # noqa: E402
+
+callable_module(__name__, "report")

@@ -28,6 +28,7 @@ from autoshrink.retrain import retrain_front
 from autoshrink.settings import Settings
 from autoshrink.space import params_of
 from autoshrink.study import (
+    Provided,
     StudyFolder,
     fail_interrupted,
     finished,
@@ -66,10 +67,10 @@ def study_folder(settings: Settings) -> StudyFolder:
     return StudyFolder(Path(settings.out).resolve() / name)
 
 
-def check_budget(settings: Settings, console: Console) -> None:
+def check_budget(settings: Settings, console: Console, provided: Provided | None) -> None:
     """Refuse a budget below the smallest artifact the space can express."""
     assert settings.budget is not None
-    registry, task, space = resolve(settings)
+    registry, task, space = resolve(settings, provided)
     with console.status("measuring the smallest model the search space can express"):
         smallest, _ = smallest_artifact(task, space, registry)
     if int(settings.budget) < smallest:
@@ -88,7 +89,9 @@ def check_ray(settings: Settings) -> None:
         connect(settings)
 
 
-def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchOutcome:
+def run_search(
+    settings: Settings, console: Console, *, resume: bool, provided: Provided | None = None
+) -> SearchOutcome:
     """Run (or resume) the search ``settings`` describe and write its report. The study
     folder is locked for the whole run (one writer per study); a new study's folder is
     created first, atomically, and removed again if the search fails before it starts."""
@@ -100,11 +103,11 @@ def run_search(settings: Settings, console: Console, *, resume: bool) -> SearchO
                 f"no study `{folder.name}` in {folder.root.parent}; `autoshrink search` starts one"
             )
         with StudyLock(folder.root):
-            return _run(settings, folder, console, start, resume=True)
+            return _run(settings, folder, console, start, resume=True, provided=provided)
     _claim(folder)
     try:
         with StudyLock(folder.root):
-            return _run(settings, folder, console, start, resume=False)
+            return _run(settings, folder, console, start, resume=False, provided=provided)
     except BaseException:
         if not folder.journal.exists():  # no study was written yet: free the name again
             shutil.rmtree(folder.root, ignore_errors=True)
@@ -140,7 +143,8 @@ def _claim(folder: StudyFolder) -> None:
 
 
 def _run(
-    settings: Settings, folder: StudyFolder, console: Console, start: float, *, resume: bool
+    settings: Settings, folder: StudyFolder, console: Console, start: float, *, resume: bool,
+    provided: Provided | None,
 ) -> SearchOutcome:
     if resume:
         settings = folder.load_settings().model_copy(
@@ -163,12 +167,19 @@ def _run(
         settings = settings.model_copy(update={"space": str(Path(settings.space).resolve())})
     if settings.budget is None:
         raise UsageError("`--budget` is required, e.g. `--budget 5MB`")
+    if provided is not None and settings.backend == "ray":
+        raise UsageError(
+            "a model or task handed over in Python runs with the local backend; for Ray, "
+            "register the task in a plugin or name it as `package.module:function`"
+        )
     if not resume:
-        check_budget(settings, console)
+        check_budget(settings, console, provided)
     check_ray(settings)
     with TrainingBar(console, "baseline") as (progress, bar):
         setup = prepare(
-            settings, on_step=lambda done, total: progress.update(bar, completed=done, total=total)
+            settings,
+            on_step=lambda done, total: progress.update(bar, completed=done, total=total),
+            provided=provided,
         )
     if not resume:
         save_settings(folder, settings, identity)

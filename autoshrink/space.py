@@ -294,8 +294,11 @@ def _allowed(
 _PRESET_KEYS = {"description", "model", "encoding", "layers", "ranges", "start"}
 
 
-def build_space(model: nn.Module, registry: Registry, preset: Preset | None = None) -> Space:
-    """The space for ``model``'s compressible layers and the registered methods."""
+def build_space(
+    model: nn.Module, registry: Registry, preset: Preset | None = None, *, narrows: bool = True
+) -> Space:
+    """The space for ``model``'s compressible layers and the registered methods; without
+    ``narrows`` (no narrower model can be built) the model stage is left out."""
     if preset is not None:
         for key in preset.data:
             if key not in _PRESET_KEYS:
@@ -335,7 +338,7 @@ def build_space(model: nn.Module, registry: Registry, preset: Preset | None = No
         value = _allowed(preset, ("layers", kind, "value"), names(Stage.VALUE), ())
         layers.append(LayerSpace(name=name, kind=kind, structure=structure, value=value))
     space = Space(
-        model=_allowed(preset, ("model",), names(Stage.MODEL), (NONE,)),
+        model=_allowed(preset, ("model",), names(Stage.MODEL), (NONE,)) if narrows else [NONE],
         layers=layers,
         encoding=_allowed(preset, ("encoding",), names(Stage.ENCODING), (NONE,)),
         ranges=ranges,

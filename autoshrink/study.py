@@ -23,6 +23,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from torch import nn
 
 from autoshrink.baseline import Baseline, load_baseline
 from autoshrink.errors import AutoshrinkError, UsageError
@@ -34,8 +35,8 @@ from autoshrink.tasks import Task, TaskData, resolve_task
 from autoshrink.trial import TrialBudget, run_trial
 
 __all__ = [
-    "Identity", "SearchSetup", "StudyFolder", "open_study", "prepare", "resolve", "search",
-    "study_identity",
+    "Identity", "Provided", "SearchSetup", "StudyFolder", "open_study", "prepare", "resolve",
+    "search", "study_identity",
 ]
 
 # ERROR, not WARNING: Optuna logs every failed trial with its traceback; a failure is one line
@@ -125,21 +126,37 @@ class SearchSetup:
         return self.space.sample(optuna.trial.FixedTrial(params))
 
 
-def resolve(settings: Settings) -> tuple[Registry, Task, Space]:
+@dataclass(frozen=True)
+class Provided:
+    """What a Python caller hands over instead of naming a registered task: the task
+    object, and optionally its data and its already trained model (the baseline)."""
+
+    task: Task
+    data: TaskData | None = None
+    pretrained: nn.Module | None = None
+
+
+def resolve(
+    settings: Settings, provided: Provided | None = None
+) -> tuple[Registry, Task, Space]:
     """Plugins, task and search space: everything that needs no data or training."""
     registry = load_registry(strict=settings.strict_plugins)
-    task = resolve_task(settings.task, registry.tasks)
+    task = provided.task if provided else resolve_task(settings.task, registry.tasks)
     preset = load_preset(settings.space)
-    return registry, task, build_space(task.build_model(1.0), registry, preset)
+    space = build_space(task.build_model(1.0), registry, preset, narrows=task.narrows)
+    return registry, task, space
 
 
 def prepare(
-    settings: Settings, on_step: Callable[[int, int], None] | None = None
+    settings: Settings,
+    on_step: Callable[[int, int], None] | None = None,
+    provided: Provided | None = None,
 ) -> SearchSetup:
     """Load plugins, task, data, the (cached) baseline and the search space."""
-    registry, task, space = resolve(settings)
-    data = task.load_data(settings.data_dir)
-    baseline = load_baseline(task, data, registry, on_step=on_step)
+    registry, task, space = resolve(settings, provided)
+    data = provided.data if provided and provided.data else task.load_data(settings.data_dir)
+    pretrained = provided.pretrained if provided else None
+    baseline = load_baseline(task, data, registry, pretrained=pretrained, on_step=on_step)
     budget = TrialBudget(
         finetune_steps=settings.finetune_steps,
         distill_steps=3 * settings.finetune_steps,

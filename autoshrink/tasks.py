@@ -83,6 +83,9 @@ class Task:
     training: TrainingSettings = field(default_factory=TrainingSettings)
     metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
     metric_name: str = "accuracy"
+    #: Whether ``build_model`` takes widths below 1.0; without it the search leaves
+    #: model-stage methods (distillation, which trains a narrower student) out.
+    narrows: bool = True
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A zero input batch of the right shape (for export and compilation)."""

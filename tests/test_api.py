@@ -1,0 +1,123 @@
+"""The Python API: the same results as the command line, and a model of your own with its
+data loaders, no task needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import autoshrink
+from autoshrink.errors import UsageError
+from tests.conftest import run_cli
+
+SETTINGS = {"finetune_steps": 20, "seed": 4, "retrain_epochs": 0}
+
+
+def test_api_and_cli_give_the_same_front(tmp_path: Path) -> None:
+    done = run_cli(
+        "search", "--task", "digits-mlp", "--budget", "40kB", "--trials", "3", "--seed", "4",
+        "--finetune-steps", "20", "--retrain-epochs", "0", "--out", str(tmp_path / "cli"),
+        "--study", "s",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = autoshrink.search(
+        task="digits-mlp", budget="40kB", trials=3, out=tmp_path / "api", study="s", **SETTINGS
+    )
+    cli = json.loads((tmp_path / "cli" / "s" / "pareto.json").read_text())
+    assert [(m["trial"], m["bytes"], m["val_accuracy"]) for m in cli["front"]] == [
+        (m.trial, m.bytes, m.val_accuracy) for m in result.front
+    ]
+    assert result.best is not None and result.best.trial == cli["best"]
+    assert result.best.artifact.stat().st_size == result.best.bytes
+    again = autoshrink.report("s", out=tmp_path / "api")
+    assert [m.bytes for m in again.front] == [m.bytes for m in result.front]
+
+
+class Net(nn.Module):
+    """A model the search has never seen: no width knob, no task."""
+
+    def __init__(self, hidden: int = 48) -> None:
+        super().__init__()
+        self.first = nn.Linear(64, hidden)
+        self.second = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(net(x[:1400]), y[:1400])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {
+        "net": net.eval(),
+        "train": DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size=100),
+        "test": TensorDataset(x[1400:], y[1400:]),
+        "x": x[1400:], "y": y[1400:],
+    }
+
+
+def test_your_own_model_with_data_loaders(digits: dict, tmp_path: Path) -> None:
+    result = autoshrink.search(
+        digits["net"], train=digits["train"], test=digits["test"], budget="12kB", trials=3,
+        out=tmp_path, study="mine", **SETTINGS,
+    )
+    assert result.front and result.best is not None
+    summary = result.summary
+    assert summary["task"] == "model:Net"
+    # Its trained weights are the baseline: measured, not trained again.
+    with torch.no_grad():
+        kept = (digits["net"](digits["x"]).argmax(1) == digits["y"]).float().mean().item()
+    assert summary["baseline"]["test_accuracy"] == pytest.approx(kept)
+    # No student was given: distillation is not in the space.
+    assert all(t["plan"] is None or t["plan"].get("model") is None for t in summary["trials"])
+    for member in result.front:
+        model = autoshrink.load(member.artifact, model=Net())
+        with torch.no_grad():
+            measured = (model(digits["x"]).argmax(1) == digits["y"]).float().mean().item()
+        assert measured == pytest.approx(member.test_accuracy)
+    # The command line cannot rebuild this study's report without the model, and says how.
+    line = run_cli("report", "mine", "--out", str(tmp_path))
+    assert line.returncode == 2 and "autoshrink.report(" in line.stderr
+    again = autoshrink.report(
+        "mine", out=tmp_path, model=digits["net"], train=digits["train"], test=digits["test"]
+    )
+    assert [m.bytes for m in again.front] == [m.bytes for m in result.front]
+
+
+def test_a_student_brings_distillation_back(digits: dict, tmp_path: Path) -> None:
+    from autoshrink.api import model_task
+
+    task = model_task(digits["net"], input_shape=(64,), student=lambda w: Net(round(48 * w)))
+    assert task.narrows and task.build_model(0.5).first.out_features == 24
+    with pytest.raises(UsageError, match="student"):
+        model_task(digits["net"]).build_model(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"train": "not data", "test": "x"}, "expected a DataLoader"),
+        ({"train": None, "test": None}, "needs `train=` and `test=`"),
+        ({"task": "digits-mlp"}, "either `model`"),
+    ],
+)
+def test_bad_api_input_is_one_clear_error(digits: dict, tmp_path: Path, kwargs, needle) -> None:
+    with pytest.raises(UsageError, match=needle):
+        autoshrink.search(digits["net"], budget="12kB", out=tmp_path, **kwargs)
