@@ -16,9 +16,10 @@ code, so the two give the same results.
 A model of your own needs no width factory: its compressible layers are found, its trained
 weights are the baseline (nothing is trained again), and ``student=callable(width)`` lets the
 search distil into narrower students (without it, distillation is left out of the space).
-Its data comes as ``DataLoader``s, ``Dataset``s of ``(input, target)`` pairs or
-``(inputs, targets)`` tensors. They are read into memory once (streaming training is not
-built yet). When only ``train`` is given, a seeded tenth of it becomes the validation split.
+Its data comes as ``DataLoader``s or ``Dataset``s of ``(input, target)`` pairs, read a batch
+at a time (nothing needs a whole split in memory), or as ``(inputs, targets)`` tensors (the
+in-memory fast path). When only ``train`` is given, a seeded tenth of it becomes the
+validation split.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,13 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from autoshrink.errors import UsageError
 from autoshrink.plan import Plan
 from autoshrink.settings import Settings, load_settings
 from autoshrink.study import Provided, StudyFolder
-from autoshrink.tasks import Split, Task, TaskData, accuracy
+from autoshrink.tasks import Data, DatasetSplit, Split, Task, TaskData, accuracy
 
 __all__ = ["Member", "SearchResult", "callable_module", "compile", "load", "model_task",
            "report", "resume", "search"]
@@ -256,7 +258,7 @@ def _provided(
     else:
         validation = to_split(val, "val")
     testing = to_split(test, "test")
-    shape = tuple(training.x.shape[1:])
+    shape = tuple(next(training.ordered(1))[0].shape[1:])
     return Provided(
         task=model_task(model, input_shape=shape, student=student, metric=metric),
         data=TaskData(train=training, val=validation, test=testing),
@@ -264,39 +266,41 @@ def _provided(
     )
 
 
-def to_split(data: Any, what: str) -> Split:
-    """A split from a ``Split``, ``(inputs, targets)`` tensors, a ``Dataset`` of pairs or a
-    ``DataLoader`` of batches (read into memory once)."""
-    if isinstance(data, Split):
+def to_split(data: Any, what: str) -> Data:
+    """A split from a ``Split``, ``(inputs, targets)`` tensors (both kept in memory), or a
+    ``Dataset`` of ``(input, target)`` pairs or a ``DataLoader`` over one (read a batch at a
+    time, with the loader's collate function)."""
+    if isinstance(data, Split | DatasetSplit):
         return data
     if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         return Split(data[0], data[1].long())
-    pairs: Iterable[Any]
-    if isinstance(data, torch.utils.data.DataLoader):
-        pairs = data
-        batched = True
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(
-        data, str | bytes
+    if isinstance(data, DataLoader):
+        return _checked(DatasetSplit(data.dataset, data.collate_fn), what)
+    if isinstance(data, Dataset) or (
+        hasattr(data, "__getitem__") and hasattr(data, "__len__")
+        and not isinstance(data, str | bytes)
     ):
-        pairs, batched = (data[i] for i in range(len(data))), False
-    else:
-        raise UsageError(
-            f"`{what}=`: expected a DataLoader, a Dataset of (input, target) pairs or "
-            f"(inputs, targets) tensors, not {type(data).__name__}"
-        )
-    xs, ys = [], []
-    for item in pairs:
-        if not (isinstance(item, list | tuple) and len(item) >= 2):
-            raise UsageError(f"`{what}=`: each item must be an (input, target) pair")
-        x, y = torch.as_tensor(item[0]), torch.as_tensor(item[1])
-        xs.append(x if batched else x.unsqueeze(0))
-        ys.append(y.reshape(-1) if batched else y.reshape(1))
-    if not xs:
+        return _checked(DatasetSplit(data), what)
+    raise UsageError(
+        f"`{what}=`: expected a DataLoader, a Dataset of (input, target) pairs or "
+        f"(inputs, targets) tensors, not {type(data).__name__}"
+    )
+
+
+def _checked(split: DatasetSplit, what: str) -> DatasetSplit:
+    """``split`` once its first batch is seen to be (inputs, targets)."""
+    if len(split) == 0:
         raise UsageError(f"`{what}=` holds no examples")
-    return Split(torch.cat(xs), torch.cat(ys).long())
+    try:
+        x, y = next(split.ordered(2))
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"`{what}=`: each item must be an (input, target) pair ({exc})") from exc
+    if not (torch.is_tensor(x) and torch.is_tensor(y)):
+        raise UsageError(f"`{what}=`: batches must be tensors, not {type(x).__name__}")
+    return split
 
 
-def _carve(data: Split) -> tuple[Split, Split]:
+def _carve(data: Data) -> tuple[Data, Data]:
     """A seeded validation split out of ``data`` (the seed is the data's fingerprint)."""
     seed = int(hashlib.sha256(data.fingerprint().encode()).hexdigest()[:8], 16)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -304,7 +308,10 @@ def _carve(data: Split) -> tuple[Split, Split]:
     if held >= len(data):
         raise UsageError("`train=` is too small to hold out a validation split; pass `val=`")
     rest, kept = order[held:], order[:held]
-    return Split(data.x[rest], data.y[rest]), Split(data.x[kept], data.y[kept])
+    if isinstance(data, Split):
+        return Split(data.x[rest], data.y[rest]), Split(data.x[kept], data.y[kept])
+    return (DatasetSplit(Subset(data.dataset, rest.tolist()), data.collate),
+            DatasetSplit(Subset(data.dataset, kept.tolist()), data.collate))
 
 
 # --- results ------------------------------------------------------------------------------------

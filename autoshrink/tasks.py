@@ -9,16 +9,21 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from autoshrink.errors import UsageError
 
-__all__ = ["Split", "Task", "TaskData", "TrainingSettings", "accuracy", "resolve_task"]
+__all__ = [
+    "Data", "DatasetSplit", "Split", "Task", "TaskData", "TrainingSettings", "accuracy",
+    "resolve_task",
+]
 
 
 def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -26,9 +31,12 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return (logits.argmax(dim=1) == targets).float().mean().item()
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Split:
-    """Inputs and targets of one data split, held in memory."""
+    """Inputs and targets of one data split, held in memory (the fast path)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -44,14 +52,69 @@ class Split:
         digest.update(self.x[: min(len(self.x), 256)].numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """Minibatches in a fresh random order each epoch, without end."""
+        while True:
+            order = torch.randperm(len(self), generator=generator)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                index = order[start : start + batch_size]
+                yield self.x[index], self.y[index]
+
+    def ordered(self, batch_size: int) -> Iterator[Batch]:
+        """The whole split in order, a batch at a time."""
+        for start in range(0, len(self), batch_size):
+            yield self.x[start : start + batch_size], self.y[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """A split read from a torch ``Dataset`` of ``(input, target)`` pairs a batch at a
+    time: nothing needs the whole split in memory. ``collate`` is the DataLoader's."""
+
+    dataset: Dataset
+    collate: Callable[[list[Any]], Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def fingerprint(self) -> str:
+        """A short hash of the split's length and its first and last 64 examples: changed
+        data is noticed without reading all of it (an edit in the middle of an unchanged
+        length is not; give such data a new name or clear the cache)."""
+        size = len(self)
+        picks = sorted({*range(min(size, 64)), *range(max(0, size - 64), size)})
+        digest = hashlib.sha256(str(size).encode())
+        for x, y in self._loader(list(picks), 64):
+            digest.update(x.detach().cpu().numpy().tobytes())
+            digest.update(y.detach().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _loader(self, indices: list[int] | None, batch_size: int, **options: Any) -> Any:
+        data = self.dataset if indices is None else Subset(self.dataset, indices)
+        return DataLoader(data, batch_size=batch_size, collate_fn=self.collate, **options)
+
+    def shuffled(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        while True:
+            loader = self._loader(
+                None, batch_size, shuffle=True, generator=generator, drop_last=True
+            )
+            yield from ((x, y) for x, y in loader)
+
+    def ordered(self, batch_size: int) -> Iterator[Batch]:
+        yield from ((x, y) for x, y in self._loader(None, batch_size))
+
+
+#: A data split: in memory, or read from a Dataset a batch at a time.
+Data = Split | DatasetSplit
+
 
 @dataclass(frozen=True)
 class TaskData:
     """The three splits. Validation is carved from the training data; test steers nothing."""
 
-    train: Split
-    val: Split
-    test: Split
+    train: Data
+    val: Data
+    test: Data
 
 
 @dataclass(frozen=True)

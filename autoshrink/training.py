@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoshrink.tasks import Split
+from autoshrink.tasks import Data
 
-__all__ = ["LossFn", "evaluate", "fit", "predict"]
+__all__ = ["LossFn", "evaluate", "fit", "outputs", "predict"]
 
 #: loss(logits, inputs, targets) -> scalar tensor
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -23,7 +23,7 @@ def cross_entropy(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tor
 
 def fit(
     model: nn.Module,
-    data: Split,
+    data: Data,
     *,
     steps: int,
     batch_size: int,
@@ -44,14 +44,9 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     model.train()
     recent: list[float] = []
-    order = torch.randperm(len(data), generator=generator)
-    cursor = 0
+    batches = data.shuffled(min(batch_size, len(data)), generator)
     for step in range(steps):
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(data), generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        x, y = data.x[index], data.y[index]
+        x, y = next(batches)
         loss = loss_fn(model(x), x, y)
         value = loss.item()
         if not math.isfinite(value):
@@ -74,13 +69,26 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2048) -> torch.
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
+@torch.no_grad()
+def outputs(
+    model: nn.Module, data: Data, batch_size: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs on a whole split and the split's targets, a batch at a time."""
+    model.eval()
+    logits, targets = [], []
+    for x, y in data.ordered(batch_size):
+        logits.append(model(x))
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
 def evaluate(
     model: nn.Module,
-    data: Split,
+    data: Data,
     metric: Callable[[torch.Tensor, torch.Tensor], float],
 ) -> float:
     """The task metric of ``model`` on a whole split."""
-    return metric(predict(model, data.x), data.y)
+    return metric(*outputs(model, data))
 
 
 def steps_for(epochs: float, examples: int, batch_size: int) -> int:

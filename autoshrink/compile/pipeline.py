@@ -57,7 +57,7 @@ from autoshrink.plan import compressible_layers
 if TYPE_CHECKING:
     from autoshrink.plugins import Registry
     from autoshrink.study import SearchSetup, StudyFolder
-    from autoshrink.tasks import Split, Task
+    from autoshrink.tasks import Data, Task
 
 __all__ = ["CompileError", "CompileResult", "compile_artifact", "compile_winners"]
 
@@ -102,25 +102,23 @@ def _max_error(vm: Any, model: nn.Module, shape: tuple[int, ...], batches, devic
     return error, RELATIVE_TOLERANCE * scale
 
 
-def _accuracy(vm, model: nn.Module, split: Split, task: Task, batch: int, device) -> dict:
+def _accuracy(vm, model: nn.Module, split: Data, task: Task, batch: int, device) -> dict:
     """The task metric on ``split`` through the library and through PyTorch."""
-    from autoshrink.training import predict
+    from autoshrink.training import outputs
 
     chunks = []
-    x = split.x.numpy().astype(np.float32)
-    for start in range(0, len(x), batch):
-        part = x[start : start + batch]
+    for x, _ in split.ordered(batch):
+        part = x.numpy().astype(np.float32)
         padded = np.zeros((batch, *part.shape[1:]), dtype=np.float32)
         padded[: len(part)] = part  # the library's batch size is fixed
         chunks.append(_run(vm, batch, padded, device)[: len(part)])
     compiled = torch.from_numpy(np.concatenate(chunks))
-    with torch.no_grad():
-        reference = predict(model, split.x)
+    reference, targets = outputs(model, split)
     return {
-        "torch": task.metric(reference, split.y),
-        "tvm": task.metric(compiled, split.y),
+        "torch": task.metric(reference, targets),
+        "tvm": task.metric(compiled, targets),
         "argmax_agreement": float((compiled.argmax(1) == reference.argmax(1)).float().mean()),
-        "examples": len(split.y),
+        "examples": len(targets),
     }
 
 
@@ -164,7 +162,7 @@ def compile_artifact(
     out: Path | None = None,
     threads: int | None = None,
     task: Task | None = None,
-    test: Split | None = None,
+    test: Data | None = None,
     torch_compile: bool = True,
     tuning_dir: Path | None = None,
     rounds: int = 7,
