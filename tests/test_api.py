@@ -121,3 +121,37 @@ def test_a_student_brings_distillation_back(digits: dict, tmp_path: Path) -> Non
 def test_bad_api_input_is_one_clear_error(digits: dict, tmp_path: Path, kwargs, needle) -> None:
     with pytest.raises(UsageError, match=needle):
         autoshrink.search(digits["net"], budget="12kB", out=tmp_path, **kwargs)
+
+
+class Counting(torch.utils.data.Dataset):
+    """A dataset that counts the examples read from it."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.reads = size, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        self.reads += 1
+        return torch.full((4,), float(index % 7)), index % 3
+
+
+def test_loader_data_is_read_a_batch_at_a_time() -> None:
+    from autoshrink.api import to_split
+    from autoshrink.tasks import DatasetSplit
+    from autoshrink.training import evaluate, fit
+
+    dataset = Counting(100_000)
+    split = to_split(DataLoader(dataset, batch_size=50), "train")
+    assert isinstance(split, DatasetSplit)
+    dataset.reads = 0
+    split.fingerprint()
+    assert dataset.reads == 128  # the first and last 64 examples, not all 100,000
+    dataset.reads = 0
+    model = nn.Linear(4, 3)
+    fit(model, split, steps=5, batch_size=16, lr=1e-2, seed=0)
+    assert dataset.reads <= 5 * 16
+    small = to_split(Counting(300), "test")
+    score = evaluate(model, small, lambda out, y: (out.argmax(1) == y).float().mean().item())
+    assert 0.0 <= score <= 1.0
