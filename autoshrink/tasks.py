@@ -174,6 +174,11 @@ def resolve_task(name: str, registered: dict[str, Task]) -> Task:
     """The registered task ``name``, or the Task returned by a ``module:function`` reference."""
     if name in registered:
         return registered[name]
+    if name.startswith("model:"):
+        raise UsageError(
+            f"task `{name}` is a model handed over in Python (autoshrink.search(model, ...)); "
+            "it is only available there: pass `model=` (and its data) again"
+        )
     if ":" not in name:
         known = ", ".join(sorted(registered)) or "none"
         raise UsageError(

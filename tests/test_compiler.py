@@ -259,16 +259,23 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(tuned_mlp) -> None:
 
 
 def test_compile_is_off_by_default_and_summaries_pick_up_latency(tmp_path: Path) -> None:
+    from autoshrink.files import file_digest
+
     assert Settings().compile is False
     folder = StudyFolder(tmp_path)
-    assert _latency(folder, 3) is None
-    latency = {"engines": {"tvm_tuned": {"1": 0.1}}, "batches": [1]}
+    artifact, other = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    artifact.write_bytes(b"the compiled file")
+    other.write_bytes(b"a later file of the same trial")
+    assert _latency(folder, 3, artifact) is None
+    latency = {"engines": {"tvm_tuned": {"1": 0.1}}, "batches": [1],
+               "artifact_sha256": file_digest(artifact)}
     target = tmp_path / "compiled" / "trial-0003"
     target.mkdir(parents=True)
     (target / "latency.json").write_text(json.dumps(latency))
-    assert _latency(folder, 3) == latency
+    assert _latency(folder, 3, artifact) == latency
+    assert _latency(folder, 3, other) is None  # timings of another file are never shown
     (target / "latency.json").write_text("{truncated")
-    assert _latency(folder, 3) is None
+    assert _latency(folder, 3, artifact) is None
 
 
 def test_search_help_says_compile_is_off_by_default() -> None:
