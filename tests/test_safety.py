@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,35 @@ def test_heal_refuses_a_missing_journal(tmp_path) -> None:
 
 
 # --- bad input: one line, the right exit code, nothing written ------------------------------
+#
+# These run the command line's entry point in this process (argv, environment and working
+# folder set as a shell would), which is the same code as the installed script and keeps
+# the matrix fast; the cases that need a fresh interpreter use run_cli.
+
+
+@pytest.fixture
+def cli_here(capsys, monkeypatch):
+    """``cli_here(*args, cwd=None)``: run ``autoshrink ARGS`` in this process; returns an
+    object with ``returncode``, ``stdout`` and ``stderr`` like ``subprocess.run``."""
+    from types import SimpleNamespace
+
+    from autoshrink import cli
+
+    def run(*args: str, cwd: Path | None = None) -> SimpleNamespace:
+        monkeypatch.setattr(sys, "argv", ["autoshrink", *args])
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        cli.State.debug, cli.State.strict_plugins = False, None
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+    return run
 
 BAD_SEARCHES = {
     "seed-negative": (["--seed", "-1"], 2, "seed"),
@@ -211,14 +241,14 @@ BAD_SEARCHES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_SEARCHES))
-def test_bad_search_command_lines(tmp_path, case) -> None:
+def test_bad_search_command_lines(tmp_path, cli_here, case) -> None:
     extra, code, needle = BAD_SEARCHES[case]
     out = tmp_path / "reports"
     out.mkdir()
     (tmp_path / "FILE").write_text("not a folder")
     extra = [str(tmp_path / "FILE") if word == "FILE" else word for word in extra]
     args = ["search", *FAST, "--out", str(out), "--study", "x", *extra]
-    line = one_line(run_cli(*args), code)
+    line = one_line(cli_here(*args), code)
     assert needle in line, line
     assert list(out.iterdir()) == []
     assert (tmp_path / "FILE").read_text() == "not a folder"
@@ -285,7 +315,7 @@ OTHER_BAD = {
 
 
 @pytest.mark.parametrize("case", list(OTHER_BAD))
-def test_bad_command_lines(study, tmp_path, case) -> None:
+def test_bad_command_lines(study, tmp_path, cli_here, case) -> None:
     args, code, needle = OTHER_BAD[case]
     copy_of(study, tmp_path)
     (tmp_path / "FOLDER").mkdir()
@@ -298,7 +328,7 @@ def test_bad_command_lines(study, tmp_path, case) -> None:
     if args[0] in ("resume", "report", "doctor"):
         args += ["--out", str(tmp_path)]
     before = snapshot(tmp_path)
-    line = one_line(run_cli(*args, cwd=tmp_path), code)
+    line = one_line(cli_here(*args, cwd=tmp_path), code)
     assert places.get(needle, needle) in line, line
     assert snapshot(tmp_path) == before
 
