@@ -50,6 +50,10 @@ def test_local_search(tmp_path: Path) -> None:
     pareto = check_study(tmp_path, "local", 30_000, 8)
     assert pareto["settings"]["backend"] == "local"
     assert "recommended: trial" in result.stdout
+    # Output to a pipe reads as a log: a line per finished trial, no clipped bar.
+    assert "━" not in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("trial ")]
+    assert len(lines) == 8 and lines[-1].startswith("trial 7 (8/8): complete, "), lines
 
 
 def test_ray_search(tmp_path: Path) -> None:
