@@ -25,7 +25,6 @@ validation split.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -288,22 +287,22 @@ def to_split(data: Any, what: str) -> Data:
 
 
 def _checked(split: DatasetSplit, what: str) -> DatasetSplit:
-    """``split`` once its first batch is seen to be (inputs, targets)."""
+    """``split`` once its first example is seen to be an (input, target) pair of tensors
+    (or numbers)."""
     if len(split) == 0:
         raise UsageError(f"`{what}=` holds no examples")
-    try:
-        x, y = next(split.ordered(2))
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"`{what}=`: each item must be an (input, target) pair ({exc})") from exc
-    if not (torch.is_tensor(x) and torch.is_tensor(y)):
-        raise UsageError(f"`{what}=`: batches must be tensors, not {type(x).__name__}")
+    item = split.dataset[0]
+    if not (isinstance(item, list | tuple) and len(item) == 2):
+        raise UsageError(
+            f"`{what}=`: each example must be an (input, target) pair, not {type(item).__name__}"
+        )
     return split
 
 
 def _carve(data: Data) -> tuple[Data, Data]:
-    """A seeded validation split out of ``data`` (the seed is the data's fingerprint)."""
-    seed = int(hashlib.sha256(data.fingerprint().encode()).hexdigest()[:8], 16)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    """A seeded validation split out of ``data``: the same examples on every call for data
+    of the same length (search, resume and report agree, whatever the data's transforms)."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(len(data)))
     held = max(1, round(VALIDATION_SHARE * len(data)))
     if held >= len(data):
         raise UsageError("`train=` is too small to hold out a validation split; pass `val=`")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
 import struct
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class Stream(BaseModel):
     dtype: Literal[
         "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "uint16", "bool"
     ]
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0)]]
     coding: str | None = None
     #: Its length in the file's one packed tensor (format 2 on; format 1 stored each stream
     #: as a tensor of its own).
@@ -86,7 +87,7 @@ class Stream(BaseModel):
 
 class PayloadInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=0)]]
     meta: dict[str, Any]
     arrays: list[str]
 
@@ -353,6 +354,14 @@ def read_artifact(path: Path, registry: Registry, task: Task | None = None) -> A
     return Artifact(path=path, bytes=path.stat().st_size, header=header, model=model)
 
 
+def _decode(encoder: EncodingMethod, raw: bytes, config: Any, limit: int) -> bytes:
+    """``encoder.decode`` with the output limit; encoders written before ``limit`` existed
+    are called without it (the length is still checked afterwards, memory is on them)."""
+    if "limit" in inspect.signature(encoder.decode).parameters:
+        return encoder.decode(raw, config, limit=limit)
+    return encoder.decode(raw, config)
+
+
 def stream_array(
     header: Header, blobs: dict[str, bytes], key: str, registry: Registry
 ) -> np.ndarray:
@@ -369,7 +378,7 @@ def stream_array(
         encoder = registry.method(stream.coding, Stage.ENCODING)
         assert isinstance(encoder, EncodingMethod)
         config = header.plan.encoding.config if header.plan.encoding else {}
-        raw = encoder.decode(raw, encoder.config(config), limit=count * dtype.itemsize)
+        raw = _decode(encoder, raw, encoder.config(config), count * dtype.itemsize)
     if len(raw) != count * dtype.itemsize:
         raise ValueError(
             f"stream `{key}` holds {len(raw)} bytes, expected {count * dtype.itemsize}"

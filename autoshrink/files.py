@@ -4,6 +4,8 @@ identified by their content."""
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["file_digest", "write_atomic"]
@@ -12,9 +14,15 @@ __all__ = ["file_digest", "write_atomic"]
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` in one step: a browser or a reader never sees half a file, also
     while a running search rewrites the report."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    partial = Path(name)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        partial.replace(path)  # a unique side file: two writers never share one
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def file_digest(path: Path) -> str | None:

@@ -26,6 +26,19 @@ from autoshrink.errors import AutoshrinkError
 __all__ = ["JournalCheck", "JournalError", "check_journal", "heal_for_append", "repair"]
 
 _OPERATIONS = {int(op) for op in JournalOperation}
+#: The keys Optuna's replay reads from each operation (besides ``op_code``, ``worker_id``).
+_NEEDS = {
+    int(JournalOperation.CREATE_STUDY): ("study_name",),
+    int(JournalOperation.DELETE_STUDY): ("study_id",),
+    int(JournalOperation.SET_STUDY_USER_ATTR): ("study_id", "user_attr"),
+    int(JournalOperation.SET_STUDY_SYSTEM_ATTR): ("study_id", "system_attr"),
+    int(JournalOperation.CREATE_TRIAL): ("study_id",),
+    int(JournalOperation.SET_TRIAL_PARAM): ("trial_id",),
+    int(JournalOperation.SET_TRIAL_STATE_VALUES): ("trial_id",),
+    int(JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE): ("trial_id",),
+    int(JournalOperation.SET_TRIAL_USER_ATTR): ("trial_id", "user_attr"),
+    int(JournalOperation.SET_TRIAL_SYSTEM_ATTR): ("trial_id", "system_attr"),
+}
 
 
 class JournalError(AutoshrinkError):
@@ -64,6 +77,9 @@ def _record_problem(line: bytes) -> str | None:
     op = record.get("op_code")
     if not isinstance(op, int) or isinstance(op, bool) or op not in _OPERATIONS:
         return f"has an unknown operation {op!r}"
+    missing = [key for key in ("worker_id", *_NEEDS.get(op, ())) if key not in record]
+    if missing:
+        return f"lacks {', '.join(missing)} for operation {op}"
     return None
 
 
@@ -103,7 +119,7 @@ def heal_for_append(path: Path, name: str, *, has_artifacts: bool) -> str | None
             f"study journal {found.problem}; nothing was written. "
             f"`autoshrink doctor {name}` explains, `--repair` fixes it after a backup"
         )
-    if found.records == 0 and not found.tail and has_artifacts:
+    if found.records == 0 and has_artifacts:
         raise JournalError(
             f"study journal {path} is empty but the study has trial artifacts; nothing was "
             f"written. `autoshrink doctor {name}` explains"
@@ -127,9 +143,10 @@ def repair(path: Path) -> tuple[Path, str]:
     """Rewrite the journal keeping its valid records; the original goes to
     ``<journal>.bak-<time>`` first. Returns the backup's path and what was done.
 
-    Records after a damaged line are kept when Optuna can replay the result; otherwise the
-    journal is cut at the first damaged line (records that follow may refer to what the
-    damaged one held)."""
+    Records after a damaged line are kept when they stay consistent without it (Optuna
+    numbers trials by the order they were created, so a lost create-trial record would
+    shift every later record onto the wrong trial) and Optuna can replay the result;
+    otherwise the journal is cut at the first damaged line."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -144,6 +161,8 @@ def repair(path: Path) -> tuple[Path, str]:
     attempts = [("dropped the damaged lines", good), ("cut it at the first damaged line",
                                                       lines[: first - 1])]
     for what, kept in attempts:
+        if not _trials_consistent(kept):
+            continue
         _write_atomically(path, b"".join(line + b"\n" for line in kept))
         try:
             storage = JournalStorage(JournalFileBackend(str(path)))
@@ -155,6 +174,20 @@ def repair(path: Path) -> tuple[Path, str]:
         return backup, f"{what}: kept {len(kept)} records, dropped {dropped}"
     _write_atomically(path, b"")
     return backup, "no record could be kept"
+
+
+def _trials_consistent(lines: list[bytes]) -> bool:
+    """Whether every record names a trial created before it (ids count creations)."""
+    created = 0
+    for line in lines:
+        record = json.loads(line)
+        if record["op_code"] == JournalOperation.CREATE_TRIAL:
+            created += 1
+        elif "trial_id" in record and not (
+            isinstance(record["trial_id"], int) and 0 <= record["trial_id"] < created
+        ):
+            return False
+    return True
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

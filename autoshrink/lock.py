@@ -7,6 +7,7 @@ file itself only tells a second writer who holds the lock (PID, host, since when
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -43,11 +44,16 @@ class StudyLock:
                 f"study `{self.path.parent.name}` is being written by {holder}; wait for that "
                 "search to finish (or stop it), then try again"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-        }).encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
+        # Who holds it, for a second writer's message (a full disk only loses that).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({
+                "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+            }).encode())
         return self
 
     def __exit__(

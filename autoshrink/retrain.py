@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -52,9 +53,41 @@ def retrained_figures(
     """The cached retraining of a front member, if its artifact file still exists."""
     key = _key(folder, member, epochs)
     found = _load(folder).get(key) if key else None
-    if not isinstance(found, dict) or not (folder.root / str(found.get("artifact"))).is_file():
+    if not isinstance(found, dict) or "artifact" not in found:
+        return None
+    # The file must still be the one measured (a later schedule rewrites the same name).
+    if file_digest(folder.root / str(found["artifact"])) != found.get("sha256"):
         return None
     return found
+
+
+def _retrain(
+    folder: StudyFolder, member: dict[str, Any], setup: SearchSetup, budget: TrialBudget,
+    path: Path, console: Console,
+) -> dict[str, Any]:
+    """Train one member's plan again into ``path``; its measured figures."""
+    start = time.monotonic()
+    with console.status(f"retraining trial {member['trial']} ({budget.finetune_steps} steps)"):
+        outcome = run_trial(
+            Plan.model_validate(member["plan"]),
+            task=setup.task,
+            data=setup.data,
+            baseline=setup.baseline,
+            registry=setup.registry,
+            artifact=path,
+            budget=budget,
+            seed=setup.settings.seed + member["trial"],
+        )
+        model = read_artifact(path, setup.registry, setup.task).model
+        test = evaluate(model, setup.data.test, setup.task.metric)
+    return {
+        "bytes": outcome.bytes,
+        "val_accuracy": outcome.val_accuracy,
+        "test_accuracy": test,
+        "artifact": str(path.relative_to(folder.root)),
+        "sha256": file_digest(path),
+        "seconds": round(time.monotonic() - start, 3),
+    }
 
 
 def retrain_front(
@@ -84,38 +117,24 @@ def retrain_front(
         key = _key(folder, member, epochs)
         if key is None or retrained_figures(folder, member, epochs) is not None:
             continue
-        start = time.monotonic()
-        with console.status(
-            f"retraining trial {member['trial']} for {epochs:g} epochs ({steps} steps)"
-        ):
-            path = folder.retrained(member["trial"])
-            outcome = run_trial(
-                Plan.model_validate(member["plan"]),
-                task=setup.task,
-                data=setup.data,
-                baseline=setup.baseline,
-                registry=setup.registry,
-                artifact=path,
-                budget=budget,
-                seed=settings.seed + member["trial"],
+        path = folder.retrained(member["trial"])
+        try:
+            figures = _retrain(folder, member, setup, budget, path, console)
+        except Exception as exc:  # a finished search keeps its search-time figures
+            path.unlink(missing_ok=True)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            console.print(
+                f"[yellow]warning:[/] retraining trial {member['trial']} failed "
+                f"({type(exc).__name__}: {first[:200]}); its search figures stand",
+                highlight=False,
             )
-            model = read_artifact(path, setup.registry, setup.task).model
-            test = evaluate(model, setup.data.test, setup.task.metric)
-        figures = {
-            "bytes": outcome.bytes,
-            "val_accuracy": outcome.val_accuracy,
-            "test_accuracy": test,
-            "artifact": str(path.relative_to(folder.root)),
-            "epochs": epochs,
-            "steps": steps,
-            "seconds": round(time.monotonic() - start, 3),
-        }
+            continue
         known = _load(folder)
-        known[key] = figures
+        known[key] = {**figures, "epochs": epochs, "steps": steps}
         write_atomic(folder.root / CACHE, json.dumps(known, indent=2))
         console.print(
             f"retrained trial {member['trial']}: validation {member['val_accuracy']:.2%} -> "
-            f"{outcome.val_accuracy:.2%}, {outcome.bytes:,} bytes", highlight=False,
+            f"{figures['val_accuracy']:.2%}, {figures['bytes']:,} bytes", highlight=False,
         )
         done += 1
     return done

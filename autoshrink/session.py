@@ -20,7 +20,7 @@ from rich.console import Console
 from autoshrink.budget import smallest_artifact
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.journal import heal_for_append
-from autoshrink.lock import StudyLock
+from autoshrink.lock import StudyBusyError, StudyLock
 from autoshrink.pareto import summarize
 from autoshrink.progress import SearchProgress, TrainingBar
 from autoshrink.report import write_report
@@ -108,6 +108,8 @@ def run_search(
     try:
         with StudyLock(folder.root):
             return _run(settings, folder, console, start, resume=False, provided=provided)
+    except StudyBusyError:
+        raise  # another process took the new folder's lock first: it is theirs now
     except BaseException:
         if not folder.journal.exists():  # no study was written yet: free the name again
             shutil.rmtree(folder.root, ignore_errors=True)
@@ -155,10 +157,10 @@ def _run(
                          "retrain_epochs", "retrain_top"}
             }
         )
-        identity = study_identity(folder)
         healed = heal_for_append(folder.journal, folder.name, has_artifacts=folder.has_artifacts())
         if healed:
             console.print(f"[yellow]warning:[/] {healed}", highlight=False, soft_wrap=True)
+        identity = study_identity(folder)
     else:
         identity = new_identity(folder)
     if not resume and Path(settings.space).suffix == ".toml":

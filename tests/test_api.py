@@ -116,6 +116,8 @@ def test_a_student_brings_distillation_back(digits: dict, tmp_path: Path) -> Non
         ({"train": "not data", "test": "x"}, "expected a DataLoader"),
         ({"train": None, "test": None}, "needs `train=` and `test=`"),
         ({"task": "digits-mlp"}, "either `model`"),
+        ({"train": torch.utils.data.TensorDataset(torch.zeros(5, 64)), "test": "x"},
+         "must be an \\(input, target\\) pair"),
     ],
 )
 def test_bad_api_input_is_one_clear_error(digits: dict, tmp_path: Path, kwargs, needle) -> None:

@@ -140,9 +140,11 @@ def test_nan_weights_are_refused_with_the_tensor_named(tmp_path: Path, registry,
          "not the width its plan gives"),
         ({"plan": {"layers": {"fc1": {"structure": {"method": "ghost"}}}}}, "unknown method"),
         ({"plan": {"layers": {"fc9": {}}}}, "not a compressible layer"),
+        ({"streams": "NEGATIVE"}, "header is corrupt"),
         ({"plan": {"model": {"method": "distillation", "config": {"width": 7}}}}, "width"),
     ],
-    ids=["width", "width-not-planned", "unknown-method", "unknown-layer", "knob-out-of-range"],
+    ids=["width", "width-not-planned", "unknown-method", "unknown-layer", "negative-shape",
+         "knob-out-of-range"],
 )
 def test_impossible_headers_are_refused_before_the_model_is_built(
     tmp_path: Path, registry, digits, edit, needle
@@ -156,6 +158,11 @@ def test_impossible_headers_are_refused_before_the_model_is_built(
     with safe_open(str(path), framework="numpy") as handle:
         header = header_json(handle.metadata())
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if edit.get("streams") == "NEGATIVE":  # one stream's count cancels another's
+        first, second = list(header["streams"])[:2]
+        edit = {"streams": {**header["streams"],
+                            first: {**header["streams"][first], "shape": [10**10]},
+                            second: {**header["streams"][second], "shape": [-(10**10)]}}}
     header.update(edit)
     path.write_bytes(save(tensors, metadata=header_metadata(header)))
     with pytest.raises(ArtifactError, match=needle):

@@ -77,7 +77,8 @@ def test_a_cut_tail_is_moved_aside_and_the_study_continues(study, tmp_path) -> N
 
 @pytest.mark.parametrize(
     "damage",
-    ["garbage-middle", "unknown-op", "not-utf8", "garbage-tail-line", "empty"],
+    ["garbage-middle", "unknown-op", "missing-keys", "not-utf8", "garbage-tail-line", "empty",
+     "only-a-cut-record"],
 )
 def test_a_damaged_journal_is_refused_in_one_line_and_left_alone(
     study, tmp_path, damage
@@ -89,8 +90,12 @@ def test_a_damaged_journal_is_refused_in_one_line_and_left_alone(
         lines[4] = b"{{{ not json\n"
     elif damage == "unknown-op":
         lines[4] = json.dumps({"op_code": 99, "worker_id": "x"}).encode() + b"\n"
+    elif damage == "missing-keys":
+        lines[4] = b'{"op_code": 4}\n'
     elif damage == "not-utf8":
         lines[4] = b"\xff\xfe\n"
+    elif damage == "only-a-cut-record":
+        lines = [lines[0][:20]]  # healing would leave an empty journal beside the artifacts
     elif damage == "garbage-tail-line":
         lines.append(b"garbage\n")
     else:
@@ -99,7 +104,7 @@ def test_a_damaged_journal_is_refused_in_one_line_and_left_alone(
     before = snapshot(folder)
     line = one_line(run_cli("resume", "s", "--out", str(tmp_path), "--trials", "4"), 1)
     assert "autoshrink doctor s" in line and "nothing was written" in line
-    if damage != "empty":  # an empty journal has no study to report on
+    if damage not in ("empty", "only-a-cut-record"):  # no study to report on
         line = one_line(run_cli("report", "s", "--out", str(tmp_path)), 1)
         assert "autoshrink doctor s" in line
     assert snapshot(folder) == before
@@ -122,6 +127,29 @@ def test_doctor_repairs_after_a_backup_and_the_study_continues(study, tmp_path) 
     done = run_cli("resume", "s", "--out", str(tmp_path), "--trials", "4")
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(trials_of(folder)) == 4
+
+
+def test_repair_never_moves_records_onto_another_trial(study, tmp_path) -> None:
+    """Trials are numbered by the order they were created: when the damaged line created a
+    trial, dropping it alone would shift every later record, so the journal is cut there."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    folder = copy_of(study, tmp_path)
+    journal = folder / "study.journal"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    creates = [i for i, line in enumerate(lines) if json.loads(line)["op_code"] == 4]
+    lines[creates[-2]] = b"{{{ a damaged create-trial record\n"
+    journal.write_bytes(b"".join(lines))
+    repaired = run_cli("doctor", "s", "--out", str(tmp_path), "--repair")
+    assert repaired.returncode == 0 and "cut it at the first damaged line" in repaired.stdout
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [t.number for t in trials] == list(range(len(creates) - 2))
+    for trial in trials:  # every record is still on its own trial
+        if "artifact" in trial.user_attrs:
+            assert trial.user_attrs["artifact"].endswith(f"trial-{trial.number:04d}.safetensors")
 
 
 def test_a_copied_study_folder_resumes_the_same_study(study, tmp_path) -> None:
