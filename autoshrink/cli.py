@@ -11,6 +11,7 @@ from typing import Annotated
 import humanize
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from autoshrink.errors import AutoshrinkError
@@ -298,6 +299,14 @@ def search_command(
     study: Annotated[str | None, typer.Option("--study", help="Study name (folder).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Reports folder.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="local or ray.")] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage",
+            help="Record trials in a database: sqlite:///path, postgresql://..., "
+            "mysql+pymysql://... (default: the journal file in the study folder).",
+        ),
+    ] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Parallel trials (ray).")] = None,
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Join a Ray cluster (`auto` works).")
@@ -353,6 +362,7 @@ def search_command(
         study=study,
         out=out,
         backend=backend,
+        storage=storage,
         workers=workers,
         ray_address=ray_address,
         finetune_steps=finetune_steps,
@@ -568,6 +578,12 @@ def doctor_command(
     from autoshrink.session import study_folder
 
     folder = study_folder(settings(study=study, out=out))
+    if folder.settings.is_file() and folder.load_settings().storage is not None:
+        console.print(
+            f"study `{folder.name}` records its trials in a database, not a journal file: "
+            "nothing to check here", highlight=False,
+        )
+        return
     if not folder.journal.is_file():
         raise AutoshrinkError(f"no study journal in {folder.root}")
     found = check_journal(folder.journal)
@@ -606,7 +622,7 @@ def main() -> None:
         app()
     except AutoshrinkError as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            errors.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/]")
@@ -614,7 +630,7 @@ def main() -> None:
     except Exception as exc:
         if _debugging():
             raise
-        errors.print(f"[red]error:[/] {_one_line(exc)}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Sequence
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from ray.tune import Callback
 from autoshrink.errors import UsageError
 from autoshrink.settings import Settings
 from autoshrink.space import Space
+from autoshrink.storage import JOURNAL, is_journal, open_storage
 from autoshrink.study import (
     ARTIFACT,
     FAILURE,
@@ -33,6 +33,7 @@ from autoshrink.study import (
     SearchSetup,
     StudyFolder,
     make_sampler,
+    storage_address,
     worker_setup,
 )
 from autoshrink.trial import run_trial
@@ -89,16 +90,11 @@ def _reachable(address: str) -> None:
         ) from exc
 
 
-@cache
-def _journal(path: str) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(path))
-
-
-def _record(journal: str, study_name: str, number: int, attrs: dict[str, Any]) -> None:
+def _record(address: str, study_name: str, number: int, attrs: dict[str, Any]) -> None:
     """Set user attributes on a running trial from the worker that runs it (the journal's
-    file lock makes this safe across processes; on several machines the study folder must
-    be on a shared file system, as Ray Tune's own storage path must)."""
-    storage = _journal(journal)
+    file lock, or the database, makes this safe across processes; with the journal, several
+    machines need the study folder on a shared file system)."""
+    storage = open_storage(address)
     study_id = storage.get_study_id_from_name(study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     for key, value in attrs.items():
@@ -106,14 +102,13 @@ def _record(journal: str, study_name: str, number: int, attrs: dict[str, Any]) -
 
 
 def _trainable(
-    settings_json: str, root: str, study_name: str, threads: int
+    settings_json: str, root: str, address: str, study_name: str, threads: int
 ) -> Callable[[dict], None]:
     def trainable(config: dict) -> None:
         from ray import tune
 
         torch.set_num_threads(threads)
         folder = StudyFolder(Path(root))
-        journal = str(folder.journal)
         number = int(config[NUMBER])
         path = folder.artifact(number)
         try:
@@ -130,11 +125,11 @@ def _trainable(
                 seed=setup.settings.seed + number,
             )
         except Exception as exc:
-            _record(journal, study_name, number, {FAILURE: f"{type(exc).__name__}: {exc}"})
+            _record(address, study_name, number, {FAILURE: f"{type(exc).__name__}: {exc}"})
             path.unlink(missing_ok=True)
             raise
         _record(
-            journal,
+            address,
             study_name,
             number,
             {ARTIFACT: str(path.relative_to(folder.root)), SECONDS: round(outcome.seconds, 3)},
@@ -162,6 +157,7 @@ def search_on_ray(
     from ray.tune.search.optuna import OptunaSearch
 
     settings = setup.settings
+    address = storage_address(folder, settings)
     connect(settings)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_trial = max(1, cpus // settings.workers)
@@ -171,11 +167,17 @@ def search_on_ray(
         mode=["min", "max"],
         sampler=make_sampler(settings),
         study_name=study.study_name,
-        storage=PicklableJournal(str(folder.journal)),
+        storage=(
+            PicklableJournal(address.removeprefix(JOURNAL)) if is_journal(address)
+            else open_storage(address)
+        ),
     )
     tuner = tune.Tuner(
         tune.with_resources(
-            _trainable(settings.model_dump_json(), str(folder.root), study.study_name, per_trial),
+            _trainable(
+                settings.model_dump_json(), str(folder.root), address, study.study_name,
+                per_trial,
+            ),
             {"cpu": per_trial},
         ),
         tune_config=tune.TuneConfig(
@@ -211,7 +213,8 @@ class DefineByRun:
 
 class PicklableJournal(JournalStorage):
     """The study's journal storage, pickled as its file path: Ray Tune pickles its searcher
-    (and with it the storage) to checkpoint the experiment."""
+    (and with it the storage) to checkpoint the experiment. (Optuna's database storage
+    pickles itself.)"""
 
     def __init__(self, path: str) -> None:
         self.path = path

@@ -8,14 +8,13 @@ from typing import Any
 
 import humanize
 import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from autoshrink.errors import UsageError
 from autoshrink.files import write_atomic
 from autoshrink.journal import JournalError, check_journal
 from autoshrink.pareto import BEST, summarize, write_json
-from autoshrink.study import Provided, StudyFolder, prepare, study_identity
+from autoshrink.storage import is_journal, open_storage
+from autoshrink.study import Provided, StudyFolder, prepare, storage_address, study_identity
 
 __all__ = [
     "choice_text",
@@ -239,18 +238,23 @@ def load_study_readonly(folder: StudyFolder) -> optuna.Study:
     which appends a create-study record to the journal on every call; a report, which may be
     regenerated often and while a search writes the same journal, only reads.
     """
-    if not folder.journal.is_file():
-        raise UsageError(f"no study journal in {folder.root}; start one with `autoshrink search`")
-    found = check_journal(folder.journal)
-    if found.problem:  # a cut tail is fine: Optuna's reader skips it
-        raise JournalError(
-            f"study journal {found.problem}. `autoshrink doctor {folder.name}` explains, "
-            "`--repair` fixes it after a backup"
-        )
+    settings = folder.load_settings()
+    address = storage_address(folder, settings)
+    if is_journal(address):
+        if not folder.journal.is_file():
+            raise UsageError(
+                f"no study journal in {folder.root}; start one with `autoshrink search`"
+            )
+        found = check_journal(folder.journal)
+        if found.problem:  # a cut tail is fine: Optuna's reader skips it
+            raise JournalError(
+                f"study journal {found.problem}. `autoshrink doctor {folder.name}` explains, "
+                "`--repair` fixes it after a backup"
+            )
     identity = study_identity(folder)
-    storage = JournalStorage(JournalFileBackend(str(folder.journal)))
+    storage = open_storage(address)
     if identity.name not in optuna.get_all_study_names(storage):
-        raise UsageError(f"{folder.journal} holds no study named `{identity.name}`")
+        raise UsageError(f"{address} holds no study named `{identity.name}`")
     return optuna.load_study(study_name=identity.name, storage=storage)
 
 

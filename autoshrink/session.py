@@ -27,6 +27,7 @@ from autoshrink.report import write_report
 from autoshrink.retrain import retrain_front
 from autoshrink.settings import Settings
 from autoshrink.space import params_of
+from autoshrink.storage import open_storage
 from autoshrink.study import (
     Provided,
     StudyFolder,
@@ -38,6 +39,7 @@ from autoshrink.study import (
     resolve,
     save_settings,
     search,
+    storage_address,
     study_identity,
 )
 
@@ -111,7 +113,7 @@ def run_search(
     except StudyBusyError:
         raise  # another process took the new folder's lock first: it is theirs now
     except BaseException:
-        if not folder.journal.exists():  # no study was written yet: free the name again
+        if not folder.identity.exists():  # no study was written yet: free the name again
             shutil.rmtree(folder.root, ignore_errors=True)
         raise
 
@@ -157,9 +159,12 @@ def _run(
                          "retrain_epochs", "retrain_top"}
             }
         )
-        healed = heal_for_append(folder.journal, folder.name, has_artifacts=folder.has_artifacts())
-        if healed:
-            console.print(f"[yellow]warning:[/] {healed}", highlight=False, soft_wrap=True)
+        if settings.storage is None:
+            healed = heal_for_append(
+                folder.journal, folder.name, has_artifacts=folder.has_artifacts()
+            )
+            if healed:
+                console.print(f"[yellow]warning:[/] {healed}", highlight=False, soft_wrap=True)
         identity = study_identity(folder)
     else:
         identity = new_identity(folder)
@@ -169,6 +174,7 @@ def _run(
         settings = settings.model_copy(update={"space": str(Path(settings.space).resolve())})
     if settings.budget is None:
         raise UsageError("`--budget` is required, e.g. `--budget 5MB`")
+    open_storage(storage_address(folder, settings))  # an unreachable database fails first
     if provided is not None and settings.backend == "ray":
         raise UsageError(
             "a model or task handed over in Python runs with the local backend; for Ray, "

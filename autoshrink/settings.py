@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     study: str | None = None
     out: Path = Path("reports")
     backend: Literal["local", "ray"] = "local"
+    # An Optuna storage URL (sqlite:///path, postgresql://..., mysql://...) for the trials;
+    # None: the journal file in the study folder.
+    storage: str | None = None
     workers: int = Field(default=1, ge=1)
     ray_address: str | None = None
     finetune_steps: int = Field(default=300, ge=0)

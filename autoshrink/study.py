@@ -31,6 +31,7 @@ from autoshrink.plan import Plan
 from autoshrink.plugins import Registry, load_registry
 from autoshrink.settings import Settings
 from autoshrink.space import Space, build_space, load_preset
+from autoshrink.storage import address_of, open_storage
 from autoshrink.tasks import Task, TaskData, resolve_task
 from autoshrink.trial import TrialBudget, run_trial
 
@@ -233,11 +234,16 @@ def study_identity(folder: StudyFolder) -> Identity:
     )
 
 
+def storage_address(folder: StudyFolder, settings: Settings) -> str:
+    """Where the study's trials are recorded (see :mod:`autoshrink.storage`)."""
+    return address_of(settings.storage, folder.journal)
+
+
 def open_study(
     folder: StudyFolder, settings: Settings, identity: Identity, *, create: bool
 ) -> optuna.Study:
-    """The study's Optuna object on its journal (created, or loaded to resume)."""
-    storage = JournalStorage(JournalFileBackend(str(folder.journal)))
+    """The study's Optuna object on its storage (created, or loaded to resume)."""
+    storage = open_storage(storage_address(folder, settings))
     return optuna.create_study(
         study_name=identity.name,
         storage=storage,
@@ -249,7 +255,12 @@ def open_study(
 
 def fail_interrupted(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a killed search as failed (interrupted) and queue their
-    parameters to be tried again; returns how many."""
+    parameters to be tried again; returns how many. On a database, Optuna's heartbeats do
+    this (``fail_stale_trials``, retrying each once) for trials silent for the grace period."""
+    if not isinstance(study._storage, JournalStorage):
+        running = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        return len(running - {t.number for t in study.get_trials(states=(TrialState.RUNNING,))})
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     # Optuna's public fail_stale_trials needs heartbeats, which journal storage lacks; the
     # study lock lets one search write a study at a time, so every RUNNING trial here is a
@@ -265,6 +276,10 @@ def fail_interrupted(study: optuna.Study) -> int:
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
+    """Stopped from outside: Ctrl-C, a killed search, or (no reason recorded) a trial whose
+    heartbeat went silent."""
+    if trial.state == TrialState.FAIL and FAILURE not in trial.user_attrs:
+        return True
     return str(trial.user_attrs.get(FAILURE, "")).startswith(INTERRUPTED)
 
 

@@ -1,0 +1,52 @@
+"""Trials recorded in a database (an Optuna storage URL) instead of the study folder's
+journal: search, resume and report all go to the same URL."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import run_cli
+
+FAST = ["--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB", "--seed", "3",
+        "--retrain-epochs", "0"]
+
+
+def test_a_study_in_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'trials.sqlite'}"
+    done = run_cli("search", *FAST, "--trials", "3", "--storage", url, "--out",
+                   str(tmp_path / "r"), "--study", "db")
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "r" / "db"
+    assert not (folder / "study.journal").exists()
+    assert json.loads((folder / "settings.json").read_text())["storage"] == url
+    resumed = run_cli("resume", "db", "--trials", "4", "--out", str(tmp_path / "r"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = optuna.load_study(study_name="db", storage=url)
+    assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)
+    reported = run_cli("report", "db", "--out", str(tmp_path / "r"))
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    assert len(json.loads((folder / "pareto.json").read_text())["trials"]) == 4
+    checked = run_cli("doctor", "db", "--out", str(tmp_path / "r"))
+    assert checked.returncode == 0 and "database" in checked.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("foo://somewhere", "expected sqlite:///path"),
+        ("postgresql://user:secret@127.0.0.1:9/none", "psycopg2"),
+    ],
+)
+def test_bad_storage_is_one_line_and_leaves_nothing(tmp_path: Path, url: str, needle: str) -> None:
+    if "postgresql" in url and importlib.util.find_spec("psycopg2") is not None:
+        needle = "cannot open"  # the driver is here: the database is what is missing
+    done = run_cli("search", *FAST, "--storage", url, "--out", str(tmp_path), "--study", "x")
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert needle in lines[0] and "secret" not in lines[0]
+    assert not (tmp_path / "x").exists()
