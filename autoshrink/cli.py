@@ -344,7 +344,7 @@ def search_command(
     ] = None,
     retrain_top: Annotated[
         int | None,
-        typer.Option("--retrain-top", help="How many front members to retrain (default 4)."),
+        typer.Option("--retrain-top", help="How many front members to retrain (default 10)."),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # baseline for `retrain_epochs` epochs (0 = off): the search's short fine-tunes measure
     # how fast a plan recovers, retraining how good it gets.
     retrain_epochs: float = Field(default=2.0, ge=0, le=1000)
-    retrain_top: int = Field(default=4, ge=1)
+    retrain_top: int = Field(default=10, ge=1)
 
     @classmethod
     def settings_customise_sources(
