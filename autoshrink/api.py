@@ -245,8 +245,8 @@ def _provided(
         return Provided(task=task) if isinstance(task, Task) else None
     if task is not None:
         raise UsageError("pass either `model` (with its data) or `task`, not both")
-    if train is None or test is None:
-        raise UsageError("a model needs `train=` and `test=` data (`val=` is optional)")
+    if train is None:
+        raise UsageError("a model needs `train=` data (`val=` and `test=` are optional)")
     training = to_split(train, "train")
     if val is None:
         training, validation = _carve(training)
@@ -256,7 +256,12 @@ def _provided(
         )
     else:
         validation = to_split(val, "val")
-    testing = to_split(test, "test")
+    testing = to_split(test, "test") if test is not None else None
+    if testing is None:
+        (console or Console(stderr=True)).print(
+            "test: no `test=` data, so test accuracy is not measured (validation still "
+            "steers the search)", highlight=False,
+        )
     shape = tuple(next(training.ordered(1))[0].shape[1:])
     return Provided(
         task=model_task(model, input_shape=shape, student=student, metric=metric),

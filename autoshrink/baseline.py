@@ -47,7 +47,7 @@ class Baseline:
     path: Path
     bytes: int
     val_accuracy: float
-    test_accuracy: float
+    test_accuracy: float | None  # None: no test data
     trained: bool  # False when it came from the cache or from the user's weights
 
     def summary(self) -> dict[str, object]:
@@ -71,7 +71,7 @@ def _model_key(model: nn.Module, data: TaskData) -> str:
         digest.update(name.encode() + str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     for split in (data.train, data.val, data.test):
-        digest.update(split.fingerprint().encode())
+        digest.update(split.fingerprint().encode() if split is not None else b"no test")
     return "model-" + digest.hexdigest()[:16]
 
 
@@ -117,7 +117,9 @@ def load_baseline(
                 path=path,
                 bytes=artifact.bytes,
                 val_accuracy=float(info["val_accuracy"]),
-                test_accuracy=float(info["test_accuracy"]),
+                test_accuracy=(
+                    None if info["test_accuracy"] is None else float(info["test_accuracy"])
+                ),
                 trained=False,
             )
         except (ArtifactError, KeyError):
@@ -143,7 +145,7 @@ def load_baseline(
         )
     model.eval()
     val = evaluate(model, data.val, task.metric)
-    test = evaluate(model, data.test, task.metric)
+    test = evaluate(model, data.test, task.metric) if data.test is not None else None
     info = {"val_accuracy": val, "test_accuracy": test, "key": key}
     size = write_artifact(path, model, Plan(), task, registry, info=info, overwrite=True)
     trained = weights is None and pretrained is None

@@ -241,6 +241,10 @@ def eval_command(
     )
 
 
+def _pct(value: float | None) -> str:
+    return "not measured (no test data)" if value is None else f"{value:.2%}"
+
+
 def _print_outcome(outcome) -> None:
     summary = outcome.summary
     best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
@@ -254,8 +258,8 @@ def _print_outcome(outcome) -> None:
         console.print(
             f"recommended: trial {best['trial']}, {best['bytes']:,} bytes "
             f"({best['ratio']:.1f}x smaller than {summary['baseline']['bytes']:,}), "
-            f"validation {best['val_accuracy']:.2%}, test {best['test_accuracy']:.2%} "
-            f"(baseline test {summary['baseline']['test_accuracy']:.2%})"
+            f"validation {best['val_accuracy']:.2%}, test {_pct(best['test_accuracy'])} "
+            f"(baseline test {_pct(summary['baseline']['test_accuracy'])})"
             + (f", after retraining {best['retrained']['epochs']:g} epochs (search: "
                f"validation {best['search']['val_accuracy']:.2%})" if "search" in best else "")
             + f"\nfile: {outcome.folder.root / 'best.safetensors'}",

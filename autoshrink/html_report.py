@@ -419,7 +419,9 @@ def _header(summary: dict[str, Any]) -> str:
         f"<p>Task <code>{_e(summary['task'])}</code> · budget "
         f"<strong>{_e(size_text(summary['budget_bytes']))}</strong> · baseline "
         f"{_e(size_text(base['bytes']))}, validation {_e(pct_text(base['val_accuracy']))}, "
-        f"test {_e(pct_text(base['test_accuracy']))}</p>"
+        f"test {_e(pct_text(base['test_accuracy']))}"
+        + (" (not measured: no test data)" if base["test_accuracy"] is None else "")
+        + "</p>"
         + '<p class="chips">'
         + "".join(f'<span class="badge {k}">{_e(t)}</span>' for k, t in chips)
         + f"</p>{banner}</header>"

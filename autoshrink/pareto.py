@@ -79,8 +79,8 @@ def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: Searc
     for trial in front:
         path = trial.user_attrs.get(ARTIFACT)
         digest = file_digest(folder.root / path) if path else None
-        if digest is None:
-            continue  # deleted: the report shows the accuracy as unknown
+        if digest is None or setup.data.test is None:
+            continue  # deleted, or no test data: the report shows the accuracy as unknown
         key = f"{study_id}/{trial.number}/{digest}"
         if not isinstance(known.get(key), float):
             try:

@@ -129,7 +129,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"{counts['failed']} failed, {counts['running']} running.",
         "",
         f"Baseline (float32): {size_text(base['bytes'])}, "
-        f"validation {pct_text(base['val_accuracy'])}, test {pct_text(base['test_accuracy'])}.",
+        f"validation {pct_text(base['val_accuracy'])}, test {pct_text(base['test_accuracy'])}."
+        + (" Test accuracy was not measured: the search had no test data."
+           if base["test_accuracy"] is None else ""),
         "",
         "Interactive report with plots: `index.html` in this folder.",
         "",

@@ -79,7 +79,8 @@ def _retrain(
             seed=setup.settings.seed + member["trial"],
         )
         model = read_artifact(path, setup.registry, setup.task).model
-        test = evaluate(model, setup.data.test, setup.task.metric)
+        test = (evaluate(model, setup.data.test, setup.task.metric)
+                if setup.data.test is not None else None)
     return {
         "bytes": outcome.bytes,
         "val_accuracy": outcome.val_accuracy,

@@ -112,11 +112,12 @@ Data = Split | DatasetSplit
 
 @dataclass(frozen=True)
 class TaskData:
-    """The three splits. Validation is carved from the training data; test steers nothing."""
+    """The three splits. Validation is carved from the training data; test steers nothing
+    (None when there is no test data: test figures are then not measured)."""
 
     train: Data
     val: Data
-    test: Data
+    test: Data | None
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ class Task:
                 "task": self.name,
                 "training": asdict(self.training),
                 "shapes": shapes,
-                "data": [s.fingerprint() for s in (data.train, data.val, data.test)],
+                "data": [s.fingerprint() if s is not None else None
+                         for s in (data.train, data.val, data.test)],
                 "torch": torch.__version__.split("+")[0],
             },
             sort_keys=True,

@@ -114,7 +114,7 @@ def test_a_student_brings_distillation_back(digits: dict, tmp_path: Path) -> Non
     ("kwargs", "needle"),
     [
         ({"train": "not data", "test": "x"}, "expected a DataLoader"),
-        ({"train": None, "test": None}, "needs `train=` and `test=`"),
+        ({"train": None, "test": None}, "needs `train=`"),
         ({"task": "digits-mlp"}, "either `model`"),
         ({"train": torch.utils.data.TensorDataset(torch.zeros(5, 64)), "test": "x"},
          "must be an \\(input, target\\) pair"),
@@ -157,3 +157,14 @@ def test_loader_data_is_read_a_batch_at_a_time() -> None:
     small = to_split(Counting(300), "test")
     score = evaluate(model, small, lambda out, y: (out.argmax(1) == y).float().mean().item())
     assert 0.0 <= score <= 1.0
+
+
+def test_without_test_data_the_figures_say_not_measured(digits: dict, tmp_path: Path) -> None:
+    result = autoshrink.search(
+        digits["net"], train=digits["train"], budget="12kB", trials=2, out=tmp_path,
+        study="no-test", **SETTINGS,
+    )
+    assert result.summary["baseline"]["test_accuracy"] is None
+    assert all(m.test_accuracy is None for m in result.front)
+    assert "not measured" in (tmp_path / "no-test" / "report.md").read_text()
+    assert "not measured" in (tmp_path / "no-test" / "index.html").read_text()
