@@ -35,3 +35,16 @@ def test_readme_names_the_two_setup_commands() -> None:
     assert ".venv/bin/python -m pytest -q" in README
     ci = (ROOT / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest -q" in ci
+
+
+def test_every_package_of_the_source_tree_is_in_the_distribution() -> None:
+    """The package list in pyproject.toml is explicit: a new subpackage must be added there,
+    or a wheel (not an editable install) ships without it."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"])
+    found = {name for name in find_packages(str(ROOT), include=["autoshrink*"])}
+    assert found <= listed, sorted(found - listed)
