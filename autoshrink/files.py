@@ -16,6 +16,7 @@ def write_atomic(path: Path, text: str) -> None:
     while a running search rewrites the report."""
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     partial = Path(name)
+    os.fchmod(handle, 0o644)  # as an ordinary file: reports are for others to read too
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)

@@ -422,6 +422,7 @@ def _header(summary: dict[str, Any]) -> str:
         f"test {_e(pct_text(base['test_accuracy']))}"
         + (" (not measured: no test data)" if base["test_accuracy"] is None else "")
         + "</p>"
+        + "".join(f'<p class="note">{_e(note)}</p>' for note in summary.get("notes", []))
         + '<p class="chips">'
         + "".join(f'<span class="badge {k}">{_e(t)}</span>' for k, t in chips)
         + f"</p>{banner}</header>"

@@ -38,6 +38,7 @@ from autoshrink.artifact import read_artifact, size_breakdown
 from autoshrink.errors import ArtifactError
 from autoshrink.files import file_digest, write_atomic
 from autoshrink.retrain import retrained_figures
+from autoshrink.storage import display
 from autoshrink.study import ARTIFACT, SearchSetup, StudyFolder, study_identity, trial_summary
 from autoshrink.training import evaluate
 
@@ -182,12 +183,16 @@ def summarize(
             "val_accuracy": setup.baseline.val_accuracy,
             "test_accuracy": setup.baseline.test_accuracy,
         },
+        "notes": list(setup.space.notes),
         "front": members,
         "best": best["trial"] if best else None,
         "best_artifact": BEST if best and final else None,
         "trials": trials,
         "counts": counts,
-        "settings": json.loads(setup.settings.model_dump_json()),
+        "settings": {
+            **json.loads(setup.settings.model_dump_json()),
+            "storage": display(setup.settings.storage) or None,
+        },
         "command": command.read_text().strip() if command.is_file() else None,
         "versions": versions(),
     }

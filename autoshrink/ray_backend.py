@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ from autoshrink.trial import run_trial
 __all__ = ["connect", "search_on_ray"]
 
 NUMBER = "optuna_trial"
+# Ray Tune asks for trials one by one (`study.ask`), which Optuna's heartbeats do not cover;
+# a resume fails such trials left running (the study lock makes them dead ones).
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 _FORWARDED_ENV = ("AUTOSHRINK_CACHE", "AUTOSHRINK_DATA", "AUTOSHRINK_BLOCK_PLUGINS", "PYTHONPATH")
 
 

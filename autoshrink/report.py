@@ -13,7 +13,7 @@ from autoshrink.errors import UsageError
 from autoshrink.files import write_atomic
 from autoshrink.journal import JournalError, check_journal
 from autoshrink.pareto import BEST, summarize, write_json
-from autoshrink.storage import is_journal, open_storage
+from autoshrink.storage import display, is_journal, open_storage
 from autoshrink.study import Provided, StudyFolder, prepare, storage_address, study_identity
 
 __all__ = [
@@ -132,6 +132,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"validation {pct_text(base['val_accuracy'])}, test {pct_text(base['test_accuracy'])}."
         + (" Test accuracy was not measured: the search had no test data."
            if base["test_accuracy"] is None else ""),
+        *(f"Note: {note}." for note in summary.get("notes", [])),
         "",
         "Interactive report with plots: `index.html` in this folder.",
         "",
@@ -256,7 +257,7 @@ def load_study_readonly(folder: StudyFolder) -> optuna.Study:
     identity = study_identity(folder)
     storage = open_storage(address)
     if identity.name not in optuna.get_all_study_names(storage):
-        raise UsageError(f"{address} holds no study named `{identity.name}`")
+        raise UsageError(f"{display(address)} holds no study named `{identity.name}`")
     return optuna.load_study(study_name=identity.name, storage=storage)
 
 

@@ -27,7 +27,7 @@ from autoshrink.report import write_report
 from autoshrink.retrain import retrain_front
 from autoshrink.settings import Settings
 from autoshrink.space import params_of
-from autoshrink.storage import open_storage
+from autoshrink.storage import address_of, open_storage
 from autoshrink.study import (
     Provided,
     StudyFolder,
@@ -106,6 +106,10 @@ def run_search(
             )
         with StudyLock(folder.root):
             return _run(settings, folder, console, start, resume=True, provided=provided)
+    if settings.storage is not None:  # checked, and made absolute, before anything exists
+        settings = settings.model_copy(
+            update={"storage": address_of(settings.storage, folder.journal)}
+        )
     _claim(folder)
     try:
         with StudyLock(folder.root):
@@ -189,9 +193,9 @@ def _run(
             on_step=lambda done, total: progress.update(bar, completed=done, total=total),
             provided=provided,
         )
+    study = open_study(folder, settings, identity, create=not resume)
     if not resume:
         save_settings(folder, settings, identity)
-    study = open_study(folder, settings, identity, create=not resume)
     if not resume:
         for plan in setup.space.starts:
             study.enqueue_trial(params_of(setup.space, plan) or {}, skip_if_exists=True)

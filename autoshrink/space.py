@@ -155,6 +155,8 @@ class Space:
     ranges: dict[str, dict[str, BaseDistribution]] = field(default_factory=dict)
     #: plans the search evaluates first (the preset's ``[[start]]`` entries that fit)
     starts: list[Plan] = field(default_factory=list)
+    #: what was left out of the space and why, for ``autoshrink space`` and the report
+    notes: list[str] = field(default_factory=list)
 
     def sample(self, trial: optuna.Trial) -> Plan:
         """Define-by-run: model stage, then per layer structure and value, then encoding."""
@@ -345,6 +347,11 @@ def build_space(
     )
     if preset is not None:
         space.starts = _starts(preset, space, registry)
+    if not narrows and names(Stage.MODEL):
+        space.notes.append(
+            f"model stage ({', '.join(names(Stage.MODEL))}) left out: this model cannot be "
+            "built narrower; pass `student=callable(width)` to search distillation"
+        )
     return space
 
 

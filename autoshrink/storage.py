@@ -23,7 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from autoshrink.errors import UsageError
 
-__all__ = ["JOURNAL", "address_of", "is_journal", "open_storage"]
+__all__ = ["JOURNAL", "address_of", "display", "is_journal", "open_storage"]
 
 
 def is_journal(address: str) -> bool:
@@ -50,9 +50,18 @@ def address_of(url: str | None, journal: Path) -> str:
     scheme = url.split("://", 1)[0]
     if scheme not in _DRIVERS or "://" not in url:
         raise UsageError(
-            f"`--storage` {_safe(url)!r}: expected sqlite:///path, postgresql://... or "
+            f"`--storage` {display(url)!r}: expected sqlite:///path, postgresql://... or "
             "mysql+pymysql://... (or leave it out for the journal file in the study folder)"
         )
+    if scheme == "sqlite":
+        path = url.removeprefix("sqlite:///")
+        if url in ("sqlite://", "sqlite:///") or ":memory:" in path or path == url:
+            raise UsageError(
+                f"`--storage` {url}: a study needs a database file that outlives the search, "
+                "e.g. sqlite:///path/trials.sqlite"
+            )
+        # A relative path would name another file when `resume` runs elsewhere.
+        return f"sqlite:///{Path(path).resolve()}"
     return url
 
 
@@ -87,11 +96,13 @@ def _database(address: str) -> BaseStorage:
             )
     except Exception as exc:  # SQLAlchemy's errors: unreachable, refused, bad database
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"`--storage`: cannot open {_safe(address)}: {first[:200]}") from None
+        raise UsageError(f"`--storage`: cannot open {display(address)}: {first[:200]}") from None
 
 
-def _safe(url: str) -> str:
-    """``url`` without its password."""
+def display(url: str | None) -> str:
+    """``url`` (or any text holding one) without its password, for files people share."""
+    if url is None or "://" not in url:
+        return url or ""
     head, sep, tail = url.partition("://")
     if "@" in tail:
         credentials, _, rest = tail.rpartition("@")

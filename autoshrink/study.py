@@ -31,7 +31,7 @@ from autoshrink.plan import Plan
 from autoshrink.plugins import Registry, load_registry
 from autoshrink.settings import Settings
 from autoshrink.space import Space, build_space, load_preset
-from autoshrink.storage import address_of, open_storage
+from autoshrink.storage import address_of, display, open_storage
 from autoshrink.tasks import Task, TaskData, resolve_task
 from autoshrink.trial import TrialBudget, run_trial
 
@@ -244,6 +244,17 @@ def open_study(
 ) -> optuna.Study:
     """The study's Optuna object on its storage (created, or loaded to resume)."""
     storage = open_storage(storage_address(folder, settings))
+    names = optuna.get_all_study_names(storage)
+    if create and identity.name in names:
+        raise UsageError(
+            f"study `{identity.name}` already exists in {display(settings.storage)}; continue "
+            f"it with `autoshrink resume`, or choose another `--study` name"
+        )
+    if not create and identity.name not in names:
+        raise UsageError(
+            f"{display(settings.storage) if settings.storage else folder.journal} holds no "
+            f"study `{identity.name}`; was the database moved or emptied?"
+        )
     return optuna.create_study(
         study_name=identity.name,
         storage=storage,
@@ -255,16 +266,12 @@ def open_study(
 
 def fail_interrupted(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a killed search as failed (interrupted) and queue their
-    parameters to be tried again; returns how many. On a database, Optuna's heartbeats do
-    this (``fail_stale_trials``, retrying each once) for trials silent for the grace period."""
-    if not isinstance(study._storage, JournalStorage):
-        running = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
-        return len(running - {t.number for t in study.get_trials(states=(TrialState.RUNNING,))})
+    parameters to be tried again; returns how many.
+
+    The study lock lets one search write a study at a time, so at resume every RUNNING trial
+    is a dead one, on any storage. (Optuna's heartbeats, on a database, fail the trials of
+    workers that die while a search goes on; trials Ray Tune asks for have none.)"""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    # Optuna's public fail_stale_trials needs heartbeats, which journal storage lacks; the
-    # study lock lets one search write a study at a time, so every RUNNING trial here is a
-    # dead one.
     storage = study._storage
     for trial in stale:
         study.enqueue_trial(trial.params)
@@ -276,10 +283,7 @@ def fail_interrupted(study: optuna.Study) -> int:
 
 
 def was_interrupted(trial: FrozenTrial) -> bool:
-    """Stopped from outside: Ctrl-C, a killed search, or (no reason recorded) a trial whose
-    heartbeat went silent."""
-    if trial.state == TrialState.FAIL and FAILURE not in trial.user_attrs:
-        return True
+    """Stopped from outside (Ctrl-C, a killed search): tried again, not counted."""
     return str(trial.user_attrs.get(FAILURE, "")).startswith(INTERRUPTED)
 
 
@@ -388,7 +392,8 @@ def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -
     and reproduced (its folder exists already: creating it is how a search claims a name)."""
     folder.identity.write_text(json.dumps({"name": identity.name, "id": identity.id}) + "\n")
     folder.settings.write_text(settings.model_dump_json(indent=2))
-    (folder.root / "command.txt").write_text(shlex.join(["autoshrink", *sys.argv[1:]]) + "\n")
+    command = ["autoshrink", *(display(word) for word in sys.argv[1:])]
+    (folder.root / "command.txt").write_text(shlex.join(command) + "\n")
 
 
 def trial_summary(trial: FrozenTrial) -> dict:

@@ -85,8 +85,10 @@ def test_your_own_model_with_data_loaders(digits: dict, tmp_path: Path) -> None:
     with torch.no_grad():
         kept = (digits["net"](digits["x"]).argmax(1) == digits["y"]).float().mean().item()
     assert summary["baseline"]["test_accuracy"] == pytest.approx(kept)
-    # No student was given: distillation is not in the space.
+    # No student was given: distillation is not in the space, and the report says why.
     assert all(t["plan"] is None or t["plan"].get("model") is None for t in summary["trials"])
+    assert any("student=" in note for note in summary["notes"])
+    assert "student=" in (tmp_path / "mine" / "report.md").read_text()
     for member in result.front:
         model = autoshrink.load(member.artifact, model=Net())
         with torch.no_grad():

@@ -18,8 +18,9 @@ FAST = ["--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB", "-
 
 def test_a_study_in_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'trials.sqlite'}"
-    done = run_cli("search", *FAST, "--trials", "3", "--storage", url, "--out",
-                   str(tmp_path / "r"), "--study", "db")
+    # A relative path is made absolute: `resume` may run from another folder.
+    done = run_cli("search", *FAST, "--trials", "3", "--storage", "sqlite:///trials.sqlite",
+                   "--out", str(tmp_path / "r"), "--study", "db", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "r" / "db"
     assert not (folder / "study.journal").exists()
@@ -33,12 +34,22 @@ def test_a_study_in_sqlite(tmp_path: Path) -> None:
     assert len(json.loads((folder / "pareto.json").read_text())["trials"]) == 4
     checked = run_cli("doctor", "db", "--out", str(tmp_path / "r"))
     assert checked.returncode == 0 and "database" in checked.stdout
+    # The same name again in the same database is refused, and its folder left alone.
+    again = run_cli("search", *FAST, "--storage", url, "--out", str(tmp_path / "s"),
+                    "--study", "db")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert not (tmp_path / "s" / "db").exists()
+    # A database that lost the study is one line, not a fresh study.
+    (tmp_path / "trials.sqlite").unlink()
+    lost = run_cli("resume", "db", "--trials", "5", "--out", str(tmp_path / "r"))
+    assert lost.returncode == 2 and "holds no study" in lost.stderr
 
 
 @pytest.mark.parametrize(
     ("url", "needle"),
     [
         ("foo://somewhere", "expected sqlite:///path"),
+        ("sqlite:///:memory:", "outlives the search"),
         ("postgresql://user:secret@127.0.0.1:9/none", "psycopg2"),
     ],
 )

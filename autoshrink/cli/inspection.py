@@ -22,6 +22,7 @@ from autoshrink.cli.app import (
     settings,
     task_of,
 )
+from autoshrink.errors import UsageError
 from autoshrink.methods import StructureMethod
 from autoshrink.progress import TrainingBar
 from autoshrink.space import build_space, config_distributions, describe, load_preset
@@ -89,7 +90,8 @@ def space_command(
     plugins = registry(config)
     chosen = task_of(config.task, plugins)
     preset = load_preset(config.space)
-    rows = build_space(chosen.build_model(1.0), plugins, preset).rows()
+    built = build_space(chosen.build_model(1.0), plugins, preset, narrows=chosen.narrows)
+    rows = built.rows()
     if json_output:
         print(json.dumps(dict(rows), indent=2))
         return
@@ -99,6 +101,8 @@ def space_command(
     for name, dist in rows:
         table.add_row(name, dist)
     console.print(table)
+    for note in built.notes:
+        console.print(f"note: {note}", highlight=False)
 
 
 @app.command("baseline")
@@ -135,7 +139,8 @@ def baseline_command(
     console.print(
         f"[bold]{chosen.name}[/] baseline ({'trained now' if result.trained else 'cached'}): "
         f"{result.bytes:,} bytes ({humanize.naturalsize(result.bytes)}), "
-        f"validation {result.val_accuracy:.2%}, test {result.test_accuracy:.2%}\n"
+        f"validation {result.val_accuracy:.2%}, test "
+        f"{'not measured' if result.test_accuracy is None else f'{result.test_accuracy:.2%}'}\n"
         f"artifact: {result.path}",
         highlight=False,
     )
@@ -165,6 +170,8 @@ def eval_command(
     artifact = read_artifact(file, plugins, explicit)
     chosen = explicit or plugins.tasks[artifact.header.task]
     data = chosen.load_data(config.data_dir)
+    if data.test is None:
+        raise UsageError(f"task `{chosen.name}` has no test data to evaluate on")
     accuracy = evaluate(artifact.model, data.test, chosen.metric)
     result = {
         "file": str(file),
