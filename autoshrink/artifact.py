@@ -15,7 +15,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -30,7 +29,8 @@ from torch import nn
 
 import autoshrink
 from autoshrink.compress import replace_module
-from autoshrink.errors import ArtifactError
+from autoshrink.errors import ArtifactError, first_line
+from autoshrink.files import write_atomic
 from autoshrink.methods import (
     EncodingMethod,
     LayerCode,
@@ -216,13 +216,7 @@ def write_artifact(
         mode="json", exclude_defaults=True
     )))
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError:
-        partial.unlink(missing_ok=True)  # a full disk leaves no half file behind
-        raise
+    write_atomic(path, data)
     return path.stat().st_size
 
 
@@ -349,7 +343,7 @@ def read_artifact(path: Path, registry: Registry, task: Task | None = None) -> A
     except ArtifactError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ArtifactError(f"{path} cannot be decoded: {first}") from exc
     return Artifact(path=path, bytes=path.stat().st_size, header=header, model=model)
 
@@ -461,7 +455,7 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
                 code, template.get_submodule(name), structure.config(choice.structure.config)
             )
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ArtifactError(f"layer `{name}` cannot be decoded: {first}") from exc
         replace_module(model, name, module)
     expected = {

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class AutoshrinkError(Exception):
     """A failure explained in one line; the CLI prints it and exits with :attr:`exit_code`."""
 

@@ -11,15 +11,19 @@ from pathlib import Path
 __all__ = ["file_digest", "write_atomic"]
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     """Replace ``path`` in one step: a browser or a reader never sees half a file, also
-    while a running search rewrites the report."""
+    while a running search rewrites the report; a failed write (a full disk) leaves no side
+    file behind."""
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     partial = Path(name)
     os.fchmod(handle, 0o644)  # as an ordinary file: reports are for others to read too
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         partial.replace(path)  # a unique side file: two writers never share one
     except BaseException:
         partial.unlink(missing_ok=True)

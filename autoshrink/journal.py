@@ -22,6 +22,7 @@ from pathlib import Path
 from optuna.storages.journal._storage import JournalOperation
 
 from autoshrink.errors import AutoshrinkError
+from autoshrink.files import write_atomic
 
 __all__ = ["JournalCheck", "JournalError", "check_journal", "heal_for_append", "repair"]
 
@@ -163,7 +164,7 @@ def repair(path: Path) -> tuple[Path, str]:
     for what, kept in attempts:
         if not _trials_consistent(kept):
             continue
-        _write_atomically(path, b"".join(line + b"\n" for line in kept))
+        write_atomic(path, b"".join(line + b"\n" for line in kept))
         try:
             storage = JournalStorage(JournalFileBackend(str(path)))
             for name in optuna.get_all_study_names(storage):
@@ -172,7 +173,7 @@ def repair(path: Path) -> tuple[Path, str]:
             continue
         dropped = len(lines) - len(kept) + (1 if found.tail else 0)
         return backup, f"{what}: kept {len(kept)} records, dropped {dropped}"
-    _write_atomically(path, b"")
+    write_atomic(path, b"")
     return backup, "no record could be kept"
 
 
@@ -190,7 +191,3 @@ def _trials_consistent(lines: list[bytes]) -> bool:
     return True
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    partial.replace(path)

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from autoshrink.budget import smallest_artifact
 from autoshrink.errors import AutoshrinkError, UsageError
+from autoshrink.folder import new_identity, study_identity
 from autoshrink.journal import heal_for_append
 from autoshrink.lock import StudyBusyError, StudyLock
 from autoshrink.pareto import summarize
@@ -33,14 +34,12 @@ from autoshrink.study import (
     StudyFolder,
     fail_interrupted,
     finished,
-    new_identity,
     open_study,
     prepare,
     resolve,
     save_settings,
     search,
     storage_address,
-    study_identity,
 )
 
 __all__ = ["Interrupted", "run_search", "study_folder"]

@@ -21,7 +21,7 @@ from optuna.storages import (
 )
 from optuna.storages.journal import JournalFileBackend
 
-from autoshrink.errors import UsageError
+from autoshrink.errors import UsageError, first_line
 
 __all__ = ["JOURNAL", "address_of", "display", "is_journal", "open_storage"]
 
@@ -95,7 +95,7 @@ def _database(address: str) -> BaseStorage:
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except Exception as exc:  # SQLAlchemy's errors: unreachable, refused, bad database
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise UsageError(f"`--storage`: cannot open {display(address)}: {first[:200]}") from None
 
 

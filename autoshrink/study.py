@@ -12,21 +12,18 @@ import errno
 import json
 import shlex
 import sys
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autoshrink.baseline import Baseline, load_baseline
 from autoshrink.errors import AutoshrinkError, UsageError
+from autoshrink.folder import Identity, StudyFolder, study_identity
 from autoshrink.plan import Plan
 from autoshrink.plugins import Registry, load_registry
 from autoshrink.settings import Settings
@@ -56,58 +53,6 @@ SECONDS = "seconds"
 #: The failure reason of trials stopped from outside (Ctrl-C, a killed search): they do not
 #: count toward ``--trials`` and their parameters are tried again on resume.
 INTERRUPTED = "interrupted"
-
-
-@dataclass(frozen=True)
-class StudyFolder:
-    """The files of one study under ``<out>/<name>/``."""
-
-    root: Path
-
-    @property
-    def name(self) -> str:
-        return self.root.name
-
-    @property
-    def journal(self) -> Path:
-        return self.root / "study.journal"
-
-    @property
-    def settings(self) -> Path:
-        return self.root / "settings.json"
-
-    @property
-    def identity(self) -> Path:
-        """``study.json``: the study's name in the journal and its random id, written when
-        the study is created, so that the folder may be renamed or copied."""
-        return self.root / "study.json"
-
-    def has_artifacts(self) -> bool:
-        return any((self.root / "artifacts").glob("trial-*.safetensors"))
-
-    def artifact(self, number: int) -> Path:
-        return self.root / "artifacts" / f"trial-{number:04d}.safetensors"
-
-    def retrained(self, number: int) -> Path:
-        """The artifact of a front member retrained after the search."""
-        return self.root / "artifacts" / f"trial-{number:04d}-retrained.safetensors"
-
-    def compiled(self, number: int) -> Path:
-        """Where ``--compile`` puts a trial's TVM library and its ``latency.json``."""
-        return self.root / "compiled" / f"trial-{number:04d}"
-
-    def load_settings(self) -> Settings:
-        if not self.settings.is_file():
-            raise UsageError(
-                f"no study in {self.root} (no settings.json); start one with `autoshrink search`"
-            )
-        try:
-            return Settings.model_validate_json(self.settings.read_bytes())
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise UsageError(
-                f"{self.settings} is damaged ({str(exc).splitlines()[0]}); restore it from a "
-                "copy of the study folder"
-            ) from None
 
 
 @dataclass
@@ -193,44 +138,6 @@ def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=settings.seed)
     return optuna.samplers.NSGAIISampler(
         seed=settings.seed, constraints_func=constraint, population_size=16
-    )
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a study is, wherever its folder goes: its name in the journal and a random id
-    (which keys every cache derived from its trials)."""
-
-    name: str
-    id: str
-
-
-def new_identity(folder: StudyFolder) -> Identity:
-    return Identity(name=folder.name, id=uuid.uuid4().hex)
-
-
-def study_identity(folder: StudyFolder) -> Identity:
-    """The identity recorded in ``study.json``; for folders made before it existed, the one
-    study in the journal (refused when the journal holds several)."""
-    if folder.identity.is_file():
-        try:
-            raw = json.loads(folder.identity.read_text())
-            return Identity(name=str(raw["name"]), id=str(raw["id"]))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise UsageError(
-                f"{folder.identity} is damaged ({type(exc).__name__}); it names the study in "
-                "the journal: restore it from a copy of the folder"
-            ) from None
-    if not folder.journal.is_file():
-        return Identity(name=folder.name, id=folder.name)
-    names = optuna.get_all_study_names(JournalStorage(JournalFileBackend(str(folder.journal))))
-    if len(names) == 1:
-        return Identity(name=names[0], id=names[0])
-    if folder.name in names:
-        return Identity(name=folder.name, id=folder.name)
-    raise UsageError(
-        f"{folder.journal} holds {len(names)} studies ({', '.join(names) or 'none'}) and "
-        f"{folder.identity.name} is missing, so which one is this folder's cannot be told"
     )
 
 

@@ -13,6 +13,9 @@ from typing import Any
 
 from rich.console import Console
 
+from autoshrink.errors import first_line
+from autoshrink.files import write_atomic
+
 __all__ = ["mark_checked", "open_database"]
 
 _DB_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -104,9 +107,7 @@ def _drop_records(folder: Path, stale: list[int], console: Console) -> None:
     path = folder / _DB_FILES[1]
     lines = path.read_bytes().splitlines(keepends=True)
     kept = [line for number, line in enumerate(lines, start=1) if number not in set(stale)]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(b"".join(kept))
-    partial.replace(path)
+    write_atomic(path, b"".join(kept))
     console.print(
         f"[yellow]warning:[/] tuning database {folder}: dropped {len(stale)} tuning "
         "record(s) whose schedules no longer apply to their workload",
@@ -145,7 +146,7 @@ def open_database(folder: Path, console: Console | None = None) -> Any:
             return database
         except Exception as exc:  # TVM raises RuntimeError / InternalError on bad records
             problem = None if attempt == 0 else (
-                (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first_line(exc)
             )
     aside = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.move(str(folder), str(aside))

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from autoshrink.compile.timing import model_flops
 from autoshrink.compress import replace_module
+from autoshrink.errors import first_line
 
 __all__ = ["RELATIVE_TOLERANCE", "densify", "fold_batchnorm", "layer_shapes"]
 
@@ -240,7 +241,7 @@ def fold_batchnorm(model: nn.Module, log: list[str] | None = None) -> nn.Module:
     try:
         folded = fuse(model.eval())
     except Exception as exc:  # untraceable control flow: TVM fuses BatchNorm as an epilogue
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         notes.append(f"BatchNorm not folded ({first[:120]})")
         return model
     after = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())

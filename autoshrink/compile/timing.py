@@ -47,6 +47,7 @@ from autoshrink.compile.timing_child import (
     TvmEngine,
     spec,
 )
+from autoshrink.errors import first_line
 
 __all__ = [
     "Engine",
@@ -95,7 +96,7 @@ def thread_count(threads: int) -> Iterator[None]:
 
 
 def _first_line(exc: BaseException) -> str:
-    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
+    return first_line(exc)[:200]
 
 
 def prepare_peers(
