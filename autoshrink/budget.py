@@ -55,6 +55,7 @@ def _structure_candidates(module, layer, space: Space, registry: Registry) -> li
         for values in corners(space.ranges[s_name]):
             config = structure.config(values)
             compressed = structure.build(copy.deepcopy(module), config)
+            structure.settle(compressed, config)
             code = structure.encode(compressed, config)
             size = sum(a.nbytes for a in code.arrays.values())
             size += sum(t.numel() * 4 for t in code.payloads.values())

@@ -3,23 +3,28 @@
 Like Deep Compression's pipeline, the per-layer stages apply in two steps so that a trial can
 retrain in between: :func:`apply_structure` (prune / hash / factorise, weights still free),
 then :func:`apply_values` (quantize the retrained payloads; only what the value method leaves
-trainable, e.g. the k-means codebook, trains after that).
+trainable, e.g. the k-means codebook, trains after that). While the structure retrains,
+:func:`structure_schedule` lets each structure method tighten its layer step by step
+(gradual pruning); :func:`apply_values` first settles every structure to its final form.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from autoshrink.methods import Stage, StructureMethod, ValueMethod
+from autoshrink.methods import MethodConfig, Stage, StructureMethod, ValueMethod
 from autoshrink.plan import Plan, compressible_layers
 
 if TYPE_CHECKING:
     from autoshrink.plugins import Registry
 
-__all__ = ["apply_structure", "apply_values", "compress", "replace_module"]
+__all__ = [
+    "apply_structure", "apply_values", "compress", "replace_module", "structure_schedule",
+]
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -41,16 +46,40 @@ def apply_structure(model: nn.Module, plan: Plan, registry: Registry) -> nn.Modu
     return model
 
 
-def apply_values(model: nn.Module, plan: Plan, registry: Registry, layers: list[str]) -> None:
-    """In place: restrict the payloads of each structured layer in ``layers`` to the values
-    its value method can store."""
+def _structures(
+    model: nn.Module, plan: Plan, registry: Registry, layers: list[str]
+) -> Iterator[tuple[str, nn.Module, StructureMethod, MethodConfig]]:
+    """Each structured layer of ``layers`` with its structure method and validated config."""
     for name in layers:
-        choice = plan.layer(name)
-        structure = registry.method(choice.structure.method, Stage.STRUCTURE)
-        value = registry.method(choice.value.method, Stage.VALUE)
-        assert isinstance(structure, StructureMethod) and isinstance(value, ValueMethod)
-        module = model.get_submodule(name)
-        config = value.config(choice.value.config)
+        choice = plan.layer(name).structure
+        structure = registry.method(choice.method, Stage.STRUCTURE)
+        assert isinstance(structure, StructureMethod)
+        yield name, model.get_submodule(name), structure, structure.config(choice.config)
+
+
+def structure_schedule(
+    model: nn.Module, plan: Plan, registry: Registry, layers: list[str]
+) -> Callable[[float], None]:
+    """A callback for the structure's fine-tune: ``callback(progress)`` after each step lets
+    every layer's structure method tighten it (:meth:`StructureMethod.step`)."""
+    found = list(_structures(model, plan, registry, layers))
+
+    def step(progress: float) -> None:
+        for _, module, structure, config in found:
+            structure.step(module, config, progress)
+
+    return step
+
+
+def apply_values(model: nn.Module, plan: Plan, registry: Registry, layers: list[str]) -> None:
+    """In place: settle each structured layer in ``layers`` to its final structure, then
+    restrict its payloads to the values its value method can store."""
+    for name, module, structure, structure_config in _structures(model, plan, registry, layers):
+        structure.settle(module, structure_config)
+        choice = plan.layer(name).value
+        value = registry.method(choice.method, Stage.VALUE)
+        assert isinstance(value, ValueMethod)
+        config = value.config(choice.config)
         for payload in structure.payload_names(module):
             value.apply(module, payload, config)
 

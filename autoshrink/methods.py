@@ -163,6 +163,17 @@ class StructureMethod(Method):
         """Rebuild the module from its code; ``template`` is an untrained layer of the
         original type and shape. Must raise ``ValueError`` when the code does not fit it."""
 
+    def step(self, module: nn.Module, config: MethodConfig, progress: float) -> None:
+        """Optional: called after each optimizer step of the fine-tune that follows
+        :meth:`build`, with the share of it done (``0 < progress <= 1``). A structure that
+        tightens while it trains (gradual pruning) updates ``module`` in place here, keeping
+        its parameters' shapes. The default does nothing."""
+
+    def settle(self, module: nn.Module, config: MethodConfig) -> None:
+        """Optional: called once when the structure's fine-tune is over (or skipped), before
+        the value stage: bring ``module`` to its final structure in place (it may replace its
+        parameters now). :meth:`encode` sees only settled modules. The default does nothing."""
+
     def lower(
         self, code: LayerCode, template: nn.Module, config: MethodConfig
     ) -> LoweredLayer | None:

@@ -26,7 +26,7 @@ from optuna.distributions import (
 from pydantic import BaseModel
 from torch import nn
 
-from autoshrink.errors import UsageError
+from autoshrink.errors import UsageError, first_line
 from autoshrink.methods import Stage, StructureMethod
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
 
@@ -355,6 +355,23 @@ def build_space(
     return space
 
 
+def _with_defaults(plan: Plan, registry: Registry) -> Plan:
+    """``plan`` with every knob it leaves out set to its method's default, so that a start
+    written before a method gained a knob still fits the space."""
+
+    def full(choice: Choice | None) -> Choice | None:
+        if choice is None:
+            return None
+        config = registry.methods[choice.method].config(choice.config)
+        return Choice(method=choice.method, config=config.model_dump(mode="json"))
+
+    layers = {
+        name: LayerPlan(structure=full(layer.structure), value=full(layer.value))
+        for name, layer in plan.layers.items()
+    }
+    return Plan(model=full(plan.model), layers=layers, encoding=full(plan.encoding))
+
+
 def _starts(preset: Preset, space: Space, registry: Registry) -> list[Plan]:
     """The preset's ``[[start]]`` plans: ``model``, ``encoding`` and ``every_layer`` (a
     structure and value choice applied to each layer) with full knob values. A start that
@@ -375,6 +392,10 @@ def _starts(preset: Preset, space: Space, registry: Registry) -> list[Plan]:
         for choice in (plan.model, plan.encoding, every.structure, every.value):
             if choice is not None and choice.method not in registry.methods:
                 raise preset.error(keys, f"entry {number + 1} names unknown `{choice.method}`")
+        try:
+            plan = _with_defaults(plan, registry)
+        except ValueError as exc:
+            raise preset.error(keys, f"entry {number + 1}: {first_line(exc)}") from exc
         if params_of(space, plan) is not None:
             starts.append(plan)
     return starts

@@ -1,6 +1,8 @@
-"""Each compression method alone at three settings, and a Deep-Compression-style plan.
+"""Each compression method alone at three settings, the pruning schedules side by side, and
+a Deep-Compression-style plan.
 
     python benchmarks/methods.py [--task fashion-mnist-mlp] [--steps 300] [--dc-steps 2000]
+    python benchmarks/methods.py --only-schedules --steps 300
 
 Every row goes through the product's own path: plan -> compressed model -> fine-tune ->
 artifact file on disk -> read back -> test accuracy of the reloaded model. Bytes are the
@@ -98,6 +100,17 @@ def rows(layers: list[str]) -> list[tuple[str, str, Plan]]:
     return out
 
 
+def schedules(layers: list[str]) -> list[tuple[str, str, Plan]]:
+    """One-shot, iterative and gradual pruning to the same sparsity on every layer."""
+    out = []
+    for sparsity in (0.95, 0.98):
+        for schedule in ("one-shot", "iterative", "gradual"):
+            config = {"target": "sparsity", "sparsity": sparsity, "schedule": schedule}
+            plan = every_layer(layers, Choice(method="pruning", config=config))
+            out.append(("pruning", f"{schedule} to sparsity {sparsity:g}", plan))
+    return out
+
+
 def deep_compression(layers: list[str], threshold: float, bits: int, last: float) -> Plan:
     """Prune + trained k-means + Huffman on every layer; the small output layer is pruned
     less (threshold ``last``), as Han et al. kept the last layer of LeNet-300-100 denser."""
@@ -119,6 +132,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="fine-tune steps per method row")
     parser.add_argument("--dc-steps", type=int, default=2000, help="fine-tune steps, DC plan")
     parser.add_argument("--only-dc", action="store_true", help="only the Deep Compression rows")
+    parser.add_argument(
+        "--only-schedules", action="store_true", help="only the pruning-schedule rows"
+    )
     args = parser.parse_args()
     console = Console(width=150)  # tables stay whole when the output goes to a file
     registry = load_registry()
@@ -141,8 +157,15 @@ def main() -> None:
         "fine-tune s",
     ):
         table.add_column(column, justify="right" if column not in ("method", "setting") else "left")
-    plans = [] if args.only_dc else [(m, s, p, args.steps) for m, s, p in rows(layers)]
+    if args.only_schedules:
+        plans = [(m, s, p, args.steps) for m, s, p in schedules(layers)]
+    elif args.only_dc:
+        plans = []
+    else:
+        plans = [(m, s, p, args.steps) for m, s, p in rows(layers) + schedules(layers)]
     for threshold, bits, last in ((1.75, 5, 1.75), (1.75, 5, 0.75), (1.9, 5, 0.75), (2.0, 4, 1.0)):
+        if args.only_schedules:
+            break
         setting = f"prune {threshold:g} std (last {last:g}) + k-means {bits} b + huffman"
         plans.append(
             (

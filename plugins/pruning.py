@@ -1,10 +1,21 @@
 """`pruning`: magnitude pruning with sparse storage (Han et al. 2015, "Learning both Weights
 and Connections for Efficient Neural Networks"; storage as in Deep Compression).
 
-A weight survives when ``|w| >= threshold * std(w)``, the std being the population standard
-deviation of the whole layer's weight. Pruning is one-shot: the paper's iterative schedule
-(prune, retrain, prune again) is not implemented; the search can reach high sparsity with a
-larger ``threshold`` and the retraining the trainer does after the structure stage.
+How many weights go is set by ``target``: ``"threshold"`` prunes ``|w| < threshold * std(w)``
+(the std being the population standard deviation of the layer's trained weight), ``"sparsity"``
+prunes the ``sparsity`` share of the layer's weights of smallest magnitude. When they go is set
+by ``schedule``:
+
+- ``"one-shot"``: all at once in :meth:`Pruning.build`; the fine-tune then retrains the rest.
+- ``"iterative"``: Han et al.'s prune-retrain rounds. The fine-tune is cut into three rounds;
+  each starts by pruning the smallest weights up to a third, two thirds, all of the target.
+- ``"gradual"``: Zhu and Gupta's schedule (2017, "To prune, or not to prune"): the pruned share
+  rises as ``s * (1 - (1 - t)^3)`` over the first 3/4 of the fine-tune, recomputed from the
+  weights' current magnitudes at least every 1 % of the layer; the last quarter retrains.
+
+With a schedule the built module starts with every weight stored and a mask (a buffer, not
+stored in the artifact); :meth:`Pruning.step` tightens it and :meth:`Pruning.settle` keeps the
+survivors only. A pruned weight is zeroed and stays pruned.
 
 The built module keeps only the survivors as a trainable 1-D parameter ``survivors`` and their
 flat positions in the dense weight as a buffer, so fine-tuning holds the mask by
@@ -22,16 +33,17 @@ Positions are stored in whichever of two forms is smaller (``meta["positions"]``
   256th place of such a run. Fillers are real entries of ``survivors`` (they start at 0.0 and
   may train like any survivor), so decoding needs no special case and stays exact.
 
-The choice is made once in :meth:`Pruning.build` (fillers exist only for the relative form),
-comparing ``ceil(n/8) + 4k`` with ``5(k + f)`` bytes for ``n`` weights, ``k`` survivors and
-``f`` fillers, i.e. with float32 values. :meth:`Pruning.encode` re-derives it from the
-positions alone, with the same result. The bias is stored as a float32 array.
+The choice is made once the survivors are known (:meth:`Pruning.build`, or
+:meth:`Pruning.settle` with a schedule; fillers exist only for the relative form), comparing
+``ceil(n/8) + 4k`` with ``5(k + f)`` bytes for ``n`` weights, ``k`` survivors and ``f``
+fillers, i.e. with float32 values. :meth:`Pruning.encode` re-derives it from the positions
+alone, with the same result. The bias is stored as a float32 array.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,9 +61,26 @@ __all__ = ["Pruned", "Pruning", "PruningConfig", "relative_positions", "with_fil
 MAX_SKIP = 255
 
 
+#: Rounds of prune-and-retrain of the ``iterative`` schedule.
+ROUNDS = 3
+#: Share of the fine-tune over which the ``gradual`` schedule prunes.
+GRADUAL_SPAN = 0.75
+
+
 class PruningConfig(MethodConfig):
+    target: Literal["threshold", "sparsity"] = Field(
+        "threshold", description="what sets how many weights go: `threshold` or `sparsity`"
+    )
     threshold: float = Field(
-        1.0, ge=0.0, le=3.0, description="prune |w| < threshold * std(layer weight)"
+        1.0, ge=0.0, le=3.0,
+        description="with target=threshold: prune |w| < threshold * std(layer weight)",
+    )
+    sparsity: float = Field(
+        0.9, ge=0.0, le=0.99,
+        description="with target=sparsity: the share of the layer's weights pruned",
+    )
+    schedule: Literal["one-shot", "iterative", "gradual"] = Field(
+        "one-shot", description="prune at once, in 3 prune-retrain rounds, or gradually"
     )
 
 
@@ -91,6 +120,30 @@ def _survivors(weight: torch.Tensor, threshold: float) -> np.ndarray:
     return torch.nonzero(keep).reshape(-1).cpu().numpy().astype(np.int64)
 
 
+def _largest(magnitudes: torch.Tensor, count: int) -> np.ndarray:
+    """Sorted flat positions of the ``count`` largest of ``magnitudes``."""
+    top = torch.topk(magnitudes.reshape(-1), count, sorted=False).indices
+    return np.sort(top.cpu().numpy().astype(np.int64))
+
+
+def _final_survivors(weight: torch.Tensor, config: PruningConfig) -> np.ndarray:
+    """The positions the target keeps, judged on ``weight``."""
+    if config.target == "threshold":
+        return _survivors(weight, config.threshold)
+    numel = weight.numel()
+    return _largest(weight.detach().float().abs(), numel - int(config.sparsity * numel))
+
+
+def pruned_share(schedule: str, final: float, progress: float) -> float:
+    """The share of a layer's weights a ``schedule`` has pruned at ``progress`` (0 at build,
+    1 at the end of the fine-tune), ``final`` being the target's share."""
+    if schedule == "iterative":
+        return final * min(ROUNDS, int(progress * ROUNDS) + 1) / ROUNDS
+    if schedule == "gradual":
+        return final * (1.0 - (1.0 - min(1.0, progress / GRADUAL_SPAN)) ** 3)
+    return final
+
+
 class Pruned(nn.Module):
     """A Linear or Conv2d layer whose weight is zero except at ``positions``.
 
@@ -115,6 +168,10 @@ class Pruned(nn.Module):
         self.register_buffer("positions", positions.detach().clone().to(torch.int64))
         bias = layer.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        # While a schedule prunes: 1.0 for the stored weights still alive, and how many the
+        # target keeps in the end (see Pruning.step / Pruning.settle).
+        self.register_buffer("alive", None, persistent=False)
+        self.goal = positions.numel()
 
     @property
     def numel(self) -> int:
@@ -123,7 +180,7 @@ class Pruned(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight: survivors at their places, zeros elsewhere (differentiable)."""
-        values = self.survivors
+        values = self.survivors if self.alive is None else self.survivors * self.alive
         flat = values.new_zeros(self.numel).scatter(0, self.positions, values)
         return flat.reshape(self.weight_shape)
 
@@ -136,8 +193,30 @@ class Pruned(nn.Module):
             x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
+    def keep(self, survivors: np.ndarray) -> None:
+        """Store only the sorted flat ``survivors`` (a subset of the stored positions), in
+        the smaller position form; their values are kept, fillers start at 0.0."""
+        stored = _stored_positions(survivors, self.numel)
+        dense = self.dense_weight().detach().reshape(-1)
+        values = torch.zeros(stored.size, dtype=dense.dtype, device=dense.device)
+        kept = torch.from_numpy(np.isin(stored, survivors)).to(dense.device)
+        index = torch.from_numpy(stored).to(dense.device)
+        values[kept] = dense[index[kept]]
+        self.survivors = nn.Parameter(values)
+        self.positions = index
+        self.alive, self.goal = None, survivors.size
+
     def extra_repr(self) -> str:
         return f"{self.kind}, shape={self.weight_shape}, kept={self.positions.numel()}"
+
+
+def _stored_positions(survivors: np.ndarray, numel: int) -> np.ndarray:
+    """The positions to store for ``survivors``: themselves for a bitmask, or with fillers
+    for the relative form, whichever costs fewer bytes with float32 values (a bitmask and
+    ``k`` values, or one byte and one value per stored position)."""
+    padded = with_fillers(survivors)
+    mask_bytes = packed_size(numel, 1) + 4 * survivors.size
+    return padded if 5 * padded.size < mask_bytes else survivors
 
 
 def _mask_is_smaller(count: int, numel: int) -> bool:
@@ -153,20 +232,40 @@ class Pruning(StructureMethod):
 
     def build(self, layer: nn.Module, config: PruningConfig) -> nn.Module:
         weight = layer.weight.detach()
-        numel = weight.numel()
-        survivors = _survivors(weight, config.threshold)
-        padded = with_fillers(survivors)
-        # Bytes with float32 values: bitmask + k values, or one byte and one value per
-        # stored position (fillers included).
-        mask_bytes = packed_size(numel, 1) + 4 * survivors.size
-        relative_bytes = 5 * padded.size
-        positions = padded if relative_bytes < mask_bytes else survivors
-        index = torch.from_numpy(positions).to(weight.device)
-        # Fillers take the (pruned) weight's place with the value 0.0.
-        values = torch.zeros(positions.size, dtype=weight.dtype, device=weight.device)
-        kept = torch.from_numpy(np.isin(positions, survivors)).to(weight.device)
-        values[kept] = weight.reshape(-1)[index[kept]]
-        return Pruned(layer, index, values)
+        everything = torch.arange(weight.numel(), device=weight.device)
+        module = Pruned(layer, everything, weight.reshape(-1))
+        survivors = _final_survivors(weight, config)
+        if config.schedule == "one-shot":
+            module.keep(survivors)
+            return module
+        module.alive = torch.ones_like(module.survivors.detach())
+        module.goal = survivors.size
+        self.step(module, config, 0.0)
+        return module
+
+    def step(self, module: nn.Module, config: PruningConfig, progress: float) -> None:
+        if not isinstance(module, Pruned) or module.alive is None:
+            return
+        numel = module.numel
+        final = 1.0 - module.goal / numel
+        share = pruned_share(config.schedule, final, progress)
+        count = max(module.goal, numel - int(share * numel))
+        alive = int(module.alive.sum().item())
+        # Recompute the mask when it moves by 1 % of the layer, and to land on the goal.
+        if alive - count < max(1, numel // 100) and not (count == module.goal < alive):
+            return
+        with torch.no_grad():
+            magnitudes = (module.survivors * module.alive).abs()
+            module.alive.zero_()
+            module.alive[torch.from_numpy(_largest(magnitudes, count)).to(magnitudes.device)] = 1
+            module.survivors.mul_(module.alive)
+
+    def settle(self, module: nn.Module, config: PruningConfig) -> None:
+        if not isinstance(module, Pruned) or module.alive is None:
+            return
+        self.step(module, config, 1.0)
+        alive = module.alive.bool().cpu().numpy()
+        module.keep(module.positions.cpu().numpy()[alive])
 
     def payload_names(self, module: nn.Module) -> tuple[str, ...]:
         return ("survivors",)
@@ -174,6 +273,8 @@ class Pruning(StructureMethod):
     def encode(self, module: nn.Module, config: PruningConfig) -> LayerCode:
         if not isinstance(module, Pruned):
             raise TypeError(f"`pruning` encodes modules it built, not {type(module).__name__}")
+        if module.alive is not None:
+            raise ValueError("a scheduled pruning is still running: settle the layer first")
         positions = module.positions.cpu().numpy()
         code = LayerCode(
             payloads={"survivors": module.survivors.detach().clone().cpu()},

@@ -95,3 +95,31 @@ def test_distilled_student_artifact(tmp_path: Path, registry) -> None:
     loaded = read_artifact(path, registry)
     assert loaded.header.width == 0.25
     assert loaded.model.fc1.out_features == 32
+
+
+@pytest.mark.parametrize("schedule", ["iterative", "gradual"])
+def test_scheduled_pruning_through_a_trial(tmp_path: Path, registry, schedule: str) -> None:
+    """A trial prunes on its schedule while it fine-tunes and writes only the survivors: the
+    file's layers reach the target sparsity and the file is the trial's reported bytes."""
+    from autoshrink.baseline import load_baseline
+    from autoshrink.trial import TrialBudget, run_trial
+
+    task = registry.tasks["digits-mlp"]
+    data = task.load_data(None)
+    baseline = load_baseline(task, data, registry)
+    structure = Choice(
+        method="pruning", config={"target": "sparsity", "sparsity": 0.9, "schedule": schedule}
+    )
+    value = Choice(method="quantization", config={"bits": 5, "mode": "kmeans"})
+    plan = plan_for(list(compressible_layers(baseline.model, registry)), structure, value)
+    outcome = run_trial(
+        plan, task=task, data=data, baseline=baseline, registry=registry,
+        artifact=tmp_path / "t.safetensors", budget=TrialBudget(finetune_steps=60), seed=0,
+    )
+    assert outcome.bytes == (tmp_path / "t.safetensors").stat().st_size
+    loaded = read_artifact(tmp_path / "t.safetensors", registry, task).model
+    for name, layer in compressible_layers(baseline.model, registry).items():
+        kept = layer.weight.numel() - int(0.9 * layer.weight.numel())
+        nonzero = int((loaded.get_submodule(name).dense_weight() != 0).sum())
+        assert 0.9 * kept <= nonzero <= kept, (name, nonzero, kept)
+    assert outcome.val_accuracy > 0.5  # digits: 10 classes, the baseline is near 0.97

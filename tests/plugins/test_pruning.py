@@ -13,7 +13,7 @@ from torch import nn
 from autoshrink.methods import LayerCode
 from autoshrink.packing import unpack_bits
 from autoshrink.testing import StructureMethodTests, code_bytes, sample_input
-from autoshrink_plugins.pruning import Pruned, Pruning, with_fillers
+from autoshrink_plugins.pruning import Pruned, Pruning, pruned_share, with_fillers
 
 METHOD = Pruning()
 
@@ -229,3 +229,98 @@ def test_everything_pruned_still_roundtrips() -> None:
     assert module.positions.numel() == 0
     assert code.meta["positions"] == "relative" and code.arrays["relative"].size == 0
     _check_roundtrip(layer, module, code)
+
+
+def _alive_share(module: Pruned) -> float:
+    assert module.alive is not None
+    return float(module.alive.mean())
+
+
+def _train_under(module: Pruned, config, steps: int) -> list[float]:
+    """SGD steps on random data, calling the method's `step` as the trainer does; the alive
+    share after each."""
+    torch.manual_seed(1)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    shares = []
+    for step in range(steps):
+        x = sample_input(nn.Linear(64, 48), batch=16)
+        loss = module(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        METHOD.step(module, config, (step + 1) / steps)
+        shares.append(_alive_share(module))
+    return shares
+
+
+@pytest.mark.parametrize("schedule", ["iterative", "gradual"])
+def test_schedules_reach_their_target_sparsity(schedule: str) -> None:
+    layer = _layers()[0]
+    config = METHOD.config({"target": "sparsity", "sparsity": 0.8, "schedule": schedule})
+    module = METHOD.build(copy.deepcopy(layer), config)
+    assert isinstance(module, Pruned)
+    numel = layer.weight.numel()
+    # Built: iterative prunes its first round, gradual nothing yet.
+    start = _alive_share(module)
+    assert start == pytest.approx(1 - 0.8 / 3 if schedule == "iterative" else 1.0, abs=0.01)
+    dead = (module.alive == 0).clone()
+    shares = _train_under(module, config, 40)
+    # The pruned share follows the schedule (within the 1 %-of-the-layer update step) and
+    # only ever rises; a pruned weight stays pruned and stays zero.
+    for step, share in enumerate(shares):
+        expected = pruned_share(schedule, 0.8, (step + 1) / len(shares))
+        assert 1 - share == pytest.approx(expected, abs=0.011 + 1 / numel)
+    assert shares == sorted(shares, reverse=True)
+    assert bool(torch.all(module.alive[dead] == 0))
+    assert bool(torch.all(module.dense_weight().reshape(-1)[module.alive == 0] == 0))
+    METHOD.settle(module, config)
+    kept = numel - int(0.8 * numel)
+    dense = module.dense_weight().detach()
+    assert module.alive is None and int((dense != 0).sum()) <= kept
+    assert module.goal == kept
+    code = METHOD.encode(module, config)
+    decoded = METHOD.decode(code, copy.deepcopy(layer), config)
+    assert torch.equal(decoded.dense_weight(), dense)
+    # Stored as compactly as a one-shot layer of the same survivor count.
+    one_shot = METHOD.encode(
+        METHOD.build(copy.deepcopy(layer), METHOD.config({"target": "sparsity", "sparsity": 0.8})),
+        config,
+    )
+    assert code_bytes(code) == code_bytes(one_shot)
+
+
+def test_iterative_prunes_in_three_rounds() -> None:
+    shares = [pruned_share("iterative", 0.9, p) for p in (0.0, 0.2, 0.34, 0.6, 0.7, 1.0)]
+    assert shares == pytest.approx([0.3, 0.3, 0.6, 0.6, 0.9, 0.9])
+    assert pruned_share("gradual", 0.9, 0.0) == 0.0
+    assert pruned_share("gradual", 0.9, 0.75) == pytest.approx(0.9)
+    assert pruned_share("one-shot", 0.9, 0.0) == 0.9
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+def test_one_shot_sparsity_keeps_the_largest(sparsity: float) -> None:
+    layer = _layers()[1]
+    config = METHOD.config({"target": "sparsity", "sparsity": sparsity})
+    module = METHOD.build(copy.deepcopy(layer), config)
+    flat = layer.weight.detach().reshape(-1)
+    kept = flat.numel() - int(sparsity * flat.numel())
+    dense = module.dense_weight().detach().reshape(-1)
+    assert int((dense != 0).sum()) == kept
+    smallest_kept = dense[dense != 0].abs().min()
+    assert bool(torch.all(flat[dense == 0].abs() <= smallest_kept))
+
+
+def test_a_threshold_target_with_a_schedule_ends_where_one_shot_starts() -> None:
+    layer = _layers()[0]
+    one_shot = _expected_survivors(layer.weight, 1.2).size
+    config = METHOD.config({"threshold": 1.2, "schedule": "gradual"})
+    module = METHOD.build(copy.deepcopy(layer), config)
+    METHOD.settle(module, config)
+    assert int((module.dense_weight() != 0).sum()) == one_shot
+
+
+def test_an_unsettled_layer_is_not_encoded() -> None:
+    config = METHOD.config({"schedule": "gradual"})
+    module = METHOD.build(copy.deepcopy(_layers()[0]), config)
+    with pytest.raises(ValueError, match="settle"):
+        METHOD.encode(module, config)
