@@ -1,10 +1,17 @@
-"""The smallest artifact a search space can express, so impossible budgets fail before training.
+"""Sizes before training: the smallest artifact a search space can express, so impossible
+budgets fail before training, and starting plans tightened until they fit the budget.
 
 Every knob of every method is tried at the corners of its range (both ends of a numeric
 range, every choice of a categorical one); per layer the smallest structures are paired with
 every value corner and the smallest pair is kept; the resulting plan is written as a real
 artifact under each encoding choice, and its byte count is the answer. Sizes are monotonic
 in the knobs of all built-in methods, so the corners hold the minimum.
+
+:func:`fit_start` uses the same per-layer size model (a layer built, settled, restricted to
+its values and encoded, without training) to tighten a starting plan that is over budget:
+the layers holding the most bytes first, each by moving every numeric knob that changes its
+size from the start's value toward the smaller end of the space's range, by bisection, until
+the estimate is within the budget; a real artifact written without training confirms it.
 """
 
 from __future__ import annotations
@@ -27,10 +34,14 @@ if TYPE_CHECKING:
     from autoshrink.plugins import Registry
     from autoshrink.tasks import Task
 
-__all__ = ["smallest_artifact"]
+__all__ = ["fit_start", "smallest_artifact"]
 
 _MAX_CORNERS = 64
 _PAIRED = 2
+#: Share of the budget a tightened start aims for: the header, the entropy coder and the
+#: fine-tune move the final size a little.
+_MARGIN = 0.95
+_BISECTIONS = 7
 
 
 def corners(ranges: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
@@ -152,3 +163,118 @@ def _encoding_choices(space: Space) -> list[Choice | None]:
         else:
             choices.extend(Choice(method=name, config=v) for v in corners(space.ranges[name]))
     return choices
+
+
+def _layer_bytes(module, layer: LayerPlan, registry: Registry) -> int:
+    """The stored bytes of one layer under ``layer`` (before entropy coding), untrained."""
+    structure = registry.methods[layer.structure.method]
+    value = registry.methods[layer.value.method]
+    assert isinstance(structure, StructureMethod) and isinstance(value, ValueMethod)
+    s_config = structure.config(layer.structure.config)
+    built = structure.build(copy.deepcopy(module), s_config)
+    structure.settle(built, s_config)
+    return _value_bytes(built, structure, s_config, value, value.config(layer.value.config))
+
+
+def _toward(layer: LayerPlan, ends: dict[tuple[str, str], Any], share: float) -> LayerPlan:
+    """``layer`` with each knob in ``ends`` (slot, knob) moved ``share`` of the way to its
+    end (integers rounded toward it)."""
+    updated = {}
+    for slot in ("structure", "value"):
+        choice = getattr(layer, slot)
+        config = dict(choice.config)
+        for (knob_slot, knob), end in ends.items():
+            if knob_slot == slot:
+                start = config[knob]
+                moved = start + share * (end - start)
+                config[knob] = round(moved) if isinstance(end, int) else moved
+        updated[slot] = Choice(method=choice.method, config=config)
+    return LayerPlan(**updated)
+
+
+def _smaller_ends(module, layer: LayerPlan, space: Space, registry: Registry):
+    """For each numeric knob of ``layer``'s methods whose range ends give different sizes,
+    the end that gives the smaller layer."""
+    ends: dict[tuple[str, str], Any] = {}
+    for slot in ("structure", "value"):
+        choice = getattr(layer, slot)
+        for knob, dist in space.ranges[choice.method].items():
+            if isinstance(dist, CategoricalDistribution):
+                continue
+            low, high = dist.low, dist.high  # type: ignore[attr-defined]
+            sizes = [
+                _layer_bytes(module, _toward(layer, {(slot, knob): end}, 1.0), registry)
+                for end in (low, high)
+            ]
+            if sizes[0] != sizes[1]:
+                ends[(slot, knob)] = low if sizes[0] < sizes[1] else high
+    return ends
+
+
+def fit_start(
+    plan: Plan, task: Task, space: Space, registry: Registry, budget: int
+) -> Plan | None:
+    """``plan`` itself when its artifact fits ``budget``, else a tightened copy that does,
+    keeping its methods; ``None`` when no setting of its methods fits."""
+    width = 1.0
+    if plan.model is not None:
+        method = registry.method(plan.model.method, Stage.MODEL)
+        assert isinstance(method, ModelMethod)
+        width = method.width(method.config(plan.model.config))
+    model = task.build_model(width)
+
+    def real_bytes(candidate: Plan) -> int:
+        with tempfile.TemporaryDirectory() as folder:
+            return write_artifact(
+                Path(folder) / "start.safetensors",
+                compress(model, candidate, registry),
+                candidate,
+                task,
+                registry,
+                width=width,
+            )
+
+    size = real_bytes(plan)
+    if size <= budget:
+        return plan
+    target = int(budget * _MARGIN)
+    for _ in range(3):
+        fitted = _tighten(plan, model, space, registry, target)
+        if fitted is None:
+            return None
+        size = real_bytes(fitted)
+        if size <= budget:
+            return fitted
+        target -= size - budget
+    return None
+
+
+def _tighten(plan: Plan, model, space: Space, registry: Registry, target: int) -> Plan | None:
+    layers = dict(plan.layers)
+    known: dict[tuple[str, str], int] = {}
+
+    def size_of(name: str, layer: LayerPlan) -> int:
+        key = (name, layer.model_dump_json())
+        if key not in known:
+            known[key] = _layer_bytes(model.get_submodule(name), layer, registry)
+        return known[key]
+
+    sizes = {name: size_of(name, layers[name]) for name in layers}
+    for name in sorted(layers, key=lambda n: sizes[n], reverse=True):
+        rest = sum(sizes.values()) - sizes[name]
+        if rest + sizes[name] <= target:
+            break
+        ends = _smaller_ends(model.get_submodule(name), layers[name], space, registry)
+        low, high = 0.0, 1.0  # bisect the least tightening that fits
+        if rest + size_of(name, _toward(layers[name], ends, high)) <= target:
+            for _ in range(_BISECTIONS):
+                middle = (low + high) / 2
+                if rest + size_of(name, _toward(layers[name], ends, middle)) <= target:
+                    high = middle
+                else:
+                    low = middle
+        layers[name] = _toward(layers[name], ends, high)
+        sizes[name] = size_of(name, layers[name])
+    if sum(sizes.values()) > target:
+        return None
+    return Plan(model=plan.model, layers=layers, encoding=plan.encoding)
