@@ -20,6 +20,18 @@ Its data comes as ``DataLoader``s or ``Dataset``s of ``(input, target)`` pairs, 
 at a time (nothing needs a whole split in memory), or as ``(inputs, targets)`` tensors (the
 in-memory fast path). When only ``train`` is given, a seeded tenth of it becomes the
 validation split.
+
+Any ``metric(outputs, targets) -> float`` judges the model, with ``direction="maximize"``
+(accuracy, the default; top-k, F1) or ``"minimize"`` (mean squared error); the search, the
+front, the recommended model, retraining and the reports follow it. ``loss(outputs,
+targets) -> tensor`` fine-tunes the trials (default: cross-entropy; distillation keeps its own
+loss). A regression model, for instance::
+
+    autoshrink.search(model, train=..., val=..., budget="20kB", metric=mse,
+                      direction="minimize", loss=torch.nn.functional.mse_loss)
+
+``resume`` and ``report`` take the direction from the study; a custom metric must be passed
+again, as the model and its data are.
 """
 
 from __future__ import annotations
@@ -36,11 +48,21 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from autoshrink.errors import UsageError
+from autoshrink.errors import AutoshrinkError, UsageError
+from autoshrink.metric import Metric, check_direction, metric_name
 from autoshrink.plan import Plan
 from autoshrink.settings import Settings, load_settings
 from autoshrink.study import Provided, StudyFolder
-from autoshrink.tasks import Data, DatasetSplit, Split, Task, TaskData, accuracy
+from autoshrink.tasks import (
+    Data,
+    DatasetSplit,
+    Split,
+    SupervisedLoss,
+    Task,
+    TaskData,
+    accuracy,
+    supervised_loss,
+)
 
 __all__ = ["Member", "SearchResult", "callable_module", "compile", "load", "model_task",
            "report", "resume", "search"]
@@ -48,10 +70,14 @@ __all__ = ["Member", "SearchResult", "callable_module", "compile", "load", "mode
 #: The share of ``train`` held out for validation when no ``val`` is given.
 VALIDATION_SHARE = 0.1
 
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
 
 @dataclass(frozen=True)
 class Member:
-    """A model on the Pareto front: its file, size and measured figures."""
+    """A model on the Pareto front: its file, size and measured figures. ``val_accuracy``
+    and ``test_accuracy`` are values of the search's metric, whatever it is (also readable
+    as ``val_metric`` and ``test_metric``; :attr:`SearchResult.metric` names it)."""
 
     trial: int
     bytes: int
@@ -60,6 +86,14 @@ class Member:
     plan: Plan
     artifact: Path
     retrained: bool
+
+    @property
+    def val_metric(self) -> float:
+        return self.val_accuracy
+
+    @property
+    def test_metric(self) -> float | None:
+        return self.test_accuracy
 
 
 @dataclass(frozen=True)
@@ -72,6 +106,11 @@ class SearchResult:
     summary: dict[str, Any]
     interrupted: bool = False
 
+    @property
+    def metric(self) -> Metric:
+        """The metric the figures are values of: its name and direction."""
+        return Metric.of(self.summary)
+
 
 def search(
     model: nn.Module | None = None,
@@ -82,7 +121,9 @@ def search(
     val: Any = None,
     test: Any = None,
     student: Callable[[float], nn.Module] | None = None,
-    metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy,
+    metric: MetricFn | None = None,
+    direction: str | None = None,
+    loss: SupervisedLoss | None = None,
     trials: int | None = None,
     timeout: float | None = None,
     out: str | Path | None = None,
@@ -91,11 +132,14 @@ def search(
     **options: Any,
 ) -> SearchResult:
     """Search per-layer compression plans for ``model`` (with its data) or a registered
-    ``task`` under ``budget`` (``"5MB"``, ``"200KiB"`` or bytes). ``options`` are the other
-    settings by name (``seed``, ``sampler``, ``space``, ``finetune_steps``,
-    ``retrain_epochs``, ...). Ctrl-C stops after saving the finished trials and returns them
-    with ``interrupted=True``."""
-    provided = _provided(model, task, train, val, test, student, metric, console)
+    ``task`` under ``budget`` (``"5MB"``, ``"200KiB"`` or bytes). A model is judged by
+    ``metric`` (default: accuracy) in its ``direction`` (``"maximize"``, the default, or
+    ``"minimize"``) and fine-tuned with ``loss`` (default: cross-entropy); a task defines its
+    own. ``options`` are the other settings by name (``seed``, ``sampler``, ``space``,
+    ``finetune_steps``, ``retrain_epochs``, ...). Ctrl-C stops after saving the finished
+    trials and returns them with ``interrupted=True``."""
+    judging = _judging(model, task, metric, direction, loss, recorded=None)
+    provided = _provided(model, task, train, val, test, student, judging, console)
     name = provided.task.name if provided else (task if isinstance(task, str) else None)
     settings = load_settings(
         budget=budget, task=name, trials=trials, timeout=timeout, out=out, study=study,
@@ -115,13 +159,18 @@ def resume(
     val: Any = None,
     test: Any = None,
     student: Callable[[float], nn.Module] | None = None,
-    metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy,
+    metric: MetricFn | None = None,
+    direction: str | None = None,
+    loss: SupervisedLoss | None = None,
     console: Console | None = None,
 ) -> SearchResult:
     """Continue a study (``trials`` is the new total). A study of your own model needs the
-    model and data again, as they were."""
-    provided = _provided(model, None, train, val, test, student, metric, console)
+    model and data again, as they were, and its metric and loss when they were not the
+    defaults (the direction is the study's)."""
     settings = load_settings(study=study, out=out, trials=trials, timeout=timeout)
+    recorded = _recorded(settings) if model is not None else None
+    judging = _judging(model, None, metric, direction, loss, recorded=recorded)
+    provided = _provided(model, None, train, val, test, student, judging, console)
     return _run(settings, console, resume=True, provided=provided)
 
 
@@ -133,15 +182,20 @@ def report(
     train: Any = None,
     val: Any = None,
     test: Any = None,
-    metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy,
+    metric: MetricFn | None = None,
+    direction: str | None = None,
 ) -> SearchResult:
     """Rebuild a study's ``index.html``, ``report.md`` and ``pareto.json`` (also while it
-    runs) and return its front."""
+    runs) and return its front. A study of your own model needs it, its data and a metric
+    other than accuracy again (the direction is the study's)."""
     from autoshrink.report import regenerate
     from autoshrink.session import study_folder
 
-    provided = _provided(model, None, train, val, test, None, metric, None)
-    folder = study_folder(load_settings(study=study, out=out))
+    settings = load_settings(study=study, out=out)
+    recorded = _recorded(settings) if model is not None else None
+    judging = _judging(model, None, metric, direction, None, recorded=recorded)
+    provided = _provided(model, None, train, val, test, None, judging, None)
+    folder = study_folder(settings)
     return _result(folder, regenerate(folder, provided))
 
 
@@ -207,10 +261,14 @@ def model_task(
     *,
     input_shape: tuple[int, ...] | None = None,
     student: Callable[[float], nn.Module] | None = None,
-    metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy,
+    metric: MetricFn = accuracy,
+    direction: str = "maximize",
+    loss: SupervisedLoss = supervised_loss,
 ) -> Task:
     """A task whose model is ``model`` (its architecture; ``student(width)`` builds narrower
-    ones for distillation). Its name, ``model:<class>``, is what its artifacts record."""
+    ones for distillation), judged by ``metric`` in ``direction`` (named after the
+    function) and fine-tuned with ``loss``. Its name, ``model:<class>``, is what its
+    artifacts record."""
     template = copy.deepcopy(model).float().eval()
 
     def build(width: float) -> nn.Module:
@@ -230,14 +288,72 @@ def model_task(
         input_shape=tuple(input_shape or ()),
         description=f"{type(model).__name__} handed over in Python",
         metric=metric,
+        metric_name=metric_name(metric),
+        direction=check_direction(direction),
+        loss=loss,
         narrows=student is not None,
     )
 
 
+@dataclass(frozen=True)
+class _Judging:
+    """How a model handed over in Python is judged and fine-tuned."""
+
+    metric: MetricFn = accuracy
+    direction: str = "maximize"
+    loss: SupervisedLoss = supervised_loss
+
+
+def _recorded(settings: Settings) -> Metric | None:
+    """The metric an existing study was searched with (None when there is no readable study
+    yet: the usual checks then say what is wrong)."""
+    from autoshrink.report import load_study_readonly
+    from autoshrink.session import study_folder
+    from autoshrink.study import recorded_metric
+
+    try:
+        folder = study_folder(settings)
+        return recorded_metric(load_study_readonly(folder)) if folder.settings.is_file() else None
+    except AutoshrinkError:
+        return None
+
+
+def _judging(
+    model: nn.Module | None, task: str | Task | None, metric: MetricFn | None,
+    direction: str | None, loss: SupervisedLoss | None, *, recorded: Metric | None,
+) -> _Judging:
+    """The metric, direction and loss asked for, checked; for an existing study (``recorded``)
+    the direction defaults to its own, and a metric other than accuracy must be passed."""
+    given = {"metric": metric, "direction": direction, "loss": loss}
+    if model is None:
+        named = [f"`{k}=`" for k, v in given.items() if v is not None]
+        if named:
+            raise UsageError(
+                f"{', '.join(named)} go with `model=`; a task defines its own (Task(metric=..., "
+                "metric_name=..., direction=..., loss=...))"
+            )
+        return _Judging()
+    for key in ("metric", "loss"):
+        if given[key] is not None and not callable(given[key]):
+            raise UsageError(
+                f"`{key}=`: expected a function of (outputs, targets), not "
+                f"{type(given[key]).__name__}"
+            )
+    if direction is not None:
+        check_direction(direction)
+    if recorded is not None:
+        if metric is None and recorded.name != "accuracy":
+            raise UsageError(
+                f"this study was searched with metric `{recorded.name}` ({recorded.direction}); "
+                f"pass `metric=` that function again"
+            )
+        direction = direction or recorded.direction
+    return _Judging(metric or accuracy, direction or "maximize", loss or supervised_loss)
+
+
 def _provided(
     model: nn.Module | None, task: str | Task | None, train: Any, val: Any, test: Any,
-    student: Callable[[float], nn.Module] | None,
-    metric: Callable[[torch.Tensor, torch.Tensor], float], console: Console | None,
+    student: Callable[[float], nn.Module] | None, judging: _Judging, console: Console | None,
 ) -> Provided | None:
     if model is None:
         if any(part is not None for part in (train, val, test)):
@@ -259,12 +375,15 @@ def _provided(
     testing = to_split(test, "test") if test is not None else None
     if testing is None:
         (console or Console(stderr=True)).print(
-            "test: no `test=` data, so test accuracy is not measured (validation still "
-            "steers the search)", highlight=False,
+            f"test: no `test=` data, so test {metric_name(judging.metric)} is not measured "
+            "(validation still steers the search)", highlight=False,
         )
     shape = tuple(next(training.ordered(1))[0].shape[1:])
     return Provided(
-        task=model_task(model, input_shape=shape, student=student, metric=metric),
+        task=model_task(
+            model, input_shape=shape, student=student, metric=judging.metric,
+            direction=judging.direction, loss=judging.loss,
+        ),
         data=TaskData(train=training, val=validation, test=testing),
         pretrained=model,
     )
@@ -277,7 +396,8 @@ def to_split(data: Any, what: str) -> Data:
     if isinstance(data, Split | DatasetSplit):
         return data
     if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        return Split(data[0], data[1].long())
+        # Class labels as int64 (what cross-entropy takes); regression targets stay numbers.
+        return Split(data[0], data[1] if data[1].is_floating_point() else data[1].long())
     if isinstance(data, DataLoader):
         return _checked(DatasetSplit(data.dataset, data.collate_fn), what)
     if isinstance(data, Dataset) or (

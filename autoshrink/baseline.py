@@ -1,8 +1,10 @@
 """The baseline: a task's trained reference model, trained once and cached.
 
 The cache lives in the user's cache directory (``AUTOSHRINK_CACHE`` overrides it), keyed by a
-hash of the task, its training settings and its data. The cached model is stored as a dense
-float32 artifact, so the baseline's size is measured exactly as every compressed model's is.
+hash of the task, its training settings, its data, and its metric and loss where they are not
+the defaults (accuracy, cross-entropy): the cached figures are that metric's. The cached model
+is stored as a dense float32 artifact, so the baseline's size is measured exactly as every
+compressed model's is.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.errors import ArtifactError, UsageError
 from autoshrink.plan import Plan
 from autoshrink.tasks import Task, TaskData
-from autoshrink.training import evaluate, fit, steps_for
+from autoshrink.training import evaluate, fit, steps_for, task_loss
 
 if TYPE_CHECKING:
     from autoshrink.plugins import Registry
@@ -40,7 +42,8 @@ def cache_dir() -> Path:
 
 @dataclass
 class Baseline:
-    """A trained reference model and its measured size and accuracy."""
+    """A trained reference model and its measured size and task metric (``val_accuracy``
+    and ``test_accuracy`` by their historic names, whatever the metric)."""
 
     task: Task
     model: nn.Module
@@ -60,13 +63,19 @@ class Baseline:
         }
 
 
-def _weights_key(weights: Path) -> str:
-    return "weights-" + hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+def _weights_key(weights: Path, task: Task) -> str:
+    digest = hashlib.sha256(weights.read_bytes())
+    for part, value in sorted(task.judging_key().items()):
+        digest.update(f"{part}={value}".encode())
+    return "weights-" + digest.hexdigest()[:16]
 
 
-def _model_key(model: nn.Module, data: TaskData) -> str:
-    """The cache key of a user's trained model: its weights and the data's fingerprints."""
+def _model_key(model: nn.Module, data: TaskData, task: Task) -> str:
+    """The cache key of a user's trained model: its weights, the data's fingerprints and
+    the task's metric (when not accuracy)."""
     digest = hashlib.sha256()
+    for part, value in sorted(task.judging_key().items()):
+        digest.update(f"{part}={value}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode() + str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -102,9 +111,9 @@ def load_baseline(
     reports progress). ``weights`` is a safetensors state dict of the user's own trained
     model; ``pretrained`` is such a model itself (measured, never trained again)."""
     if pretrained is not None:
-        key = _model_key(pretrained, data)
+        key = _model_key(pretrained, data, task)
     else:
-        key = _weights_key(weights) if weights else task.key(data)
+        key = _weights_key(weights, task) if weights else task.key(data)
     folder = cache_dir() / "baselines"
     path = folder / f"{task.name.replace(':', '_').replace('/', '_')}-{key}.safetensors"
     if path.exists() and not retrain:
@@ -141,6 +150,7 @@ def load_baseline(
             lr=settings.lr,
             weight_decay=settings.weight_decay,
             seed=settings.seed,
+            loss_fn=task_loss(task.loss),
             on_step=(lambda step, loss: on_step(step + 1, total)) if on_step else None,
         )
     model.eval()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution
+from torch import nn
 
 from autoshrink.artifact import write_artifact
 from autoshrink.compress import compress
@@ -212,16 +213,17 @@ def _smaller_ends(module, layer: LayerPlan, space: Space, registry: Registry):
 
 
 def fit_start(
-    plan: Plan, task: Task, space: Space, registry: Registry, budget: int
+    plan: Plan, task: Task, space: Space, registry: Registry, budget: int, baseline: nn.Module
 ) -> Plan | None:
-    """``plan`` itself when its artifact fits ``budget``, else a tightened copy that does,
-    keeping its methods; ``None`` when no setting of its methods fits."""
-    width = 1.0
+    """``plan`` itself when its artifact from ``baseline`` (or from the untrained student its
+    model stage asks for) fits ``budget``, else a tightened copy that does, keeping its
+    methods; ``None`` when no setting of its methods fits."""
+    width, model = 1.0, baseline
     if plan.model is not None:
         method = registry.method(plan.model.method, Stage.MODEL)
         assert isinstance(method, ModelMethod)
         width = method.width(method.config(plan.model.config))
-    model = task.build_model(width)
+        model = task.build_model(width)
 
     def real_bytes(candidate: Plan) -> int:
         with tempfile.TemporaryDirectory() as folder:

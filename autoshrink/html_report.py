@@ -21,11 +21,11 @@ from html import escape
 from typing import Any
 
 from autoshrink import svg
+from autoshrink.metric import Metric
 from autoshrink.report import (
     choice_text,
     latency_table,
     layer_decisions,
-    pct_text,
     size_text,
 )
 
@@ -97,17 +97,23 @@ def trial_label(row: dict[str, Any], summary: dict[str, Any]) -> str:
     elif kind == "running":
         head = f"trial {row['trial']}: {row['state']}"
     else:
-        head += f"\n{size_text(row['bytes'])}, validation {pct_text(row['val_accuracy'])}"
+        metric = Metric.of(summary)
+        head += (f"\n{size_text(row['bytes'])}, validation {metric.name} "
+                 f"{metric.text(row['val_accuracy'])}")
         if kind == "over_budget":
             head += f", {row['bytes'] - summary['budget_bytes']:,} B over the budget"
+        if row.get("untrained"):
+            head += f" ({row['untrained']})"
     return "\n".join([head, *plan_lines(row.get("plan"))])
 
 
 def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
-    """Everything the size-accuracy plot draws.
+    """Everything the size-metric plot draws.
 
-    ``points``: one per complete trial (``trial``, ``bytes``, ``val_accuracy``, ``kind``,
-    ``label``); ``failed`` and ``running``: trials without a size, drawn in a strip below;
+    ``metric``: ``name``, ``direction``, ``percent`` (values read as percentages) and
+    ``axis`` (the y axis title, which says "lower is better" when it is); ``points``: one
+    per complete trial (``trial``, ``bytes``, ``val_accuracy``, ``kind``, ``label``);
+    ``failed`` and ``running``: trials without a size, drawn in a strip below;
     ``front_line``: ``[bytes, val_accuracy]`` of the front members as the search measured
     them (like the points; retrained figures are in the tables), smallest first;
     ``budget`` and ``baseline`` (from ``summary["baseline"]``; the trials list lacks it).
@@ -124,7 +130,9 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
             points.append({**entry, "bytes": row["bytes"], "val_accuracy": row["val_accuracy"]})
     base = summary["baseline"]
     budget = summary["budget_bytes"]
+    metric = Metric.of(summary)
     return {
+        "metric": _metric_data(metric),
         "points": points,
         "failed": failed,
         "running": running,
@@ -140,19 +148,26 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
             "test_accuracy": base["test_accuracy"],
         },
         "baseline_label": f"baseline (float32): {size_text(base['bytes'])}, validation "
-        f"{pct_text(base['val_accuracy'])}, test {pct_text(base['test_accuracy'])}",
+        f"{metric.name} {metric.text(base['val_accuracy'])}, "
+        f"test {metric.text(base['test_accuracy'])}",
     }
 
 
-def _by_size(member: dict[str, Any]) -> tuple[int, float]:
-    return member["bytes"], -member["val_accuracy"]
+def _metric_data(metric: Metric) -> dict[str, Any]:
+    return {**metric.block(), "percent": metric.percent, "axis": metric.label()}
+
+
+def _by_size(member: dict[str, Any], metric: Metric) -> tuple[int, float]:
+    return member["bytes"], -metric.score(member["val_accuracy"])
 
 
 def history_data(summary: dict[str, Any]) -> dict[str, Any]:
     """The search over time: each trial (``trial``, ``state``, ``val_accuracy``,
-    ``feasible``, ``label``) and, per trial number, the best validation accuracy among the
-    feasible trials up to it (``best_so_far``: ``trial``, ``val_accuracy`` or None before
-    the first feasible trial, ``best_trial``)."""
+    ``feasible``, ``label``) and, per trial number, the best validation metric (in its
+    direction) among the feasible trials up to it (``best_so_far``: ``trial``,
+    ``val_accuracy`` or None before the first feasible trial, ``best_trial``); ``metric`` as
+    in :func:`pareto_plot_data`."""
+    metric = Metric.of(summary)
     trials, best_so_far = [], []
     best: tuple[float, int] | None = None
     for row in sorted(summary["trials"], key=lambda r: r["trial"]):
@@ -166,7 +181,9 @@ def history_data(summary: dict[str, Any]) -> dict[str, Any]:
                 "label": trial_label(row, summary),
             }
         )
-        if complete and row["feasible"] and (best is None or row["val_accuracy"] > best[0]):
+        if complete and row["feasible"] and (
+            best is None or metric.better(row["val_accuracy"], best[0])
+        ):
             best = (row["val_accuracy"], row["trial"])
         best_so_far.append(
             {
@@ -176,6 +193,7 @@ def history_data(summary: dict[str, Any]) -> dict[str, Any]:
             }
         )
     return {
+        "metric": _metric_data(metric),
         "trials": trials,
         "best_so_far": best_so_far,
         "baseline_val_accuracy": summary["baseline"]["val_accuracy"],
@@ -202,7 +220,8 @@ def heatmap_data(summary: dict[str, Any]) -> dict[str, Any]:
     the member lacks that part): ``layer``, ``bytes``, ``share`` of the file, ``structure``
     and ``value`` (full descriptions), ``lines`` (three short labels) and ``title``.
     """
-    members = sorted(summary["front"], key=_by_size)
+    metric = Metric.of(summary)
+    members = sorted(summary["front"], key=lambda m: _by_size(m, metric))
     decisions = {m["trial"]: layer_decisions(m) for m in members}
     columns: list[str] = []
     for rows in decisions.values():
@@ -249,10 +268,11 @@ def heatmap_data(summary: dict[str, Any]) -> dict[str, Any]:
                 "best": best,
                 "label": f"{'★ ' if best else ''}trial {member['trial']}",
                 "sublabel": f"{svg.fmt_bytes(member['bytes'])} · "
-                f"{pct_text(member['val_accuracy'])}",
+                f"{metric.text(member['val_accuracy'])}",
                 "title": "\n".join(
                     [f"trial {member['trial']}: {size_text(member['bytes'])}, validation "
-                     f"{pct_text(member['val_accuracy'])}", *plan_lines(member.get("plan"))]
+                     f"{metric.name} {metric.text(member['val_accuracy'])}",
+                     *plan_lines(member.get("plan"))]
                 ),
                 "cells": cells,
             }
@@ -260,15 +280,16 @@ def heatmap_data(summary: dict[str, Any]) -> dict[str, Any]:
     return {"columns": columns, "rows": out}
 
 
-def retrained_text(member: dict[str, Any]) -> str:
+def retrained_text(member: dict[str, Any], metric: Metric | None = None) -> str:
     """", retrained N epochs (search: validation X, test Y)" for a retrained member."""
     search = member.get("search")
     if not search:
         return ""
+    metric = metric or Metric()
     return (
         f", retrained {member['retrained']['epochs']:g} epochs (search: "
-        f"{search['bytes']:,} B, validation {pct_text(search['val_accuracy'])}, "
-        f"test {pct_text(search.get('test_accuracy'))})"
+        f"{search['bytes']:,} B, validation {metric.text(search['val_accuracy'])}, "
+        f"test {metric.text(search.get('test_accuracy'))})"
     )
 
 
@@ -359,12 +380,15 @@ def _stages(plan: dict[str, Any] | None) -> str:
 def _trial_card(row: dict[str, Any], summary: dict[str, Any]) -> str:
     """What the side panel shows for a trial: outcome, then its plan layer by layer."""
     kind = trial_kind(row, summary)
+    metric = Metric.of(summary)
     facts = [f'<span class="badge {kind}">{_e(KIND_TEXT[kind])}</span>']
     if row["bytes"] is not None:
-        facts.append(f"{_e(size_text(row['bytes']))}, validation "
-                     f"{_e(pct_text(row['val_accuracy']))}")
+        facts.append(f"{_e(size_text(row['bytes']))}, validation {_e(metric.name)} "
+                     f"{_e(metric.text(row['val_accuracy']))}")
     if kind == "over_budget":
         facts.append(f"{row['bytes'] - summary['budget_bytes']:,} B over the budget")
+    if row.get("untrained"):
+        facts.append(_e(row["untrained"]))
     if row.get("failure"):
         facts.append(f'<span class="reason">{_e(row["failure"])}</span>')
     plan = row.get("plan") or {}
@@ -401,6 +425,7 @@ def _legend() -> str:
 
 def _header(summary: dict[str, Any]) -> str:
     counts, base = summary["counts"], summary["baseline"]
+    metric = Metric.of(summary)
     chips = [
         ("complete", f"{counts['complete']} complete"),
         ("over_budget", f"{counts['over_budget']} over budget"),
@@ -418,10 +443,10 @@ def _header(summary: dict[str, Any]) -> str:
         f"<header><h1>autoshrink study <code>{_e(summary['study'])}</code></h1>"
         f"<p>Task <code>{_e(summary['task'])}</code> · budget "
         f"<strong>{_e(size_text(summary['budget_bytes']))}</strong> · baseline "
-        f"{_e(size_text(base['bytes']))}, validation {_e(pct_text(base['val_accuracy']))}, "
-        f"test {_e(pct_text(base['test_accuracy']))}"
+        f"{_e(size_text(base['bytes']))}, validation {_e(metric.name)} "
+        f"{_e(metric.text(base['val_accuracy']))}, test {_e(metric.text(base['test_accuracy']))}"
         + (" (not measured: no test data)" if base["test_accuracy"] is None else "")
-        + "</p>"
+        + f" · metric <code>{_e(metric.name)}</code>, {_e(metric.better_word)}</p>"
         + "".join(f'<p class="note">{_e(note)}</p>' for note in summary.get("notes", []))
         + '<p class="chips">'
         + "".join(f'<span class="badge {k}">{_e(t)}</span>' for k, t in chips)
@@ -435,9 +460,12 @@ def _pareto_section(summary: dict[str, Any]) -> str:
         _trial_card(best, summary) if best
         else '<p class="note">Click a mark to see its trial\'s plan.</p>'
     )
+    metric = Metric.of(summary)
     return (
-        '<section id="front"><h2>Size against accuracy</h2>'
-        '<p class="note">Every trial: file size on a log scale against validation accuracy. '
+        f'<section id="front"><h2>Size against {_e(metric.name)}</h2>'
+        '<p class="note">Every trial: file size on a log scale against validation '
+        f"{_e(metric.name)} ({_e(metric.better_word)}: the best models sit to the left and "
+        f"{'low' if metric.lower_is_better else 'high'}). "
         "Hover a mark for its plan, click it to show the plan on the right.</p>"
         + _legend()
         + '<div class="plot-row"><div class="plot">'
@@ -456,13 +484,14 @@ def _recommended_section(summary: dict[str, Any]) -> str:
                "search longer.</p>"
         return f'<section id="recommended"><h2>Recommended model</h2>{body}</section>'
     base = summary["baseline"]
+    metric = Metric.of(summary)
     cards = [
         ("size", f"{best['bytes']:,} B", svg.fmt_bytes(best["bytes"])),
         ("smaller than the baseline", f"{best['ratio']:.1f}×", f"of {base['bytes']:,} B"),
-        ("validation accuracy", pct_text(best["val_accuracy"]),
-         f"baseline {pct_text(base['val_accuracy'])}"),
-        ("test accuracy", pct_text(best["test_accuracy"]),
-         f"baseline {pct_text(base['test_accuracy'])}"),
+        (metric.label("validation"), metric.text(best["val_accuracy"]),
+         f"baseline {metric.text(base['val_accuracy'])}"),
+        (metric.label("test"), metric.text(best["test_accuracy"]),
+         f"baseline {metric.text(base['test_accuracy'])}"),
     ]
     html = "".join(
         f'<div class="card"><div class="card-label">{_e(label)}</div>'
@@ -471,8 +500,9 @@ def _recommended_section(summary: dict[str, Any]) -> str:
     )
     return (
         f'<section id="recommended"><h2>Recommended model: trial {_link(best["trial"])}</h2>'
-        f'<p class="note">Best validation accuracy within the budget (ties go to the smaller '
-        f"file). File: <code>{_e(best['artifact'])}</code></p>"
+        f'<p class="note">The {metric.best_word} validation {_e(metric.name)} within the '
+        f"budget ({_e(metric.better_word)}; ties go to the smaller file). "
+        f"File: <code>{_e(best['artifact'])}</code></p>"
         f'<div class="cards">{html}</div>{_latency_html(best["latency"])}</section>'
     )
 
@@ -482,13 +512,15 @@ def _decisions_section(summary: dict[str, Any]) -> str:
         return ('<section id="layers"><h2>Per-layer decisions</h2>'
                 '<p class="note">No front member yet.</p></section>')
     details = []
-    for member in sorted(summary["front"], key=_by_size):
+    metric = Metric.of(summary)
+    for member in sorted(summary["front"], key=lambda m: _by_size(m, metric)):
         is_best = member["trial"] == summary["best"]
         head = (
             f"{'★ ' if is_best else ''}Trial {member['trial']}: {member['bytes']:,} B "
-            f"({member['ratio']:.1f}× smaller), validation {pct_text(member['val_accuracy'])}, "
-            f"test {pct_text(member.get('test_accuracy'))}"
-        ) + retrained_text(member)
+            f"({member['ratio']:.1f}× smaller), validation {metric.name} "
+            f"{metric.text(member['val_accuracy'])}, "
+            f"test {metric.text(member.get('test_accuracy'))}"
+        ) + retrained_text(member, metric)
         details.append(
             f"<details{' open' if is_best else ''}><summary>{_e(head)}</summary>"
             f"{_plan_table(member)}"
@@ -509,10 +541,12 @@ def _decisions_section(summary: dict[str, Any]) -> str:
 def _history_section(summary: dict[str, Any]) -> str:
     failed = [t for t in summary["trials"] if t["state"] == "fail"]
     over = [t for t in summary["trials"] if t["state"] == "complete" and not t["feasible"]]
+    metric = Metric.of(summary)
     parts = [
         '<section id="history"><h2>Search history</h2>'
-        '<p class="note">The green line is the best validation accuracy among the trials within '
-        "budget so far; dots are trials (hollow orange: over budget), crosses failed trials.</p>",
+        f'<p class="note">The green line is the best ({metric.best_word}) validation '
+        f"{_e(metric.name)} among the trials within budget so far; dots are trials (hollow "
+        "orange: over budget), crosses failed trials.</p>",
         svg.history_chart(history_data(summary)),
     ]
     if failed:
@@ -522,15 +556,17 @@ def _history_section(summary: dict[str, Any]) -> str:
     if over:
         budget = summary["budget_bytes"]
         rows = [[_link(t["trial"]), f"{t['bytes']:,}", f"{t['bytes'] - budget:,}",
-                 _e(pct_text(t["val_accuracy"]))] for t in over]
+                 _e(metric.text(t["val_accuracy"]))] for t in over]
         parts.append(f"<h3>Over-budget trials ({len(over)})</h3>"
-                     + _table(["trial", "bytes", "over by", "validation"], rows, {1, 2, 3}))
+                     + _table(["trial", "bytes", "over by", f"validation {_e(metric.name)}"],
+                              rows, {1, 2, 3}))
     parts.append("</section>")
     return "".join(parts)
 
 
 def _trials_section(summary: dict[str, Any]) -> str:
     rows = []
+    metric = Metric.of(summary)
     for row in sorted(summary["trials"], key=lambda r: r["trial"]):
         kind = trial_kind(row, summary)
         size = "-" if row["bytes"] is None else f"{row['bytes']:,}"
@@ -538,13 +574,14 @@ def _trials_section(summary: dict[str, Any]) -> str:
         rows.append(
             f'<tr id="trial-{row["trial"]}"><td class="num">{row["trial"]}</td>'
             f'<td><span class="badge {kind}">{_e(KIND_TEXT[kind])}</span></td>'
-            f'<td class="num">{size}</td><td class="num">{_e(pct_text(row["val_accuracy"]))}'
+            f'<td class="num">{size}</td><td class="num">{_e(metric.text(row["val_accuracy"]))}'
             f'</td><td class="num">{seconds}</td>'
             f"<td><details><summary>plan</summary>{_trial_card(row, summary)}</details></td></tr>"
         )
     head = "".join(
         f'<th{" class=num" if i in (0, 2, 3, 4) else ""}>{h}</th>'
-        for i, h in enumerate(["trial", "outcome", "bytes", "validation", "seconds", "plan"])
+        for i, h in enumerate(["trial", "outcome", "bytes", f"validation {_e(metric.name)}",
+                               "seconds", "plan"])
     )
     return (
         '<section id="trials"><h2>All trials</h2>'

@@ -3,6 +3,10 @@
 Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
 
 - ``study``, ``task``, ``budget_bytes``
+- ``metric``: ``name`` and ``direction`` (``maximize`` or ``minimize``) of the task's metric.
+  Every ``val_accuracy`` / ``test_accuracy`` below is a value of that metric (the keys keep
+  their first name so that older files and readers still work); a file without ``metric`` is
+  an older one, whose metric was accuracy, maximised
 - ``baseline``: ``bytes``, ``val_accuracy``, ``test_accuracy`` of the float32 reference file
 - ``front``: feasible Pareto-optimal trials by Optuna's ``best_trials``, smallest first, each
   with ``trial``, ``bytes``, ``ratio`` (baseline bytes / bytes), ``val_accuracy``,
@@ -14,9 +18,9 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   (:mod:`autoshrink.retrain`) has ``retrained`` (``epochs``, ``steps``, ``seconds``, its
   ``bytes`` and ``val_accuracy``, and ``taken``): when taken, ``bytes`` to ``artifact`` are
   the retrained figures and ``search`` holds the search's
-- ``best``: trial number of the recommended model (best validation accuracy within the
-  budget; ties go to the smaller file), or null when no trial fit; copied to
-  ``best.safetensors``
+- ``best``: trial number of the recommended model (the best validation metric in its
+  direction within the budget; ties go to the smaller file), or null when no trial fit; copied
+  to ``best.safetensors``
 - ``trials``: every trial with ``state`` (complete / fail / running), ``bytes``,
   ``val_accuracy``, ``feasible`` and ``failure`` (the reason a trial failed)
 - ``counts``: ``complete``, ``failed``, ``over_budget``, ``running``
@@ -37,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoshrink.artifact import read_artifact, size_breakdown
 from autoshrink.errors import ArtifactError
 from autoshrink.files import file_digest, write_atomic
+from autoshrink.metric import Metric
 from autoshrink.retrain import retrained_figures
 from autoshrink.storage import display
 from autoshrink.study import ARTIFACT, SearchSetup, StudyFolder, study_identity, trial_summary
@@ -66,7 +71,7 @@ def front_trials(study: optuna.Study, budget: int) -> list[FrozenTrial]:
 
 
 def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: SearchSetup) -> dict:
-    """Test-set accuracy of each front member (by trial number), measured once from its
+    """Test-set metric of each front member (by trial number), measured once from its
     artifact file. The cache is keyed by the study's id, the trial number and the file's
     hash: a figure of another study, or of an earlier file, is never shown."""
     cache = folder.root / "test_accuracy.json"
@@ -81,7 +86,7 @@ def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: Searc
         path = trial.user_attrs.get(ARTIFACT)
         digest = file_digest(folder.root / path) if path else None
         if digest is None or setup.data.test is None:
-            continue  # deleted, or no test data: the report shows the accuracy as unknown
+            continue  # deleted, or no test data: the report shows the figure as unknown
         key = f"{study_id}/{trial.number}/{digest}"
         if not isinstance(known.get(key), float):
             try:
@@ -95,12 +100,13 @@ def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: Searc
 
 
 def _take_retrained(
-    folder: StudyFolder, row: dict[str, Any], epochs: float, budget: int, baseline_bytes: int
+    folder: StudyFolder, row: dict[str, Any], epochs: float, budget: int, baseline_bytes: int,
+    metric: Metric,
 ) -> None:
     """Make a front member's figures its retrained ones when it was retrained, still fits
-    the budget and validates at least as well (validation picks, as everywhere), keeping
-    the search's under ``search``; ``retrained`` holds the schedule and whether it was
-    ``taken``."""
+    the budget and validates no worse in the metric's direction (validation picks, as
+    everywhere), keeping the search's under ``search``; ``retrained`` holds the schedule and
+    whether it was ``taken``."""
     figures = retrained_figures(folder, row, epochs) if epochs > 0 else None
     if figures is None:
         return
@@ -108,7 +114,8 @@ def _take_retrained(
         key: figures[key] for key in ("epochs", "steps", "seconds", "bytes", "val_accuracy")
     }
     row["retrained"]["taken"] = taken = (
-        figures["bytes"] <= budget and figures["val_accuracy"] >= row["val_accuracy"]
+        figures["bytes"] <= budget
+        and metric.not_worse(figures["val_accuracy"], row["val_accuracy"])
     )
     if not taken:
         return
@@ -138,6 +145,7 @@ def summarize(
     """The study's outcome. With ``final``, also copy the recommended model to
     ``best.safetensors`` and delete the artifacts of trials off the front."""
     budget = int(setup.settings.budget or 0)
+    metric = setup.task.judged_by
     front = front_trials(study, budget)
     tests = _test_accuracies(folder, front, setup)
     baseline_bytes = setup.baseline.bytes
@@ -146,7 +154,9 @@ def summarize(
         row = trial_summary(trial)
         row["ratio"] = baseline_bytes / row["bytes"]
         row["test_accuracy"] = tests.get(str(trial.number))
-        _take_retrained(folder, row, setup.settings.retrain_epochs, budget, baseline_bytes)
+        _take_retrained(
+            folder, row, setup.settings.retrain_epochs, budget, baseline_bytes, metric
+        )
         path = folder.root / row["artifact"] if row["artifact"] else None
         row["layers"] = size_breakdown(path) if path and path.is_file() else {}
         latency = _latency(folder, trial.number, path)
@@ -154,7 +164,7 @@ def summarize(
             row["latency"] = latency
             row["bundle_bytes"] = latency.get("bundle_bytes")
         members.append(row)
-    best = max(members, key=lambda r: (r["val_accuracy"], -r["bytes"]), default=None)
+    best = metric.best(members, lambda r: r["val_accuracy"], lambda r: r["bytes"])
     if final:
         _keep_front_only(folder, study, {r["trial"] for r in members}, best)
     trials = []
@@ -178,6 +188,7 @@ def summarize(
         "study": folder.name,
         "task": setup.task.name,
         "budget_bytes": budget,
+        "metric": metric.block(),
         "baseline": {
             "bytes": baseline_bytes,
             "val_accuracy": setup.baseline.val_accuracy,

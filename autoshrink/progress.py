@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from autoshrink.study import FAILURE, finished
+from autoshrink.study import FAILURE, finished, recorded_metric
 
 __all__ = ["SearchProgress", "TrainingBar"]
 
@@ -50,6 +50,7 @@ class SearchProgress:
     def __init__(self, console: Console, study: optuna.Study, total: int | None, budget: int):
         self.study, self.budget, self.total = study, budget, total
         self.console = console
+        self.metric = recorded_metric(study)
         self.start = time.monotonic()
         self.progress = Progress(
             TextColumn("[bold]search"),
@@ -75,11 +76,11 @@ class SearchProgress:
             for t in trials
             if t.state == TrialState.COMPLETE and t.values and t.values[0] <= self.budget
         ]
-        best = max(feasible, key=lambda t: (t.values[1], -t.values[0]), default=None)
+        best = self.metric.best(feasible, lambda t: t.values[1], lambda t: t.values[0])
         text = f"failed {failed}"
         if best is not None:
             text += (
-                f" | best in budget: {best.values[1]:.2%} at "
+                f" | best in budget: {self.metric.text(best.values[1])} at "
                 f"{humanize.naturalsize(best.values[0])} (trial {best.number})"
             )
         return text
@@ -102,7 +103,7 @@ class SearchProgress:
         of = f"{done}/{self.total}" if self.total else f"{done}"
         what = trial.state.name.lower()
         if trial.values:
-            what += f", {int(trial.values[0]):,} B, validation {trial.values[1]:.2%}"
+            what += f", {int(trial.values[0]):,} B, validation {self.metric.text(trial.values[1])}"
         elapsed = humanize.naturaldelta(time.monotonic() - self.start)
         return f"trial {trial.number} ({of}): {what}, {elapsed} | {self.status()}"
 

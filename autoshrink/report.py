@@ -12,9 +12,17 @@ import optuna
 from autoshrink.errors import UsageError
 from autoshrink.files import write_atomic
 from autoshrink.journal import JournalError, check_journal
+from autoshrink.metric import Metric
 from autoshrink.pareto import BEST, summarize, write_json
 from autoshrink.storage import display, is_journal, open_storage
-from autoshrink.study import Provided, StudyFolder, prepare, storage_address, study_identity
+from autoshrink.study import (
+    Provided,
+    StudyFolder,
+    check_metric,
+    prepare,
+    storage_address,
+    study_identity,
+)
 
 __all__ = [
     "choice_text",
@@ -121,6 +129,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     """``report.md``: the same facts as ``pareto.json``, for pull requests and terminals."""
     base = summary["baseline"]
     counts = summary["counts"]
+    metric = Metric.of(summary)
+    value = metric.text
     lines = [
         f"# autoshrink study `{summary['study']}`",
         "",
@@ -128,9 +138,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"Trials: {counts['complete']} complete ({counts['over_budget']} over budget), "
         f"{counts['failed']} failed, {counts['running']} running.",
         "",
+        f"Metric: `{metric.name}`, {metric.direction}d ({metric.better_word}).",
+        "",
         f"Baseline (float32): {size_text(base['bytes'])}, "
-        f"validation {pct_text(base['val_accuracy'])}, test {pct_text(base['test_accuracy'])}."
-        + (" Test accuracy was not measured: the search had no test data."
+        f"validation {metric.name} {value(base['val_accuracy'])}, "
+        f"test {value(base['test_accuracy'])}."
+        + (f" Test {metric.name} was not measured: the search had no test data."
            if base["test_accuracy"] is None else ""),
         *(f"Note: {note}." for note in summary.get("notes", [])),
         "",
@@ -145,9 +158,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
     else:
         where = summary.get("best_artifact") or best["artifact"]
         lines += [
+            f"The {metric.best_word} validation {metric.name} within the budget (ties go to the "
+            "smaller file).",
+            "",
             f"Trial {best['trial']}: {size_text(best['bytes'])}, {best['ratio']:.1f}x smaller "
-            f"than the baseline file, validation {pct_text(best['val_accuracy'])}, "
-            f"test {pct_text(best['test_accuracy'])}. File: `{where}`.",
+            f"than the baseline file, validation {metric.name} {value(best['val_accuracy'])}, "
+            f"test {value(best['test_accuracy'])}. File: `{where}`.",
             "",
             "| layer | structure | value | bytes | share |",
             "|---|---|---|---:|---:|",
@@ -180,30 +196,34 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         "## Pareto front (feasible trials)",
         "",
-        "| trial | bytes | ratio | validation | test | search: validation, test | artifact |",
+        f"| trial | bytes | ratio | validation {metric.name} | test {metric.name} "
+        "| search: validation, test | artifact |",
         "|---:|---:|---:|---:|---:|---|---|",
     ]
     for m in summary["front"]:
         search = m.get("search")
         before = (
-            f"{pct_text(search['val_accuracy'])}, {pct_text(search.get('test_accuracy'))} "
+            f"{value(search['val_accuracy'])}, {value(search.get('test_accuracy'))} "
             f"(retrained {m['retrained']['epochs']:g} epochs)" if search
             else "(retraining validated worse)" if m.get("retrained") else "(not retrained)"
         )
         lines.append(
             f"| {m['trial']} | {m['bytes']:,} | {m['ratio']:.1f}x | "
-            f"{pct_text(m['val_accuracy'])} | {pct_text(m['test_accuracy'])} | {before} | "
+            f"{value(m['val_accuracy'])} | {value(m['test_accuracy'])} | {before} | "
             f"`{m['artifact']}` |"
         )
     budget = summary["budget_bytes"]
     over = [t for t in summary["trials"] if t["state"] == "complete" and not t["feasible"]]
     if over:
-        lines += ["", "## Over-budget trials", "", "| trial | bytes | over by | validation |",
+        lines += ["", "## Over-budget trials", "",
+                  f"| trial | bytes | over by | validation {metric.name} |",
                   "|---:|---:|---:|---:|"]
         for t in over:
+            untrained = " (not trained: over the budget before training)" if t.get(
+                "untrained") else ""
             lines.append(
                 f"| {t['trial']} | {t['bytes']:,} | {t['bytes'] - budget:,} | "
-                f"{pct_text(t['val_accuracy'])} |"
+                f"{value(t['val_accuracy'])}{untrained} |"
             )
     failed = [t for t in summary["trials"] if t["state"] == "fail"]
     if failed:
@@ -274,6 +294,7 @@ def regenerate(folder: StudyFolder, provided: Provided | None = None) -> dict[st
             "model=..., train=..., test=...)`"
         )
     setup = prepare(settings, provided=provided)  # the baseline is cached: no training here
+    check_metric(study, setup.task)
     # Not final: a running search still needs the artifacts a final summary would delete.
     summary = summarize(study, folder, setup, final=False)
     best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)

@@ -1,5 +1,5 @@
 """Retraining the front: each front member's plan trained again from the baseline with a
-longer schedule, its artifact written beside the search's, its accuracy measured again.
+longer schedule, its artifact written beside the search's, its metric measured again.
 
 The search fine-tunes every trial briefly, so its front measures how fast a plan recovers.
 Pruning, quantization and low-rank papers report accuracy after retraining to convergence;
@@ -94,13 +94,17 @@ def _retrain(
 def retrain_front(
     folder: StudyFolder, summary: dict[str, Any], setup: SearchSetup, console: Console
 ) -> int:
-    """Retrain the ``retrain_top`` front members of best validation accuracy for
-    ``retrain_epochs`` epochs each (not already cached); returns how many were trained."""
+    """Retrain the ``retrain_top`` front members of best validation metric (in its
+    direction) for ``retrain_epochs`` epochs each (not already cached); returns how many were
+    trained."""
     settings = setup.settings
     epochs = settings.retrain_epochs
     if epochs <= 0 or not summary["front"]:
         return 0
-    chosen = sorted(summary["front"], key=lambda m: -m["val_accuracy"])[: settings.retrain_top]
+    metric = setup.task.judged_by
+    chosen = sorted(summary["front"], key=lambda m: -metric.score(m["val_accuracy"]))[
+        : settings.retrain_top
+    ]
     # Never shorter than the search's own fine-tune (small data sets have short epochs).
     steps = max(
         steps_for(epochs, len(setup.data.train), setup.budget.batch_size),
@@ -134,8 +138,9 @@ def retrain_front(
         known[key] = {**figures, "epochs": epochs, "steps": steps}
         write_atomic(folder.root / CACHE, json.dumps(known, indent=2))
         console.print(
-            f"retrained trial {member['trial']}: validation {member['val_accuracy']:.2%} -> "
-            f"{figures['val_accuracy']:.2%}, {figures['bytes']:,} bytes", highlight=False,
+            f"retrained trial {member['trial']}: validation {metric.name} "
+            f"{metric.text(member['val_accuracy'])} -> {metric.text(figures['val_accuracy'])}, "
+            f"{figures['bytes']:,} bytes", highlight=False,
         )
         done += 1
     return done

@@ -17,12 +17,13 @@ from typing import Any
 import humanize
 from rich.console import Console
 
-from autoshrink.budget import smallest_artifact
+from autoshrink.budget import fit_start, smallest_artifact
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.folder import new_identity, study_identity
 from autoshrink.journal import heal_for_append
 from autoshrink.lock import StudyBusyError, StudyLock
 from autoshrink.pareto import summarize
+from autoshrink.plan import Plan
 from autoshrink.progress import SearchProgress, TrainingBar
 from autoshrink.report import write_report
 from autoshrink.retrain import retrain_front
@@ -31,6 +32,7 @@ from autoshrink.space import params_of
 from autoshrink.storage import address_of, open_storage
 from autoshrink.study import (
     Provided,
+    SearchSetup,
     StudyFolder,
     fail_interrupted,
     finished,
@@ -66,6 +68,24 @@ def study_folder(settings: Settings) -> StudyFolder:
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise UsageError(f"`--study` {name!r}: use letters, digits, '-', '_' or '.' only")
     return StudyFolder(Path(settings.out).resolve() / name)
+
+
+def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[Plan]:
+    """The space's starting plans, each tightened to fit ``budget`` where it does not (the
+    methods kept); a start no setting of its methods fits is left out. Says which."""
+    fitted = []
+    with console.status("checking the starting plans against the budget"):
+        for number, plan in enumerate(setup.space.starts, start=1):
+            found = fit_start(plan, setup.task, setup.space, setup.registry, budget,
+                              setup.baseline.model)
+            if found is None:
+                console.print(f"start {number} left out: none of its settings fits the budget",
+                              highlight=False)
+            elif found != plan:
+                console.print(f"start {number} tightened to fit the budget", highlight=False)
+            if found is not None and params_of(setup.space, found) is not None:
+                fitted.append(found)
+    return fitted
 
 
 def check_budget(settings: Settings, console: Console, provided: Provided | None) -> None:
@@ -192,11 +212,11 @@ def _run(
             on_step=lambda done, total: progress.update(bar, completed=done, total=total),
             provided=provided,
         )
-    study = open_study(folder, settings, identity, create=not resume)
+    study = open_study(folder, settings, identity, create=not resume, task=setup.task)
     if not resume:
         save_settings(folder, settings, identity)
     if not resume:
-        for plan in setup.space.starts:
+        for plan in fitted_starts(setup, int(settings.budget), console):
             study.enqueue_trial(params_of(setup.space, plan) or {}, skip_if_exists=True)
     if resume:
         stale = fail_interrupted(study)

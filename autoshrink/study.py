@@ -1,8 +1,12 @@
 """Study: the Optuna multi-objective search over plans, run locally or on Ray, resumable.
 
-Objectives are artifact bytes (minimise) and validation accuracy (maximise); the byte budget
-is a constraint, so over-budget trials still teach the sampler. Everything a study needs lives
-in its folder ``<out>/<study>/``: the Optuna journal, the settings, the trials' artifacts.
+Objectives are artifact bytes (minimise) and the task's validation metric (in its direction:
+maximise accuracy, minimise an error); the byte budget is a constraint, so over-budget trials
+still teach the sampler. The study records the metric: Optuna stores the directions, and the
+study's user attribute ``metric`` its name and direction, so ``resume`` and ``report`` need
+not be told again (a study without it is an older one: accuracy, maximised). Everything a
+study needs lives in its folder ``<out>/<study>/``: the Optuna journal, the settings, the
+trials' artifacts.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from dataclasses import dataclass
 from functools import cache
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from autoshrink.baseline import Baseline, load_baseline
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.folder import Identity, StudyFolder, study_identity
+from autoshrink.metric import Metric
 from autoshrink.plan import Plan
 from autoshrink.plugins import Registry, load_registry
 from autoshrink.settings import Settings
@@ -33,8 +39,8 @@ from autoshrink.tasks import Task, TaskData, resolve_task
 from autoshrink.trial import TrialBudget, run_trial
 
 __all__ = [
-    "Identity", "Provided", "SearchSetup", "StudyFolder", "open_study", "prepare", "resolve",
-    "search", "study_identity",
+    "Identity", "Provided", "SearchSetup", "StudyFolder", "check_metric", "open_study", "prepare",
+    "recorded_metric", "resolve", "search", "study_identity",
 ]
 
 # ERROR, not WARNING: Optuna logs every failed trial with its traceback; a failure is one line
@@ -47,9 +53,14 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
 
 FAILURE = "failure"
+#: why a complete trial was measured without training (its plan was far over the budget)
+UNTRAINED = "untrained"
+UNTRAINED_REASON = "over the budget before training, so not trained"
 PLAN = "plan"
 ARTIFACT = "artifact"
 SECONDS = "seconds"
+#: The study's user attribute that records its metric: ``{name, direction}``.
+METRIC = "metric"
 #: The failure reason of trials stopped from outside (Ctrl-C, a killed search): they do not
 #: count toward ``--trials`` and their parameters are tried again on resume.
 INTERRUPTED = "interrupted"
@@ -107,8 +118,17 @@ def prepare(
         finetune_steps=settings.finetune_steps,
         distill_steps=3 * settings.finetune_steps,
         seconds=settings.trial_timeout,
+        size_limit=untrained_limit(int(settings.budget)) if settings.budget else None,
     )
     return SearchSetup(settings, registry, task, data, baseline, space, budget)
+
+
+def untrained_limit(budget: int) -> int:
+    """Bytes above which a plan, written before training, is not trained. Fine-tuning moves
+    an artifact's size only through its entropy-coded streams and its header (the structure
+    and bit widths are fixed by the plan), by a few percent, so a plan 10 % over the budget
+    stays over it."""
+    return budget + budget // 10
 
 
 @cache
@@ -146,10 +166,36 @@ def storage_address(folder: StudyFolder, settings: Settings) -> str:
     return address_of(settings.storage, folder.journal)
 
 
+def recorded_metric(study: optuna.Study) -> Metric:
+    """The metric a study was searched with: its directions say which way, its ``metric``
+    attribute the name (accuracy for studies older than the attribute)."""
+    name = (study.user_attrs.get(METRIC) or {}).get("name", "accuracy")
+    direction = "minimize" if study.directions[-1] == StudyDirection.MINIMIZE else "maximize"
+    return Metric(str(name), direction)
+
+
+def check_metric(study: optuna.Study, task: Task) -> None:
+    """Refuse to go on with a task judged otherwise than the study was searched: its front
+    and every recorded trial are figures of that metric, in that direction."""
+    recorded, asked = recorded_metric(study), task.judged_by
+    if METRIC not in study.user_attrs:  # an older study: only its direction is known
+        asked = Metric(recorded.name, asked.direction)
+    if recorded != asked:
+        raise UsageError(
+            f"study `{study.study_name}` was searched with metric `{recorded.name}` "
+            f"({recorded.direction}), not `{asked.name}` ({asked.direction}); pass that metric "
+            "and direction again (a registered task must still define them so)"
+        )
+
+
 def open_study(
-    folder: StudyFolder, settings: Settings, identity: Identity, *, create: bool
+    folder: StudyFolder, settings: Settings, identity: Identity, *, create: bool,
+    task: Task | None = None,
 ) -> optuna.Study:
-    """The study's Optuna object on its storage (created, or loaded to resume)."""
+    """The study's Optuna object on its storage (created, or loaded to resume). ``task``'s
+    metric sets the second objective's direction of a new study (and is recorded); a loaded
+    study must have been searched with the same metric."""
+    metric = task.judged_by if task is not None else Metric()
     storage = open_storage(storage_address(folder, settings))
     names = optuna.get_all_study_names(storage)
     if create and identity.name in names:
@@ -162,13 +208,18 @@ def open_study(
             f"{display(settings.storage) if settings.storage else folder.journal} holds no "
             f"study `{identity.name}`; was the database moved or emptied?"
         )
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=identity.name,
         storage=storage,
         sampler=make_sampler(settings),
-        directions=["minimize", "maximize"],
+        directions=["minimize", metric.direction],
         load_if_exists=not create,
     )
+    if create:
+        study.set_user_attr(METRIC, metric.block())
+    elif task is not None:
+        check_metric(study, task)
+    return study
 
 
 def fail_interrupted(study: optuna.Study) -> int:
@@ -243,6 +294,8 @@ class Objective:
             raise
         trial.set_user_attr(ARTIFACT, str(path.relative_to(self.folder.root)))
         trial.set_user_attr(SECONDS, round(outcome.seconds, 3))
+        if not outcome.trained:
+            trial.set_user_attr(UNTRAINED, UNTRAINED_REASON)
         return outcome.bytes, outcome.val_accuracy
 
 
@@ -313,6 +366,7 @@ def trial_summary(trial: FrozenTrial) -> dict:
         "artifact": trial.user_attrs.get(ARTIFACT),
         "seconds": trial.user_attrs.get(SECONDS),
         "failure": trial.user_attrs.get(FAILURE),
+        "untrained": trial.user_attrs.get(UNTRAINED),
         "plan": trial.user_attrs.get(PLAN),
     }
 

@@ -129,17 +129,20 @@ class LogScale:
         return found
 
 
-def accuracy_domain(values: Iterable[float | None]) -> tuple[float, float]:
-    """A y domain around the values with a margin, inside [0, 1] when they are."""
+def accuracy_domain(
+    values: Iterable[float | None], *, fraction: bool = True
+) -> tuple[float, float]:
+    """A y domain around the values with a margin (at least 2% of their magnitude), not
+    below 0 when none is, and for a ``fraction`` (accuracy) not above 1 when none is."""
     known = [v for v in values if v is not None]
     if not known:
         return 0.0, 1.0
     low, high = min(known), max(known)
-    pad = max((high - low) * 0.08, 0.02)
+    pad = max((high - low) * 0.08, 0.02 * max(1.0, abs(low), abs(high)))
     low, high = low - pad, high + pad
     if min(known) >= 0:
         low = max(low, 0.0)
-    if max(known) <= 1:
+    if fraction and max(known) <= 1:
         high = min(high, 1.0)
     return low, high
 
@@ -148,13 +151,25 @@ def _pct(value: float) -> str:
     return f"{value:.0%}" if abs(value * 100 - round(value * 100)) < 1e-6 else f"{value:.1%}"
 
 
-def _y_axis(y: LinearScale, left: float, right: float, label: str) -> list[str]:
-    """Horizontal grid lines with percentage labels, and the axis title."""
+def _metric_axis(data: dict[str, Any]) -> tuple[str, bool]:
+    """The y axis title and whether its values read as percentages (accuracy when the data
+    names no metric)."""
+    metric = data.get("metric") or {}
+    return str(metric.get("axis", "validation accuracy")), bool(metric.get("percent", True))
+
+
+def _y_axis(
+    y: LinearScale, left: float, right: float, label: str, percent: bool = True
+) -> list[str]:
+    """Horizontal grid lines with percentage (or plain number) labels, and the axis title.
+    Values grow upwards whatever the metric's direction; the title says when lower is
+    better."""
     parts = []
     for tick in y.ticks(5):
         pos = y(tick)
         parts.append(el("line", {"x1": left, "x2": right, "y1": pos, "y2": pos, "class": "grid"}))
-        parts.append(text(left - 8, pos + 4, _pct(tick), "tick", text_anchor="end"))
+        shown = _pct(tick) if percent else f"{tick:.4g}"
+        parts.append(text(left - 8, pos + 4, shown, "tick", text_anchor="end"))
     middle = (y.start + y.end) / 2
     parts.append(
         text(16, middle, label, "axis-title", text_anchor="middle",
@@ -200,17 +215,20 @@ def _strip(
 
 
 def pareto_chart(data: dict[str, Any], width: int = 860, height: int = 470) -> str:
-    """Size (log x) against validation accuracy: every trial, the front, budget, baseline."""
+    """Size (log x) against the validation metric: every trial, the front, budget,
+    baseline."""
     left, right, top, bottom = 78.0, width - 24.0, 20.0, height - 104.0
     points, base, budget = data["points"], data["baseline"], data["budget"]
+    axis, percent = _metric_axis(data)
     sizes = [p["bytes"] for p in points] + [base["bytes"]] + ([budget] if budget else [])
     x = LogScale(max(min(sizes) / 1.3, 1.0), max(sizes) * 1.3, left, right)
     y = LinearScale(
-        *accuracy_domain([p["val_accuracy"] for p in points] + [base["val_accuracy"]]),
+        *accuracy_domain([p["val_accuracy"] for p in points] + [base["val_accuracy"]],
+                         fraction=percent),
         bottom,
         top,
     )
-    parts = _y_axis(y, left, right, "validation accuracy")
+    parts = _y_axis(y, left, right, axis, percent)
     for tick in x.ticks():
         pos = x(tick)
         parts.append(el("line", {"x1": pos, "x2": pos, "y1": top, "y2": bottom, "class": "grid"}))
@@ -258,19 +276,20 @@ def pareto_chart(data: dict[str, Any], width: int = 860, height: int = 470) -> s
                     "failed or running trials (no size yet)", "failed-point")
     return el("svg", {"class": "chart pareto", "viewBox": f"0 0 {width} {height}",
                       "width": width, "height": height, "role": "img",
-                      "aria-label": "Pareto plot of file size against validation accuracy"},
+                      "aria-label": f"Pareto plot of file size against {axis}"},
               *parts)
 
 
 def history_chart(data: dict[str, Any], width: int = 860, height: int = 300) -> str:
-    """Best feasible validation accuracy so far over trial number, with every trial's mark."""
+    """Best feasible validation metric so far over trial number, with every trial's mark."""
     left, right, top, bottom = 78.0, width - 24.0, 16.0, height - 86.0
     trials = data["trials"]
+    axis, percent = _metric_axis(data)
     last = max((t["trial"] for t in trials), default=0)
     x = LinearScale(-0.5, last + 0.5, left, right)
     values = [t["val_accuracy"] for t in trials] + [data["baseline_val_accuracy"]]
-    y = LinearScale(*accuracy_domain(values), bottom, top)
-    parts = _y_axis(y, left, right, "validation accuracy")
+    y = LinearScale(*accuracy_domain(values, fraction=percent), bottom, top)
+    parts = _y_axis(y, left, right, axis, percent)
     for tick in x.ticks(min(10, last + 1), integer=True):
         if tick < 0:
             continue
@@ -305,7 +324,7 @@ def history_chart(data: dict[str, Any], width: int = 860, height: int = 300) -> 
                                     _cross(x(trial["trial"]), strip_y, "hfail", trial["trial"])))
     return el("svg", {"class": "chart history", "viewBox": f"0 0 {width} {height}",
                       "width": width, "height": height, "role": "img",
-                      "aria-label": "Best feasible validation accuracy over trial number"},
+                      "aria-label": f"Best feasible {axis} over trial number"},
               *parts)
 
 

@@ -1,7 +1,8 @@
 """Tasks: what a search compresses and how it is judged.
 
 A task is a model factory with a width multiplier (distillation builds narrower students
-with it), the data split into train / validation / test, a metric and an example input.
+with it), the data split into train / validation / test, a metric with its direction
+(higher or lower is better), the loss that fine-tunes it and an example input.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from autoshrink.errors import UsageError
+from autoshrink.metric import Direction, Metric, check_direction
 
 __all__ = [
     "Data", "DatasetSplit", "Split", "Task", "TaskData", "TrainingSettings", "accuracy",
-    "resolve_task",
+    "resolve_task", "supervised_loss",
 ]
 
 
@@ -32,6 +35,14 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: loss(outputs, targets) -> scalar tensor, what fine-tuning and the baseline minimise
+SupervisedLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def supervised_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The default loss: cross-entropy of the outputs (logits) against class targets."""
+    return F.cross_entropy(outputs, targets)
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,9 @@ class Task:
     ``build_model(width)`` returns a fresh untrained model whose hidden widths are scaled by
     ``width`` (1.0 is the reference). ``load_data(data_dir)`` returns the splits; it gets the
     user's ``--data-dir`` (or None) and must raise :class:`autoshrink.errors.DataNotFoundError`
-    with instructions when its data is missing.
+    with instructions when its data is missing. ``metric`` judges a model (``direction`` says
+    whether higher or lower is better); ``loss`` trains the baseline and fine-tunes every
+    trial (distillation trains with its own loss).
     """
 
     name: str
@@ -149,9 +162,19 @@ class Task:
     training: TrainingSettings = field(default_factory=TrainingSettings)
     metric: Callable[[torch.Tensor, torch.Tensor], float] = accuracy
     metric_name: str = "accuracy"
+    direction: Direction = "maximize"
+    loss: SupervisedLoss = supervised_loss
     #: Whether ``build_model`` takes widths below 1.0; without it the search leaves
     #: model-stage methods (distillation, which trains a narrower student) out.
     narrows: bool = True
+
+    def __post_init__(self) -> None:
+        check_direction(self.direction)
+
+    @property
+    def judged_by(self) -> Metric:
+        """The metric's name and direction (how its values compare and read)."""
+        return Metric(self.metric_name, self.direction)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A zero input batch of the right shape (for export and compilation)."""
@@ -162,6 +185,7 @@ class Task:
         shapes = {k: list(v.shape) for k, v in self.build_model(1.0).state_dict().items()}
         blob = json.dumps(
             {
+                **self.judging_key(),
                 "task": self.name,
                 "training": asdict(self.training),
                 "shapes": shapes,
@@ -172,6 +196,16 @@ class Task:
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def judging_key(self) -> dict[str, str]:
+        """The metric and loss as a part of a cache key: empty for the defaults (accuracy,
+        maximized, cross-entropy), so the keys of existing caches stay as they were."""
+        key = {}
+        if self.judged_by != Metric():
+            key["metric"] = f"{self.metric_name}/{self.direction}"
+        if self.loss is not supervised_loss:
+            key["loss"] = getattr(self.loss, "__qualname__", type(self.loss).__name__)
+        return key
 
 
 def resolve_task(name: str, registered: dict[str, Task]) -> Task:

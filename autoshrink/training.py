@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoshrink.tasks import Data
+from autoshrink.tasks import Data, SupervisedLoss
 
-__all__ = ["LossFn", "evaluate", "fit", "outputs", "predict"]
+__all__ = ["LossFn", "evaluate", "fit", "outputs", "predict", "task_loss"]
 
 #: loss(logits, inputs, targets) -> scalar tensor
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -19,6 +19,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def cross_entropy(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y)
+
+
+def task_loss(loss: SupervisedLoss) -> LossFn:
+    """A task's ``loss(outputs, targets)`` as the training loop calls it."""
+    def train_loss(outputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss(outputs, y)
+
+    return train_loss
 
 
 def fit(
@@ -87,8 +95,9 @@ def evaluate(
     data: Data,
     metric: Callable[[torch.Tensor, torch.Tensor], float],
 ) -> float:
-    """The task metric of ``model`` on a whole split."""
-    return metric(*outputs(model, data))
+    """The task metric of ``model`` on a whole split (a number, also when the metric
+    returns a one-element tensor)."""
+    return float(metric(*outputs(model, data)))
 
 
 def steps_for(epochs: float, examples: int, batch_size: int) -> int:

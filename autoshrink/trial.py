@@ -1,4 +1,4 @@
-"""One trial: plan -> compressed model -> short fine-tune -> validation accuracy -> artifact."""
+"""One trial: plan -> compressed model -> short fine-tune -> validation metric -> artifact."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from autoshrink.artifact import write_artifact
-from autoshrink.compress import apply_structure, apply_values
+from autoshrink.compress import apply_structure, apply_values, structure_schedule
 from autoshrink.methods import MethodConfig, ModelMethod, Stage
 from autoshrink.plan import Plan, compressible_layers
-from autoshrink.training import LossFn, cross_entropy, evaluate, fit
+from autoshrink.training import LossFn, evaluate, fit, task_loss
 
 if TYPE_CHECKING:
     from autoshrink.baseline import Baseline
@@ -36,16 +36,22 @@ class TrialBudget:
     #: share of the fine-tune steps spent before the value stage applies
     structure_share: float = 0.6
     seconds: float = 300.0
+    #: a plan whose artifact, written before any training, is larger than this many bytes
+    #: is measured as it is and not trained: no fine-tune brings it back under the budget
+    size_limit: int | None = None
 
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """What a finished trial measured: the artifact's bytes on disk and validation accuracy."""
+    """What a finished trial measured: the artifact's bytes on disk and the task metric on
+    validation data (``val_accuracy`` by its historic name, whatever the metric is)."""
 
     bytes: int
     val_accuracy: float
     artifact: Path
     seconds: float
+    #: False when the plan was over :attr:`TrialBudget.size_limit` and not trained
+    trained: bool = True
 
 
 def _deadline_check(deadline: float, limit: float) -> Callable[[int, float], None]:
@@ -68,12 +74,13 @@ def run_trial(
     seed: int,
 ) -> TrialOutcome:
     """Build ``plan`` from the baseline (or a distilled student), fine-tune it, measure it on
-    validation data and write its artifact. Raises on any failure; the caller records it."""
+    validation data and write its artifact. Fine-tuning minimises the task's loss, or the
+    distillation method's own. Raises on any failure; the caller records it."""
     start = time.monotonic()
     check = _deadline_check(start + budget.seconds, budget.seconds)
     torch.manual_seed(seed)
     teacher = baseline.model.eval()
-    model, width, loss_fn = teacher, 1.0, cross_entropy
+    model, width, loss_fn = teacher, 1.0, task_loss(task.loss)
     if plan.model is not None:
         method = registry.method(plan.model.method, Stage.MODEL)
         assert isinstance(method, ModelMethod)
@@ -81,6 +88,16 @@ def run_trial(
         width = method.width(config)
         loss_fn = _distillation_loss(method, config, teacher)
         model = task.build_model(width)
+    layers = list(compressible_layers(model, registry))
+    if budget.size_limit is not None:
+        untrained = apply_structure(model, plan, registry)
+        apply_values(untrained, plan, registry, layers)
+        val = evaluate(untrained.eval(), data.val, task.metric)
+        size = write_artifact(artifact, untrained, plan, task, registry, width=width,
+                              info={"val_accuracy": val}, overwrite=True)
+        if size > budget.size_limit:
+            return TrialOutcome(size, val, artifact, time.monotonic() - start, trained=False)
+    if plan.model is not None:
         fit(
             model,
             data.train,
@@ -93,9 +110,14 @@ def run_trial(
         )
     # Deep Compression's order: retrain the structure with free weights, then quantize the
     # retrained weights and fine-tune what the value stage leaves trainable.
-    layers = list(compressible_layers(model, registry))
     compressed = apply_structure(model, plan, registry)
     structure_steps = round(budget.finetune_steps * budget.structure_share)
+    tighten = structure_schedule(compressed, plan, registry, layers)
+
+    def structure_step(step: int, loss: float) -> None:
+        check(step, loss)
+        tighten((step + 1) / structure_steps)
+
     for phase, steps in enumerate((structure_steps, budget.finetune_steps - structure_steps)):
         if phase == 1:
             apply_values(compressed, plan, registry, layers)
@@ -108,7 +130,7 @@ def run_trial(
                 lr=budget.lr,
                 seed=seed + 1 + phase,
                 loss_fn=loss_fn,
-                on_step=check,
+                on_step=structure_step if phase == 0 else check,
             )
     compressed.eval()
     val = evaluate(compressed, data.val, task.metric)

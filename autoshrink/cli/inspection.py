@@ -132,15 +132,15 @@ def baseline_command(
             retrain=retrain,
             on_step=lambda done, total: progress.update(bar, completed=done, total=total),
         )
-    summary = result.summary()
+    summary, metric = result.summary(), chosen.judged_by
     if json_output:
         print(json.dumps(summary, indent=2))
         return
     console.print(
         f"[bold]{chosen.name}[/] baseline ({'trained now' if result.trained else 'cached'}): "
         f"{result.bytes:,} bytes ({humanize.naturalsize(result.bytes)}), "
-        f"validation {result.val_accuracy:.2%}, test "
-        f"{'not measured' if result.test_accuracy is None else f'{result.test_accuracy:.2%}'}\n"
+        f"validation {chosen.metric_name} {metric.text(result.val_accuracy)}, test "
+        f"{'not measured' if result.test_accuracy is None else metric.text(result.test_accuracy)}\n"
         f"artifact: {result.path}",
         highlight=False,
     )
@@ -185,7 +185,8 @@ def eval_command(
         return
     console.print(
         f"{file}: {artifact.bytes:,} bytes ({humanize.naturalsize(artifact.bytes)}), "
-        f"task {chosen.name}, test {chosen.metric_name} {accuracy:.4%}",
+        f"task {chosen.name}, test {chosen.metric_name} "
+        f"{f'{accuracy:.4%}' if chosen.judged_by.percent else f'{accuracy:.6g}'}",
         highlight=False,
     )
 
