@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from autoshrink.embedding import check_embedding
 from autoshrink.errors import PlanError
 from autoshrink.methods import Stage, StructureMethod
 
@@ -99,10 +100,15 @@ def resolve_choice(registry: Registry, choice: Choice, stage: Stage, where: str)
 
 
 def compressible_layers(model: nn.Module, registry: Registry) -> dict[str, nn.Module]:
-    """Layers of ``model`` (by qualified name) that some registered structure method applies to."""
+    """Layers of ``model`` (by qualified name) that some registered structure method applies
+    to. UsageError, naming the layer, for an Embedding whose ``max_norm`` or ``sparse`` no
+    compressed table can honour."""
     methods = [m for m in registry.by_stage(Stage.STRUCTURE) if isinstance(m, StructureMethod)]
-    return {
+    found = {
         name: module
         for name, module in model.named_modules()
         if name and any(m.applies(module) for m in methods)
     }
+    for name, module in found.items():
+        check_embedding(name, module)
+    return found

@@ -4,6 +4,13 @@ Ray Tune's ``OptunaSearch`` asks the study (on the study's own journal) for each
 parameters, so results land exactly where the local backend puts them. Each worker builds
 its own setup once (task data and the cached baseline, read from disk) and runs trials with
 ``torch`` limited to the CPUs Ray gave it.
+
+Two kinds of failure: an exception in a trial is recorded by its worker and fails the trial
+(run again it would fail again); a worker that dies (its process killed, its node lost) is a
+Ray Tune failure, and Tune runs the trial again, up to ``--max-retries`` times. Each lost
+attempt is recorded as a failed trial of its own, "interrupted (worker lost ...)": like a
+Ctrl-C, it does not count toward ``--trials``. When no retry is left the trial itself fails
+with "worker lost".
 """
 
 from __future__ import annotations
@@ -19,18 +26,22 @@ import optuna
 import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
 
-from autoshrink.errors import UsageError
+from autoshrink.errors import UsageError, first_line
 from autoshrink.settings import Settings
 from autoshrink.space import Space
 from autoshrink.storage import JOURNAL, is_journal, open_storage
 from autoshrink.study import (
     ARTIFACT,
     FAILURE,
+    INTERRUPTED,
     PLAN,
     SECONDS,
+    UNTRAINED,
+    UNTRAINED_REASON,
     SearchSetup,
     StudyFolder,
     make_sampler,
@@ -42,6 +53,8 @@ from autoshrink.trial import run_trial
 __all__ = ["connect", "search_on_ray"]
 
 NUMBER = "optuna_trial"
+#: The failure reason of a trial whose Ray worker died under it.
+WORKER_LOST = "worker lost"
 # Ray Tune asks for trials one by one (`study.ask`), which Optuna's heartbeats do not cover;
 # a resume fails such trials left running (the study lock makes them dead ones).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
@@ -129,15 +142,16 @@ def _trainable(
                 seed=setup.settings.seed + number,
             )
         except Exception as exc:
+            # Recorded here and reported as no figures (see StudySearch): raised, it would be
+            # a Tune failure, and Tune would run the trial again.
             _record(address, study_name, number, {FAILURE: f"{type(exc).__name__}: {exc}"})
             path.unlink(missing_ok=True)
-            raise
-        _record(
-            address,
-            study_name,
-            number,
-            {ARTIFACT: str(path.relative_to(folder.root)), SECONDS: round(outcome.seconds, 3)},
-        )
+            tune.report({"bytes": None, "val_accuracy": None})
+            return
+        attrs = {ARTIFACT: str(path.relative_to(folder.root)), SECONDS: round(outcome.seconds, 3)}
+        if not outcome.trained:
+            attrs[UNTRAINED] = UNTRAINED_REASON
+        _record(address, study_name, number, attrs)
         tune.report({"bytes": outcome.bytes, "val_accuracy": outcome.val_accuracy})
 
     return trainable
@@ -158,17 +172,18 @@ def search_on_ray(
     """Run ``trials`` trials (or until the timeout) as Ray Tune trials on the study."""
     import ray
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     settings = setup.settings
     address = storage_address(folder, settings)
+    # Tune logs each failed trial's traceback; the progress display shows its reason.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     connect(settings)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_trial = max(1, cpus // settings.workers)
-    searcher = OptunaSearch(
+    searcher = StudySearch(
         space=DefineByRun(setup.space),
         metric=["bytes", "val_accuracy"],
-        mode=["min", "max"],
+        mode=["min", "min" if setup.task.direction == "minimize" else "max"],
         sampler=make_sampler(settings),
         study_name=study.study_name,
         storage=(
@@ -179,7 +194,7 @@ def search_on_ray(
     tuner = tune.Tuner(
         tune.with_resources(
             _trainable(
-                settings.model_dump_json(), str(folder.root), address, study.study_name,
+                settings.model_dump_json(), str(folder.root.resolve()), address, study.study_name,
                 per_trial,
             ),
             {"cpu": per_trial},
@@ -195,8 +210,8 @@ def search_on_ray(
             name="tune",
             storage_path=str((folder.root / "ray").resolve()),
             verbose=0,
-            callbacks=[ShowProgress(study, callbacks)],
-            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            callbacks=[TrialEvents(study, folder, settings.max_retries, callbacks)],
+            failure_config=tune.FailureConfig(max_failures=settings.max_retries, fail_fast=False),
         ),
     )
     tuner.fit()
@@ -228,27 +243,85 @@ class PicklableJournal(JournalStorage):
         return (PicklableJournal, (self.path,))
 
 
-class ShowProgress(Callback):
-    """Drives the progress display as Ray trials end. It lives in the driver only: Ray Tune
-    pickles its run config for ``Tuner.restore``, so the pickled copy carries no state."""
+class StudySearch(OptunaSearch):
+    """Ray Tune's Optuna searcher, telling the study how each trial ended: with its figures;
+    failed by an exception (the worker recorded why and reported None for the figures); or
+    given up by Tune after its worker died (it is told only when no retry is left)."""
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None and trial_id not in self._completed_trials:
+            if error and FAILURE not in trial.user_attrs:
+                trial.set_user_attr(
+                    FAILURE, f"{WORKER_LOST}: its Ray worker died during the trial "
+                    "(no retry left; see --max-retries)"
+                )
+            if not result or any(result.get(key) is None for key in self.metric):
+                result, error = None, True
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class TrialEvents(Callback):
+    """The driver's side of Ray trials: records each attempt lost with its worker as a
+    failed trial (the trial itself runs again), cleans up after a trial Tune gave up on, and
+    drives the progress display as trials end. Ray Tune pickles its run config for
+    ``Tuner.restore``, so the pickled copy carries no state."""
 
     def __init__(
         self,
         study: optuna.Study,
+        folder: StudyFolder,
+        retries: int,
         callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
     ) -> None:
-        self.study, self.callbacks = study, callbacks
+        self.study, self.folder, self.retries, self.callbacks = study, folder, retries, callbacks
 
     def __getstate__(self) -> dict:
         return {}
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        number = int(trial.config[NUMBER])
+        running = self.study.get_trials(deepcopy=False)[number]
+        reason = (
+            f"{INTERRUPTED} ({WORKER_LOST}: {_cause(trial)}; trial {number} runs again, "
+            f"retry {trial.run_metadata.num_failures} of {self.retries})"
+        )
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.FAIL,
+                params=running.params,
+                distributions=running.distributions,
+                user_attrs={PLAN: running.user_attrs.get(PLAN), FAILURE: reason},
+            )
+        )
+        self.folder.artifact(number).unlink(missing_ok=True)
+        failed = self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        self._show(next(t for t in reversed(failed) if t.user_attrs.get(FAILURE) == reason))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._after(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.folder.artifact(int(trial.config[NUMBER])).unlink(missing_ok=True)
         self._after(trial)
 
     def _after(self, trial: Any) -> None:
-        frozen = self.study.trials[int(trial.config[NUMBER])]
+        self._show(self.study.trials[int(trial.config[NUMBER])])
+
+    def _show(self, frozen: FrozenTrial) -> None:
         for callback in self.callbacks:
             callback(self.study, frozen)
+
+
+def _cause(trial: Any) -> str:
+    """What Ray said of the death of ``trial``'s worker (``ActorDiedError: The actor died
+    unexpectedly ...``), from the error Tune keeps beside the trial."""
+    import cloudpickle
+
+    try:
+        error = cloudpickle.loads(Path(trial.pickled_error_file).read_bytes())
+    except Exception:  # Tune's file: never fail the search over reading it
+        return "its Ray worker process died"
+    return f"{type(error).__name__}: {first_line(error)}"[:200]

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     storage: str | None = None
     workers: int = Field(default=1, ge=1)
     ray_address: str | None = None
+    # Ray backend: a trial whose worker process or node dies is run again this many times.
+    max_retries: int = Field(default=1, ge=0)
     finetune_steps: int = Field(default=300, ge=0)
     trial_timeout: float = Field(default=300.0, gt=0)
     strict_plugins: bool = False

@@ -38,6 +38,8 @@ _DRIVERS: dict[str, tuple[str, str] | None] = {
     "postgresql+psycopg2": ("psycopg2", "postgres"),
     "mysql+pymysql": ("pymysql", "mysql"),
 }
+#: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the `postgres` extra installs psycopg2.
+_DIALECTS = {"postgresql": "postgresql+psycopg2"}
 #: A running trial records a heartbeat this often (s); one silent for the grace period is
 #: failed by Optuna's fail_stale_trials and retried once.
 HEARTBEAT, GRACE = 30, 120
@@ -89,7 +91,7 @@ def _database(address: str) -> BaseStorage:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 4
             warnings.simplefilter("ignore", ExperimentalWarning)
             return RDBStorage(
-                address,
+                _DIALECTS.get(scheme, scheme) + address.removeprefix(scheme),
                 heartbeat_interval=HEARTBEAT,
                 grace_period=GRACE,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),

@@ -13,8 +13,10 @@ In a plugin's test module (pytest)::
 The suite checks the schema (searchable bounds, defaults inside them, values outside them
 rejected), which layers the method applies to, that the compressed layer trains, that
 encode -> decode gives bit-identical outputs, and that tightening the knobs does not grow
-the encoded bytes. :class:`ValueMethodTests`, :class:`EncodingMethodTests` and
-:class:`ModelMethodTests` do the same for the other stages.
+the encoded bytes, on every sample layer (Linear, Conv2d, Embedding) the method claims in
+``applies_to``; an Embedding's ``padding_idx`` row must stay exactly as trained.
+:class:`ValueMethodTests`, :class:`EncodingMethodTests` and :class:`ModelMethodTests` do the
+same for the other stages.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from pydantic import ValidationError
 from torch import nn
+from torch.nn.utils import parametrize
 
 from autoshrink.methods import (
     EncodingMethod,
     LayerCode,
     Method,
+    MethodConfig,
     ModelMethod,
     StructureMethod,
     ValueMethod,
@@ -52,22 +56,38 @@ __all__ = [
 
 
 def sample_layers() -> list[nn.Module]:
-    """Small trained-looking layers of every type the built-in tasks use."""
+    """Small trained-looking layers of every type autoshrink compresses."""
     torch.manual_seed(0)
     return [
         nn.Linear(48, 40),
         nn.Linear(30, 20, bias=False),
         nn.Conv2d(4, 8, 3, padding=1),
         nn.Conv2d(3, 6, 5, stride=2, bias=False),
+        nn.Embedding(50, 16),
+        nn.Embedding(40, 24, padding_idx=3),  # its row 3 is the fixed zero "pad"
     ]
 
 
 def sample_input(layer: nn.Module, batch: int = 5) -> torch.Tensor:
-    """A random input batch that fits ``layer``."""
+    """A random input batch that fits ``layer`` (an Embedding's holds its padding token)."""
     generator = torch.Generator().manual_seed(1)
+    if isinstance(layer, nn.Embedding):
+        tokens = torch.randint(0, layer.num_embeddings, (batch, 7), generator=generator)
+        if layer.padding_idx is not None:
+            tokens[:, 0] = layer.padding_idx
+        return tokens
     if isinstance(layer, nn.Conv2d):
         return torch.randn(batch, layer.in_channels, 12, 12, generator=generator)
     return torch.randn(batch, layer.in_features, generator=generator)
+
+
+def _resized(layer: nn.Module) -> nn.Module:
+    """A layer of the same type as ``layer`` with other shapes."""
+    if isinstance(layer, nn.Embedding):
+        return nn.Embedding(layer.num_embeddings + 3, layer.embedding_dim + 2)
+    if isinstance(layer, nn.Conv2d):
+        return nn.Conv2d(layer.in_channels + 3, layer.out_channels + 2, 3)
+    return nn.Linear(layer.in_features + 3, layer.out_features + 2)
 
 
 def code_bytes(code: LayerCode) -> int:
@@ -142,6 +162,7 @@ class StructureMethodTests(MethodTests):
             x = sample_input(layer)
             module = self.method.build(copy.deepcopy(layer), config)
             _nudge(module, x)
+            self.method.settle(module, config)
             code = self.method.encode(module, config)
             for name in self.method.payload_names(module):
                 module.get_parameter(name)  # payload names must name parameters
@@ -150,25 +171,58 @@ class StructureMethodTests(MethodTests):
             with torch.no_grad():
                 assert torch.equal(module(x), restored(x)), "decode(encode(m)) differs from m"
 
+    def _encoded(self, layer: nn.Module, config: MethodConfig) -> LayerCode:
+        module = self.method.build(copy.deepcopy(layer), config)
+        self.method.settle(module, config)
+        return self.method.encode(module, config)
+
     def test_tight_is_not_larger(self) -> None:
         loose, tight = self.method.config(self.loose), self.method.config(self.tight)
         for layer in self.layers():
             dense = sum(p.numel() * 4 for p in layer.parameters())
-            small = code_bytes(self.method.encode(self.method.build(layer, tight), tight))
-            large = code_bytes(self.method.encode(self.method.build(layer, loose), loose))
+            small = code_bytes(self._encoded(layer, tight))
+            large = code_bytes(self._encoded(layer, loose))
             assert small <= large, f"tight config stores {small} bytes, loose {large}"
             assert small <= dense, f"tight config stores {small} bytes, dense layer {dense}"
 
     def test_decode_rejects_wrong_shape(self) -> None:
+        """For the first sample layer of each type: a code does not decode into a layer of
+        the same type with other shapes."""
         config = self.method.config(self.loose)
-        layer = self.layers()[0]
-        code = self.method.encode(self.method.build(layer, config), config)
-        if isinstance(layer, nn.Conv2d):
-            other: nn.Module = nn.Conv2d(layer.in_channels + 3, layer.out_channels + 2, 3)
-        else:
-            other = nn.Linear(layer.in_features + 3, layer.out_features + 2)
-        with pytest.raises(ValueError):
-            self.method.decode(code, other, config)
+        firsts = {type(layer): layer for layer in reversed(self.layers())}
+        for layer in firsts.values():
+            code = self.method.encode(self.method.build(layer, config), config)
+            with pytest.raises(ValueError):
+                self.method.decode(code, _resized(layer), config)
+
+    @pytest.mark.parametrize("which", ["loose", "tight"])
+    def test_embedding_padding_row_is_kept(self, which: str) -> None:
+        """As in ``nn.Embedding``: the ``padding_idx`` token gives the trained table's
+        padding row, exactly, after training, after a value stage that moves every stored
+        value (as quantization moves a zero row to its nearest level) and after a round trip
+        (only for methods that claim Embedding)."""
+        config = self.method.config(getattr(self, which))
+        padded = [layer for layer in self.layers()
+                  if isinstance(layer, nn.Embedding) and layer.padding_idx is not None]
+        for layer in padded:
+            x = sample_input(layer)
+            pad = layer.weight.detach()[layer.padding_idx]
+            module = self.method.build(copy.deepcopy(layer), config)
+            _nudge(module, x)
+            self.method.settle(module, config)
+            for name in self.method.payload_names(module):
+                owner, _, attr = name.rpartition(".")
+                parametrize.register_parametrization(module.get_submodule(owner), attr, _Shift())
+            _nudge(module, x)
+            template = copy.deepcopy(layer).apply(_scramble)
+            restored = self.method.decode(
+                _copy_code(self.method.encode(module, config)), template, config
+            )
+            with torch.no_grad():
+                for rebuilt in (module, restored):
+                    out = rebuilt(x)
+                    assert torch.equal(out[:, 0], pad.expand_as(out[:, 0])), "pad row changed"
+                    assert rebuilt(x[0]).shape == (x.shape[1], layer.embedding_dim)
 
 
 def _evaluate_lowering(lowered: Any, count: int) -> np.ndarray:
@@ -194,18 +248,29 @@ class ValueMethodTests(MethodTests):
     method: ClassVar[ValueMethod]
     configs: ClassVar[list[dict[str, Any]]] = [{}]
 
-    def test_restricted_values_roundtrip_exactly(self) -> None:
+    def _check_roundtrip(self, layer: nn.Module, x: torch.Tensor) -> None:
+        """Each config restricts ``layer.weight``, trains it on ``x`` a little, and stores
+        it bit-exactly."""
         for values in self.configs:
             config = self.method.config(values)
-            layer = nn.Linear(40, 30)
-            self.method.apply(layer, "weight", config)
-            _nudge(layer, torch.randn(6, 40))
-            weight = layer.weight.detach().clone()
+            restricted = copy.deepcopy(layer)
+            self.method.apply(restricted, "weight", config)
+            _nudge(restricted, x)
+            weight = restricted.weight.detach().clone()
             arrays, meta = self.method.encode(weight, config)
             arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
             restored = self.method.decode(arrays, meta, tuple(weight.shape), config)
             assert restored.dtype == torch.float32
             assert torch.equal(restored, weight), f"decode(encode(t)) differs from t ({values})"
+
+    def test_restricted_values_roundtrip_exactly(self) -> None:
+        self._check_roundtrip(nn.Linear(40, 30), torch.randn(6, 40))
+
+    def test_embedding_table_roundtrips_exactly(self) -> None:
+        """A value method works on any payload: here a whole embedding table (dense
+        structure), trained on token batches."""
+        tokens = torch.randint(0, 60, (8, 5), generator=torch.Generator().manual_seed(2))
+        self._check_roundtrip(nn.Embedding(60, 12), tokens)
 
     def test_still_trains(self) -> None:
         for values in self.configs:
@@ -298,6 +363,13 @@ def _nudge(module: nn.Module, x: torch.Tensor) -> None:
         optimizer.zero_grad()
         module(x).sin().mean().backward()
         optimizer.step()
+
+
+class _Shift(nn.Module):
+    """A stand-in value stage that moves every value of a payload (zeros included)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.25
 
 
 def _scramble(module: nn.Module) -> None:

@@ -1,4 +1,9 @@
-"""`dense`: the layer kept as it is (the structure stage's "no compression" choice)."""
+"""`dense`: the layer kept as it is (the structure stage's "no compression" choice).
+
+An Embedding with ``padding_idx`` is kept as a :class:`PaddedTable`: the whole table, plus its
+padding row held apart, so that a value stage that restricts the table's values (k-means
+quantization moves a zero row to its nearest centroid) leaves the pad exactly as it was.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,41 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autoshrink import hookimpl
+from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
+
+__all__ = ["Dense", "PaddedTable"]
+
+
+class PaddedTable(nn.Module):
+    """An Embedding's whole table (``weight``, trainable) whose padding token reads the
+    fixed ``padding`` row instead of its row of the table."""
+
+    def __init__(self, table: nn.Embedding, padding: PaddingRow) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(table.weight.detach().clone())
+        self.scale_grad_by_freq = table.scale_grad_by_freq
+        self.padding = padding
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(tokens, self.weight, scale_grad_by_freq=self.scale_grad_by_freq)
+        return self.padding(tokens, rows)
 
 
 class Dense(StructureMethod):
     name = "dense"
-    summary = "keep the layer's weight matrix as it is"
+    summary = "keep the layer's weight matrix (or embedding table) as it is"
     Config = MethodConfig
+    applies_to = (nn.Linear, nn.Conv2d, nn.Embedding)
 
     def build(self, layer: nn.Module, config: MethodConfig) -> nn.Module:
+        padding = PaddingRow.of(layer)
+        if padding is not None:
+            return PaddedTable(layer, padding).to(layer.weight.device)
         return copy.deepcopy(layer)
 
     def payload_names(self, module: nn.Module) -> tuple[str, ...]:
@@ -25,18 +53,22 @@ class Dense(StructureMethod):
 
     def encode(self, module: nn.Module, config: MethodConfig) -> LayerCode:
         code = LayerCode(payloads={"weight": module.weight.detach().clone()})
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             code.arrays["bias"] = module.bias.detach().numpy().copy()
+        padding = module.padding if isinstance(module, PaddedTable) else PaddingRow.of(module)
+        if padding is not None:  # also a plain table, as an uncompressed model holds it
+            padding.store(code)
         return code
 
     def decode(self, code: LayerCode, template: nn.Module, config: MethodConfig) -> nn.Module:
-        module = copy.deepcopy(template)
+        padding = padding_from_code(code, template)
+        module = copy.deepcopy(template) if padding is None else PaddedTable(template, padding)
         weight = code.payloads.get("weight")
         if weight is None or weight.shape != module.weight.shape:
             raise ValueError(f"weight of shape {tuple(module.weight.shape)} expected")
         with torch.no_grad():
             module.weight.copy_(weight)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 bias = code.arrays.get("bias")
                 if bias is None or bias.shape != tuple(module.bias.shape):
                     raise ValueError(f"bias of shape {tuple(module.bias.shape)} expected")
@@ -47,7 +79,8 @@ class Dense(StructureMethod):
         self, code: LayerCode, template: nn.Module, config: MethodConfig
     ) -> LoweredLayer | None:
         """A Linear / Conv2d whose weight elements come from the value stage as it reads
-        them (codes stay codes); grouped or non-zero-padded convolutions stay dense."""
+        them (codes stay codes); grouped or non-zero-padded convolutions and embedding
+        tables stay dense."""
         from autoshrink.compile.kernels import dense_layer, supports
 
         if not supports(template):

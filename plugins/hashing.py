@@ -1,11 +1,13 @@
 """`hashing`: HashedNets (Chen et al. 2015, "Compressing Neural Networks with the Hashing Trick").
 
 Every element of a layer's virtual weight tensor (Linear: out x in; Conv2d: out x in/groups x
-kh x kw) reads one of K real weights, chosen by a hash of the element's flat position, and
+kh x kw; Embedding: the num_embeddings x embedding_dim table, so entry (row, col) of the
+table) reads one of K real weights, chosen by a hash of the element's flat position, and
 multiplies it by a +1/-1 sign taken from a second hash. Only the K real weights (and the
 bias) are stored; the bucket and sign of every position are recomputed from the seed, so they
 cost nothing in the artifact. The layer trains by ordinary backprop: gradients of all virtual
-weights that share a bucket add up on its real weight.
+weights that share a bucket add up on its real weight. An Embedding's ``padding_idx`` row is
+kept apart, exactly, as ``nn.Embedding`` keeps it fixed (see :mod:`autoshrink.embedding`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
+from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 
-__all__ = ["HashedConv2d", "HashedLinear", "Hashing", "HashingConfig", "position_hash"]
+__all__ = [
+    "HashedConv2d", "HashedEmbedding", "HashedLinear", "Hashing", "HashingConfig", "position_hash",
+]
 
 #: The seed every layer's hashes use. It is written into each layer's code, so a later version
 #: may change it without breaking artifacts written with this one.
@@ -73,7 +78,7 @@ def hashed_positions(
 
 
 class _Hashed(nn.Module):
-    """What hashed Linear and Conv2d layers share: K real weights, the bias and the
+    """What hashed Linear, Conv2d and Embedding layers share: K real weights, the bias and the
     recomputed bucket/sign tensors (non-persistent buffers: never stored, moved by .to())."""
 
     bias: nn.Parameter | None
@@ -143,12 +148,30 @@ class HashedConv2d(_Hashed):
         return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
+class HashedEmbedding(_Hashed):
+    """An Embedding whose num_embeddings x embedding_dim table is drawn from K shared values
+    by hashing. A token's row is gathered from the bucket and sign tensors, so the whole
+    table is never built; the ``padding_idx`` row, if any, is kept apart and fixed."""
+
+    def __init__(self, table: nn.Embedding, k: int, seed: int, padding: PaddingRow | None):
+        super().__init__(tuple(table.weight.shape), k, False, seed)
+        self.padding = padding
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.shared[self.index[tokens]] * self.sign[tokens]
+        return rows if self.padding is None else self.padding(tokens, rows)
+
+
 class HashingConfig(MethodConfig):
     #: K, the number of real weights, as a fraction of the layer's virtual weights.
     ratio: float = Field(0.125, ge=1 / 256, le=1.0, json_schema_extra={"log": True})
 
 
-def _make(layer: nn.Module, k: int, bias: bool, seed: int) -> _Hashed:
+def _make(
+    layer: nn.Module, k: int, bias: bool, seed: int, padding: PaddingRow | None = None
+) -> _Hashed:
+    if isinstance(layer, nn.Embedding):
+        return HashedEmbedding(layer, k, seed, padding)
     if isinstance(layer, nn.Conv2d):
         return HashedConv2d(layer, k, bias, seed)
     assert isinstance(layer, nn.Linear)
@@ -159,15 +182,18 @@ class Hashing(StructureMethod):
     name = "hashing"
     summary = "HashedNets: weights drawn from K = ratio x n shared values by a position hash"
     Config = HashingConfig
+    applies_to = (nn.Linear, nn.Conv2d, nn.Embedding)
 
     def build(self, layer: nn.Module, config: HashingConfig) -> nn.Module:
         n = layer.weight.numel()
         k = max(1, round(config.ratio * n))
-        module = _make(layer, k, layer.bias is not None, SEED).to(layer.weight.device)
+        bias = getattr(layer, "bias", None)
+        padding = PaddingRow.of(layer)
+        module = _make(layer, k, bias is not None, SEED, padding).to(layer.weight.device)
         module.fit(layer.weight)
-        if layer.bias is not None:
+        if bias is not None:
             with torch.no_grad():
-                module.bias.copy_(layer.bias)
+                module.bias.copy_(bias)
         return module
 
     def payload_names(self, module: nn.Module) -> tuple[str, ...]:
@@ -182,6 +208,8 @@ class Hashing(StructureMethod):
         )
         if module.bias is not None:
             code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        if isinstance(module, HashedEmbedding) and module.padding is not None:
+            module.padding.store(code)
         return code
 
     def decode(self, code: LayerCode, template: nn.Module, config: HashingConfig) -> nn.Module:
@@ -199,13 +227,14 @@ class Hashing(StructureMethod):
         shared = code.payloads.get("shared")
         if shared is None or tuple(shared.shape) != (k,):
             raise ValueError(f"{k} shared weights expected")
-        bias = code.arrays.get("bias")
-        if (bias is None) != (template.bias is None) or (
-            bias is not None and bias.shape != tuple(template.bias.shape)
+        bias, template_bias = code.arrays.get("bias"), getattr(template, "bias", None)
+        if (bias is None) != (template_bias is None) or (
+            bias is not None and bias.shape != tuple(template_bias.shape)
         ):
-            expected = "no bias" if template.bias is None else f"bias of shape {shape[:1]}"
+            expected = "no bias" if template_bias is None else f"bias of shape {shape[:1]}"
             raise ValueError(f"{expected} expected")
-        module = _make(template, k, bias is not None, seed)
+        padding = padding_from_code(code, template)
+        module = _make(template, k, bias is not None, seed, padding)
         with torch.no_grad():
             module.shared.copy_(shared)
             if bias is not None:

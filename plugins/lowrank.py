@@ -3,7 +3,9 @@
 A Linear weight W (out x in) becomes the product U V of an out x r and an r x in matrix; a
 Conv2d becomes a kh x kw convolution to r channels (weight V, the original stride, padding
 and dilation) followed by a 1x1 convolution to the output channels (weight U, with the
-bias), which is W reshaped to (out, in*kh*kw) factored the same way. Both factors start from
+bias), which is W reshaped to (out, in*kh*kw) factored the same way. An Embedding's
+num_embeddings x dim table becomes U V with U: num_embeddings x r (a token's row of
+coefficients, gathered like a table of its own) and V: r x dim. Both factors start from
 the truncated SVD of the trained weight, so the layer begins as the best rank-r fit of it.
 Grouped convolutions are not supported (``applies`` is False for them).
 
@@ -23,11 +25,12 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
+from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 
 __all__ = [
-    "RANK_FLOOR", "LowRank", "LowRankConfig", "LowRankConv2d", "LowRankLinear", "full_rank",
-    "rank_for",
+    "RANK_FLOOR", "LowRank", "LowRankConfig", "LowRankConv2d", "LowRankEmbedding",
+    "LowRankLinear", "full_rank", "rank_for",
 ]
 
 #: The smallest rank a layer gets, unless the factors would then outweigh the dense layer. A
@@ -52,8 +55,8 @@ def rank_for(layer: nn.Module, fraction: float) -> int:
 
 
 class _LowRank(nn.Module):
-    """What factored Linear and Conv2d layers share: the factors ``u`` (output side) and
-    ``v`` (input side), the bias, and whether ``u`` trains."""
+    """What factored Linear, Conv2d and Embedding layers share: the factors ``u`` (output
+    side) and ``v`` (input side), the bias, and whether ``u`` trains."""
 
     bias: nn.Parameter | None
 
@@ -120,6 +123,24 @@ class LowRankConv2d(_LowRank):
         return F.conv2d(hidden, self.u, self.bias)
 
 
+class LowRankEmbedding(_LowRank):
+    """An Embedding whose table is U V: a token's row is U[token] V (U: num x r, V: r x dim);
+    the ``padding_idx`` row, if any, is kept apart and fixed."""
+
+    def __init__(
+        self, table: nn.Embedding, rank: int, train_u: bool, padding: PaddingRow | None
+    ) -> None:
+        num, dim = table.weight.shape
+        super().__init__((num, rank), (rank, dim), False, train_u)
+        self.scale_grad_by_freq = table.scale_grad_by_freq
+        self.padding = padding
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        coefficients = F.embedding(tokens, self.u, scale_grad_by_freq=self.scale_grad_by_freq)
+        rows = coefficients @ self.v
+        return rows if self.padding is None else self.padding(tokens, rows)
+
+
 class LowRankConfig(MethodConfig):
     #: r as a fraction of the full rank min(out, in*kh*kw), at least RANK_FLOOR (8) where
     #: the factors stay smaller than the dense weight.
@@ -128,7 +149,11 @@ class LowRankConfig(MethodConfig):
     train_u: bool = True
 
 
-def _make(layer: nn.Module, rank: int, bias: bool, train_u: bool) -> _LowRank:
+def _make(
+    layer: nn.Module, rank: int, bias: bool, train_u: bool, padding: PaddingRow | None = None
+) -> _LowRank:
+    if isinstance(layer, nn.Embedding):
+        return LowRankEmbedding(layer, rank, train_u, padding)
     if isinstance(layer, nn.Conv2d):
         return LowRankConv2d(layer, rank, bias, train_u)
     assert isinstance(layer, nn.Linear)
@@ -139,9 +164,10 @@ class LowRank(StructureMethod):
     name = "lowrank"
     summary = (
         "factor the weight into two rank-r matrices from its SVD (conv: kxk to r channels, "
-        "then 1x1); grouped conv not supported"
+        "then 1x1; embedding: U[token] V); grouped conv not supported"
     )
     Config = LowRankConfig
+    applies_to = (nn.Linear, nn.Conv2d, nn.Embedding)
 
     def applies(self, layer: nn.Module) -> bool:
         # A grouped conv's weight is block-diagonal over the groups; one kxk-then-1x1 pair
@@ -154,12 +180,14 @@ class LowRank(StructureMethod):
         if not self.applies(layer):
             raise ValueError(f"`lowrank` does not apply to {layer!r}")
         rank = rank_for(layer, config.rank)
-        module = _make(layer, rank, layer.bias is not None, config.train_u)
+        bias = getattr(layer, "bias", None)
+        padding = PaddingRow.of(layer)
+        module = _make(layer, rank, bias is not None, config.train_u, padding)
         module = module.to(layer.weight.device)
         module.fit(layer.weight)
-        if layer.bias is not None:
+        if bias is not None:
             with torch.no_grad():
-                module.bias.copy_(layer.bias)
+                module.bias.copy_(bias)
         return module
 
     def payload_names(self, module: nn.Module) -> tuple[str, ...]:
@@ -177,6 +205,8 @@ class LowRank(StructureMethod):
         )
         if module.bias is not None:
             code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        if isinstance(module, LowRankEmbedding) and module.padding is not None:
+            module.padding.store(code)
         return code
 
     def decode(self, code: LayerCode, template: nn.Module, config: LowRankConfig) -> nn.Module:
@@ -186,12 +216,13 @@ class LowRank(StructureMethod):
         rank = meta.get("rank")
         if not isinstance(rank, int) or not 1 <= rank <= full_rank(template):
             raise ValueError(f"rank {rank!r} does not fit {template!r}")
-        bias = code.arrays.get("bias")
-        if (bias is None) != (template.bias is None) or (
-            bias is not None and bias.shape != tuple(template.bias.shape)
+        bias, template_bias = code.arrays.get("bias"), getattr(template, "bias", None)
+        if (bias is None) != (template_bias is None) or (
+            bias is not None and bias.shape != tuple(template_bias.shape)
         ):
-            raise ValueError("no bias expected" if template.bias is None else "bias expected")
-        module = _make(template, rank, bias is not None, config.train_u)
+            raise ValueError("no bias expected" if template_bias is None else "bias expected")
+        padding = padding_from_code(code, template)
+        module = _make(template, rank, bias is not None, config.train_u, padding)
         with torch.no_grad():
             for name in ("u", "v"):
                 target, stored = getattr(module, name), code.payloads.get(name)

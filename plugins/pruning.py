@@ -20,7 +20,8 @@ survivors only. A pruned weight is zeroed and stays pruned.
 The built module keeps only the survivors as a trainable 1-D parameter ``survivors`` and their
 flat positions in the dense weight as a buffer, so fine-tuning holds the mask by
 construction and the value stage quantizes exactly the survivors. Forward scatters them into
-a zero weight and calls the original layer's ``F.linear`` / ``F.conv2d``.
+a zero weight and calls the original layer's ``F.linear`` / ``F.conv2d`` / ``F.embedding``.
+An Embedding's ``padding_idx`` row is held apart, exactly (:mod:`autoshrink.embedding`).
 
 Positions are stored in whichever of two forms is smaller (``meta["positions"]``):
 
@@ -52,6 +53,7 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
+from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
 from autoshrink.packing import pack_bits, packed_size, unpack_bits
 
@@ -145,17 +147,25 @@ def pruned_share(schedule: str, final: float, progress: float) -> float:
 
 
 class Pruned(nn.Module):
-    """A Linear or Conv2d layer whose weight is zero except at ``positions``.
+    """A Linear, Conv2d or Embedding layer whose weight is zero except at ``positions``.
 
     ``survivors`` (trainable) holds the weights at ``positions`` (a buffer of flat indices into
-    the dense weight); ``bias`` is the original layer's, trainable too.
+    the dense weight); ``bias`` is the original layer's, trainable too. ``pad_row`` is an
+    Embedding's fixed padding row, if it has one.
     """
 
-    def __init__(self, layer: nn.Module, positions: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        positions: torch.Tensor,
+        values: torch.Tensor,
+        padding: PaddingRow | None = None,
+    ) -> None:
         super().__init__()
-        if not isinstance(layer, nn.Linear | nn.Conv2d):
+        if not isinstance(layer, nn.Linear | nn.Conv2d | nn.Embedding):
             raise TypeError(f"cannot prune {type(layer).__name__}")
-        self.kind = "conv2d" if isinstance(layer, nn.Conv2d) else "linear"
+        self.kind = type(layer).__name__.lower()
+        self.pad_row = padding
         self.weight_shape = tuple(layer.weight.shape)
         if isinstance(layer, nn.Conv2d):
             self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
@@ -166,7 +176,7 @@ class Pruned(nn.Module):
         # method would clash with a value method's parametrization of that name.
         self.survivors = nn.Parameter(values.detach().clone().reshape(-1))
         self.register_buffer("positions", positions.detach().clone().to(torch.int64))
-        bias = layer.bias
+        bias = getattr(layer, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         # While a schedule prunes: 1.0 for the stored weights still alive, and how many the
         # target keeps in the end (see Pruning.step / Pruning.settle).
@@ -188,6 +198,9 @@ class Pruned(nn.Module):
         weight = self.dense_weight()
         if self.kind == "linear":
             return F.linear(x, weight, self.bias)
+        if self.kind == "embedding":
+            rows = F.embedding(x, weight)
+            return rows if self.pad_row is None else self.pad_row(x, rows)
         padding = self.padding
         if self.padding_mode != "zeros":
             x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
@@ -229,11 +242,12 @@ class Pruning(StructureMethod):
     name = "pruning"
     summary = "magnitude pruning, survivors stored sparsely (Han et al. 2015)"
     Config = PruningConfig
+    applies_to = (nn.Linear, nn.Conv2d, nn.Embedding)
 
     def build(self, layer: nn.Module, config: PruningConfig) -> nn.Module:
         weight = layer.weight.detach()
         everything = torch.arange(weight.numel(), device=weight.device)
-        module = Pruned(layer, everything, weight.reshape(-1))
+        module = Pruned(layer, everything, weight.reshape(-1), PaddingRow.of(layer))
         survivors = _final_survivors(weight, config)
         if config.schedule == "one-shot":
             module.keep(survivors)
@@ -291,10 +305,12 @@ class Pruning(StructureMethod):
             code.meta["positions"] = "bitmask"
         if module.bias is not None:
             code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        if module.pad_row is not None:
+            module.pad_row.store(code)
         return code
 
     def decode(self, code: LayerCode, template: nn.Module, config: PruningConfig) -> nn.Module:
-        if not isinstance(template, nn.Linear | nn.Conv2d):
+        if not isinstance(template, nn.Linear | nn.Conv2d | nn.Embedding):
             raise ValueError(f"`pruning` cannot decode into {type(template).__name__}")
         shape = tuple(template.weight.shape)
         numel = int(np.prod(shape))
@@ -309,9 +325,10 @@ class Pruning(StructureMethod):
             template,
             torch.from_numpy(positions).to(template.weight.device),
             values.to(device=template.weight.device, dtype=template.weight.dtype),
+            padding_from_code(code, template),
         )
         bias = code.arrays.get("bias")
-        if (bias is None) != (template.bias is None):
+        if (bias is None) != (getattr(template, "bias", None) is None):
             raise ValueError("the code's bias does not match the layer's")
         if bias is not None:
             assert module.bias is not None

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 
 from tests.conftest import run_cli
+from tests.postgres import running_postgres
 
 FAST = ["--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB", "--seed", "3",
         "--retrain-epochs", "0"]
@@ -61,3 +63,42 @@ def test_bad_storage_is_one_line_and_leaves_nothing(tmp_path: Path, url: str, ne
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert needle in lines[0] and "secret" not in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server's empty database (skipped, with the reason, where the server
+    or its driver is missing)."""
+    pytest.importorskip("psycopg2", reason="psycopg2 is not installed: pip install "
+                        "'autoshrink[postgres]'")
+    with running_postgres() as url:
+        yield url
+
+
+def test_a_study_in_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    out = str(tmp_path / "r")
+    done = run_cli("search", *FAST, "--trials", "3", "--storage", postgres_url, "--out", out,
+                   "--study", "pg")
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "r" / "pg"
+    assert not (folder / "study.journal").exists()
+    assert json.loads((folder / "settings.json").read_text())["storage"] == postgres_url
+    resumed = run_cli("resume", "pg", "--trials", "4", "--out", out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reported = run_cli("report", "pg", "--out", out)
+    assert reported.returncode == 0, reported.stderr[-2000:]
+    # The trials are in the database, and the report's figures are theirs. (Optuna itself,
+    # on SQLAlchemy 2.1, needs the driver named: a bare postgresql:// means psycopg 3.)
+    driver = postgres_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    study = optuna.load_study(study_name="pg", storage=driver)
+    assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)
+    pareto = json.loads((folder / "pareto.json").read_text())
+    rows = [(t["trial"], t["state"], t["bytes"], t["val_accuracy"]) for t in pareto["trials"]]
+    assert rows == [
+        (t.number, t.state.name.lower(), *((int(t.values[0]), t.values[1]) if t.values
+                                          else (None, None)))
+        for t in study.trials
+    ]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and f"{len(complete)} complete" in reported.stdout
+    assert all(t.user_attrs["plan"] and t.user_attrs["seconds"] > 0 for t in complete)

@@ -18,15 +18,17 @@ from autoshrink.cli.app import (
     settings,
 )
 from autoshrink.errors import AutoshrinkError
+from autoshrink.metric import Metric
 
 
-def _pct(value: float | None) -> str:
-    return "not measured (no test data)" if value is None else f"{value:.2%}"
+def _pct(value: float | None, metric: Metric) -> str:
+    return "not measured (no test data)" if value is None else metric.text(value)
 
 
 def _print_outcome(outcome) -> None:
     summary = outcome.summary
     best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
+    metric = Metric.of(summary)
     console.print(
         f"\nstudy [bold]{outcome.folder.name}[/] finished in "
         f"{humanize.naturaldelta(outcome.seconds)}: {outcome.folder.root}"
@@ -37,10 +39,12 @@ def _print_outcome(outcome) -> None:
         console.print(
             f"recommended: trial {best['trial']}, {best['bytes']:,} bytes "
             f"({best['ratio']:.1f}x smaller than {summary['baseline']['bytes']:,}), "
-            f"validation {best['val_accuracy']:.2%}, test {_pct(best['test_accuracy'])} "
-            f"(baseline test {_pct(summary['baseline']['test_accuracy'])})"
+            f"validation {metric.name} {metric.text(best['val_accuracy'])}, test "
+            f"{_pct(best['test_accuracy'], metric)} "
+            f"(baseline test {_pct(summary['baseline']['test_accuracy'], metric)})"
             + (f", after retraining {best['retrained']['epochs']:g} epochs (search: "
-               f"validation {best['search']['val_accuracy']:.2%})" if "search" in best else "")
+               f"validation {metric.text(best['search']['val_accuracy'])})" if "search" in best
+               else "")
             + f"\nfile: {outcome.folder.root / 'best.safetensors'}",
             highlight=False,
         )
@@ -93,6 +97,13 @@ def search_command(
     workers: Annotated[int | None, typer.Option("--workers", help="Parallel trials (ray).")] = None,
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Join a Ray cluster (`auto` works).")
+    ] = None,
+    max_retries: Annotated[
+        int | None,
+        typer.Option(
+            "--max-retries",
+            help="Ray: run a trial again this many times when its worker dies (default 1).",
+        ),
     ] = None,
     finetune_steps: Annotated[
         int | None, typer.Option("--finetune-steps", help="Fine-tune minibatches per trial.")
@@ -148,6 +159,7 @@ def search_command(
         storage=storage,
         workers=workers,
         ray_address=ray_address,
+        max_retries=max_retries,
         finetune_steps=finetune_steps,
         compile=compile_best,
         compile_front=compile_front,

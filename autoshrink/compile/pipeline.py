@@ -189,6 +189,10 @@ def compile_artifact(
     artifact = read_artifact(path, registry, task)
     header, blobs = read_header(path)
     task = task or registry.tasks[artifact.header.task]
+    for name, module in task.build_model(artifact.header.width).named_modules():
+        if isinstance(module, nn.Embedding):  # token-id inputs; the entries take float32
+            raise CompileError(f"{path}: layer `{name}` is an Embedding, which `compile` does "
+                               "not support yet; load the artifact with autoshrink.load")
     out = Path(out) if out else path.with_name(f"{path.stem}-compiled")
     out.mkdir(parents=True, exist_ok=True)
     batches = sorted({1, batch})

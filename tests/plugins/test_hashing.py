@@ -14,6 +14,7 @@ from autoshrink_plugins.floating import Float
 from autoshrink_plugins.hashing import (
     SEED,
     HashedConv2d,
+    HashedEmbedding,
     Hashing,
     _finalize,
     hashed_positions,
@@ -144,3 +145,50 @@ def test_float16_value_stage_roundtrips() -> None:
     x = torch.randn(3, 16)
     with torch.no_grad():
         assert torch.equal(module(x), restored(x))
+
+
+def test_embedding_entry_reads_the_bucket_of_its_row_and_column() -> None:
+    """Entry (row, col) of a hashed table is shared[bucket] * sign of flat position
+    row * dim + col, exactly as the virtual table a Linear would use; a token's row is
+    gathered without building the table."""
+    torch.manual_seed(4)
+    table = nn.Embedding(30, 8)
+    module = METHOD.build(table, METHOD.config({"ratio": 0.1}))  # K = 24 for 240 entries
+    assert isinstance(module, HashedEmbedding) and module.k == 24
+    bucket = position_hash(240, SEED, 0) % np.uint64(24)
+    row, col = 17, 5
+    assert int(module.index[row, col]) == int(bucket[row * 8 + col])
+    tokens = torch.tensor([[row, 2, 29], [0, row, row]])
+    with torch.no_grad():
+        out = module(tokens)
+        assert torch.equal(out, torch.nn.functional.embedding(tokens, module.virtual_weight()))
+        assert float(out[0, 0, col]) == float(module.shared[module.index[row, col]]) * float(
+            module.sign[row, col]
+        )
+    assert set(module.state_dict()) == {"shared"}  # no bias, no stored index
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.25, 1 / 16])
+def test_embedding_stores_k_values_and_a_non_zero_pad(ratio: float) -> None:
+    table = nn.Embedding(64, 12, padding_idx=1)
+    config = METHOD.config({"ratio": ratio})
+    code = METHOD.encode(METHOD.build(table, config), config)
+    assert code.payloads["shared"].numel() == round(ratio * 64 * 12)
+    assert code.arrays == {} and code.meta["padding_idx"] == 1  # a zero pad costs nothing
+    with torch.no_grad():
+        table.weight[1] = torch.arange(12.0)
+    module = METHOD.build(table, config)
+    code = METHOD.encode(module, config)
+    assert np.array_equal(code.arrays["padding"], np.arange(12, dtype=np.float32))
+    restored = METHOD.decode(code, copy.deepcopy(table), config)
+    with torch.no_grad():
+        assert torch.equal(restored(torch.tensor([1, 3])), module(torch.tensor([1, 3])))
+        assert torch.equal(restored(torch.tensor([1]))[0], torch.arange(12.0))
+
+
+def test_embedding_decode_rejects_other_padding() -> None:
+    config = METHOD.config({"ratio": 0.5})
+    code = METHOD.encode(METHOD.build(nn.Embedding(20, 4, padding_idx=0), config), config)
+    for other in (nn.Embedding(20, 4), nn.Embedding(20, 4, padding_idx=2), nn.Linear(4, 20)):
+        with pytest.raises(ValueError):
+            METHOD.decode(code, other, config)

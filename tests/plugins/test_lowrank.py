@@ -10,7 +10,7 @@ from torch import nn
 
 from autoshrink.testing import StructureMethodTests, code_bytes, sample_input
 from autoshrink_plugins.floating import Float
-from autoshrink_plugins.lowrank import LowRank, LowRankConv2d, LowRankLinear
+from autoshrink_plugins.lowrank import LowRank, LowRankConv2d, LowRankEmbedding, LowRankLinear
 
 METHOD = LowRank()
 
@@ -154,3 +154,25 @@ def test_float16_value_stage_on_frozen_u() -> None:
     x = sample_input(layer)
     with torch.no_grad():
         assert torch.equal(module(x), restored(x))
+
+
+def test_embedding_full_rank_reproduces_the_table() -> None:
+    torch.manual_seed(5)
+    table = nn.Embedding(40, 12, padding_idx=0)
+    module = METHOD.build(copy.deepcopy(table), METHOD.config({"rank": 1.0}))
+    assert isinstance(module, LowRankEmbedding) and module.rank == 12
+    assert module.u.shape == (40, 12) and module.v.shape == (12, 12)
+    tokens = sample_input(table)
+    with torch.no_grad():
+        assert torch.allclose(module(tokens), table(tokens), atol=1e-5)
+        assert not module(torch.zeros(3, dtype=torch.long)).any()  # the pad, exactly
+
+
+def test_embedding_bytes_fall_as_rank_tightens() -> None:
+    table = nn.Embedding(500, 64)
+    sizes = []
+    for rank in (1.0, 0.25, 0.05):
+        config = METHOD.config({"rank": rank})
+        sizes.append(code_bytes(METHOD.encode(METHOD.build(table, config), config)))
+    # (500 + 64) x r float32 values: r = 64 (more than dense), 16, 8 (the floor).
+    assert sizes == [564 * 64 * 4, 564 * 16 * 4, 564 * 8 * 4]
