@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 #: The Python API (autoshrink.api), loaded on first use: plugin authors who import only the
 #: method contract do not pay for Optuna and the search.
-_API = ("Member", "SearchResult", "load", "resume", "search")
+_API = ("Member", "SearchResult", "load", "model_task", "resume", "search")
 #: API calls named like the modules that do the work: ``autoshrink.report(...)`` and
 #: ``autoshrink.compile(...)`` call those modules, which are callable (see ``api.callable``).
 _CALLABLE_MODULES = ("compile", "report")
@@ -55,6 +55,7 @@ __all__ = [
     "compile",
     "hookimpl",
     "load",
+    "model_task",
     "report",
     "resume",
     "search",

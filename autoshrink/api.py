@@ -259,17 +259,30 @@ def callable_module(name: str, call: str) -> None:
 def model_task(
     model: nn.Module,
     *,
+    train: Any = None,
+    val: Any = None,
+    test: Any = None,
     input_shape: tuple[int, ...] | None = None,
     student: Callable[[float], nn.Module] | None = None,
     metric: MetricFn = accuracy,
     direction: str = "maximize",
     loss: SupervisedLoss = supervised_loss,
+    console: Console | None = None,
 ) -> Task:
-    """A task whose model is ``model`` (its architecture; ``student(width)`` builds narrower
-    ones for distillation), judged by ``metric`` in ``direction`` (named after the
-    function) and fine-tuned with ``loss``. Its name, ``model:<class>``, is what its
-    artifacts record."""
+    """A task whose model is the trained ``model`` (the baseline: measured, never trained
+    again; ``student(width)`` builds narrower ones for distillation), judged by ``metric`` in
+    ``direction`` (named after the function) and fine-tuned with ``loss``.
+
+    With ``train=`` (and optionally ``val=``, ``test=``, as :func:`search` takes them) the
+    task carries its data, so a function returning it can be named on the command line:
+    ``autoshrink search --task mymodels:task``, and its artifacts record that reference
+    (``autoshrink eval FILE --task mymodels:task`` rebuilds them). Without data its name is
+    ``model:<class>`` and its data is passed to :func:`search`."""
     template = copy.deepcopy(model).float().eval()
+    data = _task_data(train, val, test, metric_name(metric), console) if train is not None \
+        else None
+    if input_shape is None and data is not None:
+        input_shape = tuple(next(data.train.ordered(1))[0].shape[1:])
 
     def build(width: float) -> nn.Module:
         if width == 1.0:
@@ -278,13 +291,15 @@ def model_task(
             raise UsageError(f"width {width} needs a student: pass `student=callable(width)`")
         return student(width)
 
-    def no_data(_: Path | None) -> TaskData:
-        raise UsageError("this model's data is passed in Python: `train=`, `val=`, `test=`")
+    def given_data(_: Path | None) -> TaskData:
+        if data is None:
+            raise UsageError("this model's data is passed in Python: `train=`, `val=`, `test=`")
+        return data
 
     return Task(
         name=f"model:{type(model).__qualname__}",
         build_model=build,
-        load_data=no_data,
+        load_data=given_data,
         input_shape=tuple(input_shape or ()),
         description=f"{type(model).__name__} handed over in Python",
         metric=metric,
@@ -292,6 +307,7 @@ def model_task(
         direction=check_direction(direction),
         loss=loss,
         narrows=student is not None,
+        trained=True,
     )
 
 
@@ -363,6 +379,20 @@ def _provided(
         raise UsageError("pass either `model` (with its data) or `task`, not both")
     if train is None:
         raise UsageError("a model needs `train=` data (`val=` and `test=` are optional)")
+    data = _task_data(train, val, test, metric_name(judging.metric), console)
+    shape = tuple(next(data.train.ordered(1))[0].shape[1:])
+    return Provided(
+        task=model_task(
+            model, input_shape=shape, student=student, metric=judging.metric,
+            direction=judging.direction, loss=judging.loss,
+        ),
+        data=data,
+    )
+
+
+def _task_data(train: Any, val: Any, test: Any, metric: str, console: Console | None) -> TaskData:
+    """The splits from what the caller passed; without ``val`` a seeded share of ``train`` is
+    held out, and the console says so (and when there is no test data)."""
     training = to_split(train, "train")
     if val is None:
         training, validation = _carve(training)
@@ -375,18 +405,10 @@ def _provided(
     testing = to_split(test, "test") if test is not None else None
     if testing is None:
         (console or Console(stderr=True)).print(
-            f"test: no `test=` data, so test {metric_name(judging.metric)} is not measured "
+            f"test: no `test=` data, so test {metric} is not measured "
             "(validation still steers the search)", highlight=False,
         )
-    shape = tuple(next(training.ordered(1))[0].shape[1:])
-    return Provided(
-        task=model_task(
-            model, input_shape=shape, student=student, metric=judging.metric,
-            direction=judging.direction, loss=judging.loss,
-        ),
-        data=TaskData(train=training, val=validation, test=testing),
-        pretrained=model,
-    )
+    return TaskData(train=training, val=validation, test=testing)
 
 
 def to_split(data: Any, what: str) -> Data:

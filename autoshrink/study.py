@@ -24,7 +24,6 @@ from functools import cache
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
-from torch import nn
 
 from autoshrink.baseline import Baseline, load_baseline
 from autoshrink.errors import AutoshrinkError, UsageError
@@ -86,11 +85,10 @@ class SearchSetup:
 @dataclass(frozen=True)
 class Provided:
     """What a Python caller hands over instead of naming a registered task: the task
-    object, and optionally its data and its already trained model (the baseline)."""
+    object, and optionally its data."""
 
     task: Task
     data: TaskData | None = None
-    pretrained: nn.Module | None = None
 
 
 def resolve(
@@ -112,7 +110,7 @@ def prepare(
     """Load plugins, task, data, the (cached) baseline and the search space."""
     registry, task, space = resolve(settings, provided)
     data = provided.data if provided and provided.data else task.load_data(settings.data_dir)
-    pretrained = provided.pretrained if provided else None
+    pretrained = task.build_model(1.0) if task.trained else None
     baseline = load_baseline(task, data, registry, pretrained=pretrained, on_step=on_step)
     budget = TrialBudget(
         finetune_steps=settings.finetune_steps,

@@ -167,6 +167,9 @@ class Task:
     #: Whether ``build_model`` takes widths below 1.0; without it the search leaves
     #: model-stage methods (distillation, which trains a narrower student) out.
     narrows: bool = True
+    #: Whether ``build_model(1.0)`` returns the trained model itself (a model handed over by
+    #: its user): the baseline is then measured as it is, never trained.
+    trained: bool = False
 
     def __post_init__(self) -> None:
         check_direction(self.direction)

@@ -170,3 +170,76 @@ def test_without_test_data_the_figures_say_not_measured(digits: dict, tmp_path: 
     assert all(m.test_accuracy is None for m in result.front)
     assert "not measured" in (tmp_path / "no-test" / "report.md").read_text()
     assert "not measured" in (tmp_path / "no-test" / "index.html").read_text()
+
+
+PARITY_MODULE = '''
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+import autoshrink
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def parts():
+    """The trained model and its splits, the same in every process."""
+    data = load_digits()
+    x, y = torch.tensor(data.data, dtype=torch.float32) / 16, torch.tensor(data.target)
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(100):
+        loss = nn.functional.cross_entropy(net(x[:1200]), y[:1200])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval(), (x[:1200], y[:1200]), (x[1200:1500], y[1200:1500]), (x[1500:], y[1500:])
+
+
+def task():
+    net, train, val, test = parts()
+    return autoshrink.model_task(net, train=train, val=val, test=test)
+'''
+
+
+def test_a_model_task_by_reference_gives_the_api_front(tmp_path: Path, monkeypatch) -> None:
+    """Your model searched from Python, and the same model named as `module:function` on the
+    command line: the same plans and figures; the artifacts record the reference, so the
+    command line rebuilds them without the model object."""
+    (tmp_path / "parity_model.py").write_text(PARITY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import parity_model
+
+    net, train, val, test = parity_model.parts()
+    api = autoshrink.search(net, train=train, val=val, test=test, budget="9kB", trials=3,
+                            out=tmp_path / "api", study="s", **SETTINGS)
+    done = run_cli("search", "--task", "parity_model:task", "--budget", "9kB", "--trials", "3",
+                   "--seed", "4", "--finetune-steps", "20", "--retrain-epochs", "0",
+                   "--out", str(tmp_path / "cli"), "--study", "s",
+                   env={"PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    cli = json.loads((tmp_path / "cli" / "s" / "pareto.json").read_text())
+    assert api.front and [(m.trial, m.plan.model_dump(), m.val_accuracy, m.test_accuracy)
+                          for m in api.front] == [
+        (m["trial"], m["plan"], m["val_accuracy"], m["test_accuracy"]) for m in cli["front"]
+    ]
+    # Only the task's name in the (compressed) header differs between the two files.
+    for mine, theirs in zip(api.front, cli["front"], strict=True):
+        assert abs(mine.bytes - theirs["bytes"]) <= 24
+    best = tmp_path / "cli" / "s" / "best.safetensors"
+    evaluated = run_cli("eval", str(best), "--task", "parity_model:task", "--json",
+                        env={"PYTHONPATH": str(tmp_path)})
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    reported = next(m for m in cli["front"] if m["trial"] == cli["best"])
+    assert json.loads(evaluated.stdout)["test_accuracy"] == reported["test_accuracy"]
+    loaded = autoshrink.load(best, task="parity_model:task")
+    assert loaded(test[0]).argmax(1).eq(test[1]).float().mean().item() == pytest.approx(
+        reported["test_accuracy"])
