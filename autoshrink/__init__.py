@@ -19,10 +19,9 @@ __version__ = "0.1.0"
 
 #: The Python API (autoshrink.api), loaded on first use: plugin authors who import only the
 #: method contract do not pay for Optuna and the search.
-_API = ("Member", "SearchResult", "load", "model_task", "resume", "search")
-#: API calls named like the modules that do the work: ``autoshrink.report(...)`` and
-#: ``autoshrink.compile(...)`` call those modules, which are callable (see ``api.callable``).
-_CALLABLE_MODULES = ("compile", "report")
+_API = (
+    "Member", "SearchResult", "compile", "load", "model_task", "report", "resume", "search",
+)
 
 
 def __getattr__(name: str) -> object:
@@ -30,10 +29,6 @@ def __getattr__(name: str) -> object:
         from autoshrink import api
 
         return getattr(api, name)
-    if name in _CALLABLE_MODULES:
-        import importlib
-
-        return importlib.import_module(f"autoshrink.{name}")
     raise AttributeError(f"module 'autoshrink' has no attribute {name!r}")
 
 

@@ -36,41 +36,31 @@ again, as the model and its data are.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.metric import Metric, check_direction, metric_name
 from autoshrink.plan import Plan
+from autoshrink.search.study import Provided, StudyFolder
 from autoshrink.settings import Settings, load_settings
-from autoshrink.study import Provided, StudyFolder
 from autoshrink.tasks import (
-    Data,
-    DatasetSplit,
-    Split,
     SupervisedLoss,
     Task,
-    TaskData,
     accuracy,
     supervised_loss,
 )
+from autoshrink.user_task import MetricFn, model_task, task_data
 
-__all__ = ["Member", "SearchResult", "callable_module", "compile", "load", "model_task",
+__all__ = ["Member", "SearchResult", "compile", "load", "model_task",
            "report", "resume", "search"]
 
-#: The share of ``train`` held out for validation when no ``val`` is given.
-VALIDATION_SHARE = 0.1
-
-MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
 @dataclass(frozen=True)
@@ -188,8 +178,7 @@ def report(
     """Rebuild a study's ``index.html``, ``report.md`` and ``pareto.json`` (also while it
     runs) and return its front. A study of your own model needs it, its data and a metric
     other than accuracy again (the direction is the study's)."""
-    from autoshrink.report import regenerate
-    from autoshrink.session import study_folder
+    from autoshrink.session import regenerate, study_folder
 
     settings = load_settings(study=study, out=out)
     recorded = _recorded(settings) if model is not None else None
@@ -205,7 +194,7 @@ def load(
     """The runnable model in an artifact file. A file of your own model's search needs that
     model (its architecture: the weights come from the file)."""
     from autoshrink.artifact import read_artifact
-    from autoshrink.plugins import load_registry
+    from autoshrink.registry import load_registry
     from autoshrink.tasks import resolve_task
 
     registry = load_registry()
@@ -227,9 +216,9 @@ def compile(  # noqa: A001 - the name users expect, as torch.compile
     console: Console | None = None,
 ) -> Any:
     """Compile an artifact with TVM into a bundle (see ``autoshrink compile``); returns the
-    :class:`autoshrink.compile.CompileResult`."""
-    from autoshrink.compile import compile_artifact
-    from autoshrink.plugins import load_registry
+    :class:`autoshrink.compiler.CompileResult`."""
+    from autoshrink.compiler import compile_artifact
+    from autoshrink.registry import load_registry
 
     return compile_artifact(
         Path(artifact), load_registry(), target=target, trials=trials, batch=batch,
@@ -238,77 +227,7 @@ def compile(  # noqa: A001 - the name users expect, as torch.compile
     )
 
 
-def callable_module(name: str, call: str) -> None:
-    """Make module ``name`` callable as the API function ``call``: ``autoshrink.report`` is
-    both the module that writes reports and ``autoshrink.report(study)``, so that the
-    package attribute, which Python sets to the module on import, is also the API call."""
-    import sys
-    import types
-
-    class CallableModule(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return globals()[call](*args, **kwargs)
-
-    CallableModule.__call__.__doc__ = globals()[call].__doc__
-    sys.modules[name].__class__ = CallableModule
-
-
-# --- your own model as a task -----------------------------------------------------------------
-
-
-def model_task(
-    model: nn.Module,
-    *,
-    train: Any = None,
-    val: Any = None,
-    test: Any = None,
-    input_shape: tuple[int, ...] | None = None,
-    student: Callable[[float], nn.Module] | None = None,
-    metric: MetricFn = accuracy,
-    direction: str = "maximize",
-    loss: SupervisedLoss = supervised_loss,
-    console: Console | None = None,
-) -> Task:
-    """A task whose model is the trained ``model`` (the baseline: measured, never trained
-    again; ``student(width)`` builds narrower ones for distillation), judged by ``metric`` in
-    ``direction`` (named after the function) and fine-tuned with ``loss``.
-
-    With ``train=`` (and optionally ``val=``, ``test=``, as :func:`search` takes them) the
-    task carries its data, so a function returning it can be named on the command line:
-    ``autoshrink search --task mymodels:task``, and its artifacts record that reference
-    (``autoshrink eval FILE --task mymodels:task`` rebuilds them). Without data its name is
-    ``model:<class>`` and its data is passed to :func:`search`."""
-    template = copy.deepcopy(model).float().eval()
-    data = _task_data(train, val, test, metric_name(metric), console) if train is not None \
-        else None
-    if input_shape is None and data is not None:
-        input_shape = tuple(next(data.train.ordered(1))[0].shape[1:])
-
-    def build(width: float) -> nn.Module:
-        if width == 1.0:
-            return copy.deepcopy(template)
-        if student is None:
-            raise UsageError(f"width {width} needs a student: pass `student=callable(width)`")
-        return student(width)
-
-    def given_data(_: Path | None) -> TaskData:
-        if data is None:
-            raise UsageError("this model's data is passed in Python: `train=`, `val=`, `test=`")
-        return data
-
-    return Task(
-        name=f"model:{type(model).__qualname__}",
-        build_model=build,
-        load_data=given_data,
-        input_shape=tuple(input_shape or ()),
-        description=f"{type(model).__name__} handed over in Python",
-        metric=metric,
-        metric_name=metric_name(metric),
-        direction=check_direction(direction),
-        loss=loss,
-        narrows=student is not None,
-        trained=True,
-    )
+# --- your own model: how it is judged and handed to the search --------------------------------
 
 
 @dataclass(frozen=True)
@@ -323,9 +242,8 @@ class _Judging:
 def _recorded(settings: Settings) -> Metric | None:
     """The metric an existing study was searched with (None when there is no readable study
     yet: the usual checks then say what is wrong)."""
-    from autoshrink.report import load_study_readonly
+    from autoshrink.search.study import load_study_readonly, recorded_metric
     from autoshrink.session import study_folder
-    from autoshrink.study import recorded_metric
 
     try:
         folder = study_folder(settings)
@@ -379,7 +297,7 @@ def _provided(
         raise UsageError("pass either `model` (with its data) or `task`, not both")
     if train is None:
         raise UsageError("a model needs `train=` data (`val=` and `test=` are optional)")
-    data = _task_data(train, val, test, metric_name(judging.metric), console)
+    data = task_data(train, val, test, metric_name(judging.metric), console)
     shape = tuple(next(data.train.ordered(1))[0].shape[1:])
     return Provided(
         task=model_task(
@@ -388,76 +306,6 @@ def _provided(
         ),
         data=data,
     )
-
-
-def _task_data(train: Any, val: Any, test: Any, metric: str, console: Console | None) -> TaskData:
-    """The splits from what the caller passed; without ``val`` a seeded share of ``train`` is
-    held out, and the console says so (and when there is no test data)."""
-    training = to_split(train, "train")
-    if val is None:
-        training, validation = _carve(training)
-        (console or Console(stderr=True)).print(
-            f"validation: {len(validation):,} examples held out of `train` (seeded); "
-            "pass `val=` to choose them", highlight=False,
-        )
-    else:
-        validation = to_split(val, "val")
-    testing = to_split(test, "test") if test is not None else None
-    if testing is None:
-        (console or Console(stderr=True)).print(
-            f"test: no `test=` data, so test {metric} is not measured "
-            "(validation still steers the search)", highlight=False,
-        )
-    return TaskData(train=training, val=validation, test=testing)
-
-
-def to_split(data: Any, what: str) -> Data:
-    """A split from a ``Split``, ``(inputs, targets)`` tensors (both kept in memory), or a
-    ``Dataset`` of ``(input, target)`` pairs or a ``DataLoader`` over one (read a batch at a
-    time, with the loader's collate function)."""
-    if isinstance(data, Split | DatasetSplit):
-        return data
-    if isinstance(data, tuple) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
-        # Class labels as int64 (what cross-entropy takes); regression targets stay numbers.
-        return Split(data[0], data[1] if data[1].is_floating_point() else data[1].long())
-    if isinstance(data, DataLoader):
-        return _checked(DatasetSplit(data.dataset, data.collate_fn), what)
-    if isinstance(data, Dataset) or (
-        hasattr(data, "__getitem__") and hasattr(data, "__len__")
-        and not isinstance(data, str | bytes)
-    ):
-        return _checked(DatasetSplit(data), what)
-    raise UsageError(
-        f"`{what}=`: expected a DataLoader, a Dataset of (input, target) pairs or "
-        f"(inputs, targets) tensors, not {type(data).__name__}"
-    )
-
-
-def _checked(split: DatasetSplit, what: str) -> DatasetSplit:
-    """``split`` once its first example is seen to be an (input, target) pair of tensors
-    (or numbers)."""
-    if len(split) == 0:
-        raise UsageError(f"`{what}=` holds no examples")
-    item = split.dataset[0]
-    if not (isinstance(item, list | tuple) and len(item) == 2):
-        raise UsageError(
-            f"`{what}=`: each example must be an (input, target) pair, not {type(item).__name__}"
-        )
-    return split
-
-
-def _carve(data: Data) -> tuple[Data, Data]:
-    """A seeded validation split out of ``data``: the same examples on every call for data
-    of the same length (search, resume and report agree, whatever the data's transforms)."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(len(data)))
-    held = max(1, round(VALIDATION_SHARE * len(data)))
-    if held >= len(data):
-        raise UsageError("`train=` is too small to hold out a validation split; pass `val=`")
-    rest, kept = order[held:], order[:held]
-    if isinstance(data, Split):
-        return Split(data.x[rest], data.y[rest]), Split(data.x[kept], data.y[kept])
-    return (DatasetSplit(Subset(data.dataset, rest.tolist()), data.collate),
-            DatasetSplit(Subset(data.dataset, kept.tolist()), data.collate))
 
 
 # --- results ------------------------------------------------------------------------------------

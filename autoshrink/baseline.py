@@ -30,7 +30,7 @@ from autoshrink.tasks import Task, TaskData
 from autoshrink.training import evaluate, fit, steps_for, task_loss
 
 if TYPE_CHECKING:
-    from autoshrink.plugins import Registry
+    from autoshrink.registry import Registry
 
 __all__ = ["Baseline", "cache_dir", "load_baseline"]
 

@@ -32,7 +32,7 @@ from autoshrink.plan import Choice, LayerPlan, Plan
 from autoshrink.space import NONE, Space
 
 if TYPE_CHECKING:
-    from autoshrink.plugins import Registry
+    from autoshrink.registry import Registry
     from autoshrink.tasks import Task
 
 __all__ = ["fit_start", "smallest_artifact"]

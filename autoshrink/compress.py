@@ -20,7 +20,7 @@ from autoshrink.methods import MethodConfig, Stage, StructureMethod, ValueMethod
 from autoshrink.plan import Plan, compressible_layers
 
 if TYPE_CHECKING:
-    from autoshrink.plugins import Registry
+    from autoshrink.registry import Registry
 
 __all__ = [
     "apply_structure", "apply_values", "compress", "replace_module", "structure_schedule",

@@ -70,7 +70,7 @@ class LayerCode:
 
 @dataclass
 class LoweredValue:
-    """A payload as a compiled kernel reads it (see :mod:`autoshrink.compile.kernels`).
+    """A payload as a compiled kernel reads it (see :mod:`autoshrink.compiler.kernels`).
 
     ``arrays`` are stored in the compiled bundle as they are (packed codes, a codebook);
     ``element(tensors, i)`` is the TVM expression of element ``i`` (int32, row-major flat

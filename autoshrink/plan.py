@@ -12,7 +12,7 @@ from autoshrink.errors import PlanError
 from autoshrink.methods import Stage, StructureMethod
 
 if TYPE_CHECKING:
-    from autoshrink.plugins import Registry
+    from autoshrink.registry import Registry
 
 __all__ = ["Choice", "LayerPlan", "Plan", "compressible_layers"]
 

@@ -19,32 +19,34 @@ from rich.console import Console
 
 from autoshrink.budget import fit_start, smallest_artifact
 from autoshrink.errors import AutoshrinkError, UsageError
-from autoshrink.folder import new_identity, study_identity
-from autoshrink.journal import heal_for_append
-from autoshrink.lock import StudyBusyError, StudyLock
-from autoshrink.pareto import summarize
 from autoshrink.plan import Plan
-from autoshrink.progress import SearchProgress, TrainingBar
-from autoshrink.report import write_report
-from autoshrink.retrain import retrain_front
-from autoshrink.settings import Settings
-from autoshrink.space import params_of
-from autoshrink.storage import address_of, open_storage
-from autoshrink.study import (
+from autoshrink.reports import write_report
+from autoshrink.search.folder import new_identity, study_identity
+from autoshrink.search.journal import heal_for_append
+from autoshrink.search.local import run_trials
+from autoshrink.search.lock import StudyBusyError, StudyLock
+from autoshrink.search.pareto import BEST, summarize
+from autoshrink.search.progress import SearchProgress, TrainingBar
+from autoshrink.search.retrain import retrain_front
+from autoshrink.search.storage import address_of, open_storage
+from autoshrink.search.study import (
     Provided,
     SearchSetup,
     StudyFolder,
+    check_metric,
     fail_interrupted,
     finished,
+    load_study_readonly,
     open_study,
     prepare,
     resolve,
     save_settings,
-    search,
     storage_address,
 )
+from autoshrink.settings import Settings
+from autoshrink.space import params_of
 
-__all__ = ["Interrupted", "run_search", "study_folder"]
+__all__ = ["Interrupted", "regenerate", "run_search", "study_folder"]
 
 DEFAULT_TRIALS = 24
 
@@ -105,7 +107,7 @@ def check_budget(settings: Settings, console: Console, provided: Provided | None
 def check_ray(settings: Settings) -> None:
     """Start or join the Ray cluster now, so a bad address fails before any training."""
     if settings.backend == "ray":
-        from autoshrink.ray_backend import connect
+        from autoshrink.search.ray_backend import connect
 
         connect(settings)
 
@@ -231,7 +233,7 @@ def _run(
     total = trials if trials is not None else None
     try:
         with SearchProgress(console, study, total, int(settings.budget or 0)) as callback:
-            search(setup, folder, study, trials=trials, callbacks=[callback])
+            run_trials(setup, folder, study, trials=trials, callbacks=[callback])
     except KeyboardInterrupt as exc:
         write_report(folder.root, summarize(study, folder, setup, final=False))
         raise Interrupted(
@@ -244,10 +246,35 @@ def _run(
         summary = summarize(study, folder, setup, final=True)
         write_report(folder.root, summary)
     if (settings.compile or settings.compile_front) and summary["best"] is not None:
-        from autoshrink.compile import compile_winners
+        from autoshrink.compiler import compile_winners
 
         # summarize() picks up compiled/trial-NNNN/latency.json for the report.
         compile_winners(folder, summary, setup, console, front=settings.compile_front)
         summary = summarize(study, folder, setup, final=True)
         write_report(folder.root, summary)
     return SearchOutcome(folder, summary, time.monotonic() - start)
+
+
+def regenerate(folder: StudyFolder, provided: Provided | None = None) -> dict[str, Any]:
+    """Rebuild ``pareto.json``, ``report.md`` and ``index.html`` from the study's journal,
+    also while its search is still running; returns the summary. A study of a model handed
+    over in Python needs it again (``provided``)."""
+    settings = folder.load_settings()
+    study = load_study_readonly(folder)
+    if provided is None and settings.task.startswith("model:"):
+        raise UsageError(
+            f"study `{folder.name}` searched a model handed over in Python "
+            f"({settings.task}); rebuild its report with `autoshrink.report(\"{folder.name}\", "
+            "model=..., train=..., test=...)`"
+        )
+    setup = prepare(settings, provided=provided)  # the baseline is cached: no training here
+    check_metric(study, setup.task)
+    # Not final: a running search still needs the artifacts a final summary would delete.
+    summary = summarize(study, folder, setup, final=False)
+    best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
+    copy, source = folder.root / BEST, folder.root / (best or {}).get("artifact", "")
+    # A finished search copied its recommended model; name the copy when it still is one.
+    if best and copy.is_file() and source.is_file() and copy.read_bytes() == source.read_bytes():
+        summary["best_artifact"] = BEST
+    write_report(folder.root, summary)
+    return summary

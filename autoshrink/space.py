@@ -31,7 +31,7 @@ from autoshrink.methods import Stage, StructureMethod
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
 
 if TYPE_CHECKING:
-    from autoshrink.plugins import Registry
+    from autoshrink.registry import Registry
 
 __all__ = ["LayerSpace", "Preset", "Space", "build_space", "config_distributions", "load_preset"]
 

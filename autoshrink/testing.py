@@ -41,7 +41,7 @@ from autoshrink.methods import (
     StructureMethod,
     ValueMethod,
 )
-from autoshrink.plugins import check_method
+from autoshrink.registry import check_method
 from autoshrink.space import config_distributions
 
 __all__ = [

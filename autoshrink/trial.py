@@ -18,7 +18,7 @@ from autoshrink.training import LossFn, evaluate, fit, task_loss
 
 if TYPE_CHECKING:
     from autoshrink.baseline import Baseline
-    from autoshrink.plugins import Registry
+    from autoshrink.registry import Registry
     from autoshrink.tasks import Task, TaskData
 
 __all__ = ["TrialBudget", "TrialOutcome", "run_trial"]

@@ -4,7 +4,7 @@ model, PyTorch eager, torch.compile and ONNX Runtime, at batch 1 and 64, on fixe
     python benchmarks/compile.py [--threads 2] [--mlp-trials 480] [--cnn-trials 360] [--fresh]
                                  [--artifact reports/<study>/best.safetensors ...]
 
-Each model goes through the product's own path (``autoshrink.compile.compile_artifact``):
+Each model goes through the product's own path (``autoshrink.compiler.compile_artifact``):
 compressed kernels per layer (dense where faster within the allowance), MetaSchedule tuning,
 the bundle, output check against PyTorch, test accuracy through the library, then every engine
 timed in a child process of its own, in interleaved rounds (median of rounds). ``--fresh``
@@ -31,12 +31,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from autoshrink.artifact import read_header
 from autoshrink.baseline import load_baseline
-from autoshrink.compile import compile_artifact
-from autoshrink.compile.machine import cpu_model, cpu_peak
+from autoshrink.compiler import compile_artifact
+from autoshrink.compiler.machine import cpu_model, cpu_peak
+from autoshrink.header import read_header
 from autoshrink.plan import Choice, LayerPlan, Plan
-from autoshrink.plugins import load_registry
+from autoshrink.registry import load_registry
 from autoshrink.trial import TrialBudget, run_trial
 
 ENGINES = ("tvm_tuned", "tvm_dense", "torch_eager", "torch_compile", "onnxruntime")

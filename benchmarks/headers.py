@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
-from autoshrink.artifact import _digest, read_header, size_breakdown, write_artifact
+from autoshrink.artifact import size_breakdown, write_artifact
 from autoshrink.compress import compress
+from autoshrink.header import digest, read_header
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
-from autoshrink.plugins import load_registry
+from autoshrink.registry import load_registry
 
 REGISTRY = load_registry()
 
@@ -57,7 +58,7 @@ def format_1(path: Path, target: Path) -> None:
     raw["version"] = 1
     for stream in raw["streams"].values():
         stream.pop("bytes")
-    raw["sha256"] = _digest(blobs)
+    raw["sha256"] = digest(blobs)
     tensors = {key: np.frombuffer(blob, dtype=np.uint8) for key, blob in blobs.items()}
     target.write_bytes(save(tensors, metadata={"autoshrink": json.dumps(raw)}))
 

@@ -22,7 +22,7 @@ from rich.table import Table
 from autoshrink.artifact import read_artifact
 from autoshrink.baseline import load_baseline
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
-from autoshrink.plugins import load_registry
+from autoshrink.registry import load_registry
 from autoshrink.training import evaluate
 from autoshrink.trial import TrialBudget, run_trial
 

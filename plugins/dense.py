@@ -81,7 +81,7 @@ class Dense(StructureMethod):
         """A Linear / Conv2d whose weight elements come from the value stage as it reads
         them (codes stay codes); grouped or non-zero-padded convolutions and embedding
         tables stay dense."""
-        from autoshrink.compile.kernels import dense_layer, supports
+        from autoshrink.compiler.kernels import dense_layer, supports
 
         if not supports(template):
             return None

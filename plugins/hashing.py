@@ -249,7 +249,7 @@ class Hashing(StructureMethod):
         splitmix64 hashes as :func:`position_hash`, so no index array is stored."""
         from tvm import te
 
-        from autoshrink.compile.kernels import dense_layer, modulo, splitmix64, supports
+        from autoshrink.compiler.kernels import dense_layer, modulo, splitmix64, supports
 
         if not supports(template):
             return None

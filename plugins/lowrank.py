@@ -238,7 +238,7 @@ class LowRank(StructureMethod):
     ) -> LoweredLayer | None:
         """Two kernels' worth of loops in one: x -> V x (a kh x kw conv to r channels) ->
         U (V x) + b, each factor read in its stored value format."""
-        from autoshrink.compile.kernels import conv2d, linear, supports
+        from autoshrink.compiler.kernels import conv2d, linear, supports
 
         if not supports(template):
             return None

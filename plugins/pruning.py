@@ -344,7 +344,7 @@ class Pruning(StructureMethod):
         """Rows in CSR form: each survivor's column (one byte when a row has at most 256
         columns, else two), a start per row, and the survivors in their value format;
         the kernel loops over a row's survivors only."""
-        from autoshrink.compile.kernels import index_dtype, sparse_layer, supports
+        from autoshrink.compiler.kernels import index_dtype, sparse_layer, supports
 
         numel = int(np.prod(template.weight.shape))
         positions = _decode_positions(code.arrays, code.meta, numel)

@@ -202,7 +202,7 @@ class Quantization(ValueMethod):
     ) -> LoweredValue:
         """The packed indices and the codebook as stored; each element is a table lookup of
         its ``bits``-bit index, decoded inside the kernel's loop."""
-        from autoshrink.compile.kernels import padded, unpack
+        from autoshrink.compiler.kernels import padded, unpack
 
         bits = config.bits
         return LoweredValue(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autoshrink.plugins import load_registry
+from autoshrink.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from autoshrink.cli import main; main()"]

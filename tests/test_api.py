@@ -142,9 +142,9 @@ class Counting(torch.utils.data.Dataset):
 
 
 def test_loader_data_is_read_a_batch_at_a_time() -> None:
-    from autoshrink.api import to_split
     from autoshrink.tasks import DatasetSplit
     from autoshrink.training import evaluate, fit
+    from autoshrink.user_task import to_split
 
     dataset = Counting(100_000)
     split = to_split(DataLoader(dataset, batch_size=50), "train")

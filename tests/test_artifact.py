@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from autoshrink.artifact import (
-    header_json,
-    header_metadata,
-    read_artifact,
-    size_breakdown,
-    write_artifact,
-)
+from autoshrink.artifact import read_artifact, size_breakdown, write_artifact
 from autoshrink.compress import compress
 from autoshrink.errors import ArtifactError
+from autoshrink.header import header_json, header_metadata
 from autoshrink.plan import Choice, LayerPlan, Plan
 
 
@@ -176,7 +171,7 @@ def test_header_is_compact_and_format_1_files_still_load(
     of the first format (plain JSON, a tensor per stream) reads as before."""
     from safetensors.numpy import save
 
-    from autoshrink.artifact import _digest, read_header
+    from autoshrink.header import digest, read_header
 
     task, model = digits
     compressed = compress(model, HALF, registry)
@@ -191,7 +186,7 @@ def test_header_is_compact_and_format_1_files_still_load(
     raw["version"] = 1
     for stream in raw["streams"].values():
         stream.pop("bytes")
-    raw["sha256"] = _digest(blobs)
+    raw["sha256"] = digest(blobs)
     tensors = {key: np.frombuffer(blob, dtype=np.uint8) for key, blob in blobs.items()}
     old.write_bytes(save(tensors, metadata={"autoshrink": json.dumps(raw)}))
     x = torch.rand(20, 64)

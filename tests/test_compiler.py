@@ -20,13 +20,13 @@ from rich.console import Console
 from torch import nn
 
 from autoshrink.artifact import read_artifact, write_artifact
-from autoshrink.compile import compile_artifact, open_database
-from autoshrink.compile.densify import densify
+from autoshrink.compiler import compile_artifact, open_database
+from autoshrink.compiler.densify import densify
 from autoshrink.compress import compress
-from autoshrink.pareto import _latency
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
+from autoshrink.search.pareto import _latency
+from autoshrink.search.study import StudyFolder
 from autoshrink.settings import Settings
-from autoshrink.study import StudyFolder
 from tests.conftest import run_cli
 
 ENGINES = {"tvm_tuned", "tvm_dense", "torch_eager", "onnxruntime"}
@@ -67,7 +67,7 @@ def _artifact(folder: Path, registry, task_name: str, plan: Plan, width: float =
 
 @pytest.fixture(scope="module")
 def registry_once():
-    from autoshrink.plugins import load_registry
+    from autoshrink.registry import load_registry
 
     load_registry.cache_clear()
     return load_registry()

@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import autoshrink
-from autoshrink.api import to_split
 from autoshrink.errors import UsageError
-from autoshrink.html_report import history_data, pareto_plot_data
 from autoshrink.metric import Metric
-from autoshrink.report import load_study_readonly, render_markdown
-from autoshrink.study import StudyFolder
+from autoshrink.reports.markdown import render_markdown
+from autoshrink.reports.view import history_data, pareto_plot_data
+from autoshrink.search.study import StudyFolder, load_study_readonly
+from autoshrink.user_task import to_split
 
 BUDGET = 6_000  # about half the float32 baseline's file
 SETTINGS = {"finetune_steps": 30, "seed": 3, "retrain_epochs": 1, "retrain_top": 2}

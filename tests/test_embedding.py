@@ -126,8 +126,8 @@ def test_unhonourable_tables_are_refused(registry, table: dict, named: str) -> N
 
 def test_compile_refuses_embedding_models(tmp_path: Path, registry) -> None:
     pytest.importorskip("tvm")
-    from autoshrink.compile import compile_artifact
-    from autoshrink.compile.pipeline import CompileError
+    from autoshrink.compiler import compile_artifact
+    from autoshrink.compiler.pipeline import CompileError
 
     model = Bag()
     path = tmp_path / "bag.safetensors"

@@ -26,16 +26,10 @@ import pytest
 import torch
 from safetensors.numpy import save
 
-from autoshrink.artifact import (
-    PACKED,
-    _digest,
-    header_json,
-    header_metadata,
-    read_artifact,
-    write_artifact,
-)
+from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.compress import compress
 from autoshrink.errors import ArtifactError
+from autoshrink.header import PACKED, digest, header_json, header_metadata
 from autoshrink.plan import Choice, LayerPlan, Plan
 
 MUTANTS = int(os.environ.get("AUTOSHRINK_FUZZ_MUTANTS", "260"))
@@ -75,7 +69,7 @@ def _join(header: dict | str, blobs: dict[str, bytes]) -> bytes:
                   "bytes": len(blob)}
             for key, blob in blobs.items()
         }
-        header = {**header, "streams": streams, "sha256": _digest(blobs)}
+        header = {**header, "streams": streams, "sha256": digest(blobs)}
         metadata = header_metadata(header)
     else:
         metadata = {"autoshrink": header}
@@ -276,6 +270,6 @@ def test_no_mutant_escapes_hangs_or_balloons(registry, tmp_path: Path) -> None:
 
 @pytest.fixture
 def registry():
-    from autoshrink.plugins import load_registry
+    from autoshrink.registry import load_registry
 
     return load_registry()

@@ -17,13 +17,14 @@ import torch
 import tvm
 from tvm import relax
 
-from autoshrink.artifact import read_artifact, read_header, write_artifact
-from autoshrink.compile import compile_artifact
-from autoshrink.compile.build import fuse
-from autoshrink.compile.lowering import KernelCall, compressed_kernels, to_relax_lowered
-from autoshrink.compile.pipeline import _layer_inputs
-from autoshrink.compile.target import resolve_target
+from autoshrink.artifact import read_artifact, write_artifact
+from autoshrink.compiler import compile_artifact
+from autoshrink.compiler.build import fuse
+from autoshrink.compiler.lowering import KernelCall, compressed_kernels, to_relax_lowered
+from autoshrink.compiler.pipeline import _layer_inputs
+from autoshrink.compiler.target import resolve_target
 from autoshrink.compress import compress, replace_module
+from autoshrink.header import read_header
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ VALUES = {
 @pytest.fixture(scope="module")
 def methods():
     """The registry of built-ins plus the example plugin's method, as its hook registers it."""
-    from autoshrink.plugins import load_registry
+    from autoshrink.registry import load_registry
 
     sys.path.insert(0, str(ROOT / "examples" / "autoshrink-ternary"))
     try:
@@ -192,7 +193,7 @@ def test_both_forms_of_a_float32_layer_name_their_stages_alike(methods, tmp_path
 
     import tvm_ffi
 
-    from autoshrink.compile.lowering import dense_kernel
+    from autoshrink.compiler.lowering import dense_kernel
 
     plan = Plan(layers={"fc1": LayerPlan(value=Choice(method="float", config={"bits": 32}))})
     _, _, _, kernels = _compile(tmp_path, methods, "digits-mlp", plan, 1.0, 2)

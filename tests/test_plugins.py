@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from autoshrink.errors import PluginError
-from autoshrink.plugins import load_registry
+from autoshrink.registry import load_registry
 from tests.conftest import ROOT, install_plugin, run_cli, write_plugin
 
 EXAMPLE = ROOT / "examples" / "autoshrink-ternary"

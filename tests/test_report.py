@@ -21,18 +21,19 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from autoshrink import svg
-from autoshrink.html_report import (
+from autoshrink.registry import load_registry
+from autoshrink.reports import svg
+from autoshrink.reports.html import render_html
+from autoshrink.reports.view import (
     heatmap_data,
     history_data,
+    latency_table,
     pareto_plot_data,
     recommended,
-    render_html,
     trial_kind,
 )
-from autoshrink.plugins import load_registry
-from autoshrink.report import latency_table, regenerate
-from autoshrink.study import StudyFolder
+from autoshrink.search.study import StudyFolder
+from autoshrink.session import regenerate
 from tests.conftest import ROOT, install_plugin, run_cli, write_plugin
 from tests.test_search import EXPLODING
 

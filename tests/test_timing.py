@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from autoshrink.compile.timing import (
+from autoshrink.compiler.timing import (
     ONNX_MISSING,
     Timings,
     TvmEngine,
@@ -40,7 +40,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> tuple[Timings, bytes]:
     what reached this process's stdout and stderr (file descriptors 1 and 2) meanwhile."""
     import tvm
 
-    from autoshrink.compile.build import to_relax
+    from autoshrink.compiler.build import to_relax
 
     folder = tmp_path_factory.mktemp("timing")
     model = tiny_model()
@@ -105,7 +105,7 @@ def test_without_onnxruntime_the_note_says_how_to_install_it(tmp_path: Path) -> 
         "sys.modules['onnxruntime'] = None\n"
         "from pathlib import Path\n"
         "from torch import nn\n"
-        "from autoshrink.compile.timing import prepare_peers\n"
+        "from autoshrink.compiler.timing import prepare_peers\n"
         "model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))\n"
         f"peers, notes = prepare_peers(model, (16,), [1, 4], Path({str(tmp_path)!r}))\n"
         "print(json.dumps({'peers': sorted(peers), 'notes': notes}))\n"

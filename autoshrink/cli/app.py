@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from autoshrink.plugins import Registry, load_registry
+from autoshrink.registry import Registry, load_registry
 from autoshrink.settings import Settings, load_settings
 from autoshrink.tasks import Task, resolve_task
 

@@ -62,9 +62,9 @@ def compile_command(
     in their compressed form and decoded inside the kernels (MetaSchedule tuning, reused
     across runs); check it computes what the artifact does and time it beside a dense TVM
     compile, PyTorch and ONNX Runtime: writes model.so, compiled.json and latency.json."""
-    from autoshrink.artifact import read_header
-    from autoshrink.compile import compile_artifact, resolve_target
+    from autoshrink.compiler import compile_artifact, resolve_target
     from autoshrink.errors import DataNotFoundError
+    from autoshrink.header import read_header
 
     config = settings(task=task, data_dir=data_dir, tune_trials=trials)
     plugins = registry(config)

@@ -24,7 +24,7 @@ from autoshrink.cli.app import (
 )
 from autoshrink.errors import UsageError
 from autoshrink.methods import StructureMethod
-from autoshrink.progress import TrainingBar
+from autoshrink.search.progress import TrainingBar
 from autoshrink.space import build_space, config_distributions, describe, load_preset
 
 

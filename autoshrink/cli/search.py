@@ -204,9 +204,8 @@ def report_command(
     its search is still running."""
     import webbrowser
 
-    from autoshrink.report import regenerate
-    from autoshrink.session import study_folder
-    from autoshrink.study import StudyFolder
+    from autoshrink.search.study import StudyFolder
+    from autoshrink.session import regenerate, study_folder
 
     config = settings(study=study, out=out)
     registry(config)
@@ -242,9 +241,9 @@ def doctor_command(
     ] = False,
 ) -> None:
     """Check a study's journal and files; with --repair, fix a damaged journal."""
-    from autoshrink.journal import check_journal
-    from autoshrink.journal import repair as repair_journal
-    from autoshrink.lock import StudyLock
+    from autoshrink.search.journal import check_journal
+    from autoshrink.search.journal import repair as repair_journal
+    from autoshrink.search.lock import StudyLock
     from autoshrink.session import study_folder
 
     folder = study_folder(settings(study=study, out=out))

@@ -72,7 +72,7 @@ class Ternary(ValueMethod):
         self, arrays: dict[str, np.ndarray], meta: dict[str, Any], shape: tuple, config: Any
     ) -> LoweredValue:
         # The compiled form keeps the 2-bit codes; the kernel decodes each as it multiplies.
-        from autoshrink.compile.kernels import unpack
+        from autoshrink.compiler.kernels import unpack
 
         scale = np.float32(meta["scale"])
         levels = np.array([0.0, scale, -scale, 0.0], dtype=np.float32)  # by 2-bit code

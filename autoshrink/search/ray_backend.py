@@ -31,23 +31,20 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from autoshrink.errors import UsageError, first_line
-from autoshrink.settings import Settings
-from autoshrink.space import Space
-from autoshrink.storage import JOURNAL, is_journal, open_storage
-from autoshrink.study import (
-    ARTIFACT,
+from autoshrink.search.storage import JOURNAL, is_journal, open_storage
+from autoshrink.search.study import (
     FAILURE,
     INTERRUPTED,
     PLAN,
-    SECONDS,
-    UNTRAINED,
-    UNTRAINED_REASON,
     SearchSetup,
     StudyFolder,
     make_sampler,
+    outcome_attrs,
     storage_address,
     worker_setup,
 )
+from autoshrink.settings import Settings
+from autoshrink.space import Space
 from autoshrink.trial import run_trial
 
 __all__ = ["connect", "search_on_ray"]
@@ -148,10 +145,7 @@ def _trainable(
             path.unlink(missing_ok=True)
             tune.report({"bytes": None, "val_accuracy": None})
             return
-        attrs = {ARTIFACT: str(path.relative_to(folder.root)), SECONDS: round(outcome.seconds, 3)}
-        if not outcome.trained:
-            attrs[UNTRAINED] = UNTRAINED_REASON
-        _record(address, study_name, number, attrs)
+        _record(address, study_name, number, outcome_attrs(outcome, folder))
         tune.report({"bytes": outcome.bytes, "val_accuracy": outcome.val_accuracy})
 
     return trainable

@@ -16,7 +16,7 @@ import tvm
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from autoshrink.compile.target import Target
+from autoshrink.compiler.target import Target
 
 __all__ = ["tune"]
 

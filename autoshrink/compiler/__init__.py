@@ -39,9 +39,3 @@ def __getattr__(name: str) -> Any:
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
-
-
-# `autoshrink.compile(artifact)` is the API call of this package's name (autoshrink.api).
-from autoshrink.api import callable_module  # noqa: E402
-
-callable_module(__name__, "compile")

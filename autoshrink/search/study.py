@@ -1,4 +1,4 @@
-"""Study: the Optuna multi-objective search over plans, run locally or on Ray, resumable.
+"""Study: the Optuna multi-objective search over plans, its setup and its trial records.
 
 Objectives are artifact bytes (minimise) and the task's validation metric (in its direction:
 maximise accuracy, minimise an error); the byte budget is a constraint, so over-budget trials
@@ -11,8 +11,6 @@ trials' artifacts.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import shlex
 import sys
@@ -26,20 +24,22 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from autoshrink.baseline import Baseline, load_baseline
-from autoshrink.errors import AutoshrinkError, UsageError
-from autoshrink.folder import Identity, StudyFolder, study_identity
+from autoshrink.errors import UsageError
 from autoshrink.metric import Metric
 from autoshrink.plan import Plan
-from autoshrink.plugins import Registry, load_registry
+from autoshrink.registry import Registry, load_registry
+from autoshrink.search.folder import Identity, StudyFolder, study_identity
+from autoshrink.search.journal import JournalError, check_journal
+from autoshrink.search.storage import address_of, display, is_journal, open_storage
 from autoshrink.settings import Settings
 from autoshrink.space import Space, build_space, load_preset
-from autoshrink.storage import address_of, display, open_storage
 from autoshrink.tasks import Task, TaskData, resolve_task
-from autoshrink.trial import TrialBudget, run_trial
+from autoshrink.trial import TrialBudget, TrialOutcome
 
 __all__ = [
-    "Identity", "Provided", "SearchSetup", "StudyFolder", "check_metric", "open_study", "prepare",
-    "recorded_metric", "resolve", "search", "study_identity",
+    "Identity", "Provided", "SearchSetup", "StudyFolder", "check_metric", "load_study_readonly",
+    "open_study", "prepare",
+    "outcome_attrs", "recorded_metric", "resolve", "study_identity",
 ]
 
 # ERROR, not WARNING: Optuna logs every failed trial with its traceback; a failure is one line
@@ -160,7 +160,7 @@ def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
 
 
 def storage_address(folder: StudyFolder, settings: Settings) -> str:
-    """Where the study's trials are recorded (see :mod:`autoshrink.storage`)."""
+    """Where the study's trials are recorded (see :mod:`autoshrink.search.storage`)."""
     return address_of(settings.storage, folder.journal)
 
 
@@ -243,66 +243,16 @@ def was_interrupted(trial: FrozenTrial) -> bool:
     return str(trial.user_attrs.get(FAILURE, "")).startswith(INTERRUPTED)
 
 
-class Objective:
-    """The local backend's objective: one trial, failures recorded with their reason. When
-    the study folder stops taking writes, the search stops and :attr:`stopped_by` says why."""
-
-    def __init__(self, setup: SearchSetup, folder: StudyFolder) -> None:
-        self.setup, self.folder = setup, folder
-        self.stopped_by: StorageFull | None = None
-
-    def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
-        setup = self.setup
-        plan = setup.space.sample(trial)
-        trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
-        path = self.folder.artifact(trial.number)
-        try:
-            outcome = run_trial(
-                plan,
-                task=setup.task,
-                data=setup.data,
-                baseline=setup.baseline,
-                registry=setup.registry,
-                artifact=path,
-                budget=setup.budget,
-                seed=setup.settings.seed + trial.number,
-            )
-        except KeyboardInterrupt:
-            trial.set_user_attr(FAILURE, f"{INTERRUPTED} (Ctrl-C)")
-            trial.study.enqueue_trial(trial.params)  # tried again on resume
-            path.unlink(missing_ok=True)
-            raise
-        except OSError as exc:
-            path.unlink(missing_ok=True)
-            if exc.errno not in STORAGE_ERRNOS:
-                trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
-                raise
-            # The study folder cannot take writes: this trial fails, and so would every next
-            # one. Record it if the journal still can, and stop the search.
-            where = f" ({exc.filename})" if exc.filename else ""
-            reason = f"the study folder cannot be written: {exc.strerror}{where}"
-            with contextlib.suppress(OSError):
-                trial.set_user_attr(FAILURE, reason)
-            trial.study.stop()
-            self.stopped_by = StorageFull(f"{reason}; free space, then `autoshrink resume`")
-            raise self.stopped_by from exc
-        except Exception as exc:
-            trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
-            path.unlink(missing_ok=True)
-            raise
-        trial.set_user_attr(ARTIFACT, str(path.relative_to(self.folder.root)))
-        trial.set_user_attr(SECONDS, round(outcome.seconds, 3))
-        if not outcome.trained:
-            trial.set_user_attr(UNTRAINED, UNTRAINED_REASON)
-        return outcome.bytes, outcome.val_accuracy
-
-
-class StorageFull(AutoshrinkError):
-    """The study folder stopped taking writes (disk full, read-only, over quota)."""
-
-
-#: OS errors that mean "the study folder cannot be written at all" rather than a failed trial.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+def outcome_attrs(outcome: TrialOutcome, folder: StudyFolder) -> dict[str, object]:
+    """The user attributes that record a finished trial's artifact, time and, for a plan too
+    large to train, why it was measured untrained (the same on every backend)."""
+    attrs: dict[str, object] = {
+        ARTIFACT: str(outcome.artifact.relative_to(folder.root)),
+        SECONDS: round(outcome.seconds, 3),
+    }
+    if not outcome.trained:
+        attrs[UNTRAINED] = UNTRAINED_REASON
+    return attrs
 
 
 def finished(study: optuna.Study) -> int:
@@ -312,37 +262,6 @@ def finished(study: optuna.Study) -> int:
         1 for t in study.get_trials(deepcopy=False)
         if t.state.is_finished() and not was_interrupted(t)
     )
-
-
-def search(
-    setup: SearchSetup,
-    folder: StudyFolder,
-    study: optuna.Study,
-    *,
-    trials: int | None,
-    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
-) -> None:
-    """Run trials until ``trials`` have finished in total or the timeout passes."""
-    settings = setup.settings
-    remaining = None if trials is None else max(0, trials - finished(study))
-    if remaining == 0:
-        return
-    if settings.backend == "ray":
-        from autoshrink.ray_backend import search_on_ray
-
-        search_on_ray(setup, folder, study, trials=remaining, callbacks=callbacks)
-        return
-    run = Objective(setup, folder)
-    study.optimize(
-        run,
-        n_trials=remaining,
-        timeout=settings.timeout,
-        catch=(Exception,),
-        callbacks=list(callbacks),
-        gc_after_trial=True,
-    )
-    if run.stopped_by is not None:
-        raise run.stopped_by
 
 
 def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -> None:
@@ -368,3 +287,29 @@ def trial_summary(trial: FrozenTrial) -> dict:
         "plan": trial.user_attrs.get(PLAN),
     }
 
+
+def load_study_readonly(folder: StudyFolder) -> optuna.Study:
+    """The study in a folder's journal, read without writing to it.
+
+    ``open_study(..., create=False)`` goes through ``create_study(load_if_exists=True)``,
+    which appends a create-study record to the journal on every call; a report, which may be
+    regenerated often and while a search writes the same journal, only reads.
+    """
+    settings = folder.load_settings()
+    address = storage_address(folder, settings)
+    if is_journal(address):
+        if not folder.journal.is_file():
+            raise UsageError(
+                f"no study journal in {folder.root}; start one with `autoshrink search`"
+            )
+        found = check_journal(folder.journal)
+        if found.problem:  # a cut tail is fine: Optuna's reader skips it
+            raise JournalError(
+                f"study journal {found.problem}. `autoshrink doctor {folder.name}` explains, "
+                "`--repair` fixes it after a backup"
+            )
+    identity = study_identity(folder)
+    storage = open_storage(address)
+    if identity.name not in optuna.get_all_study_names(storage):
+        raise UsageError(f"{display(address)} holds no study named `{identity.name}`")
+    return optuna.load_study(study_name=identity.name, storage=storage)

@@ -28,35 +28,36 @@ from rich.console import Console
 from torch import nn
 from tvm import relax
 
-from autoshrink.artifact import read_artifact, read_header
+from autoshrink.artifact import read_artifact
 from autoshrink.baseline import cache_dir
-from autoshrink.compile.build import build_tuned, entry, fuse, to_relax
-from autoshrink.compile.choice import choose_kernels
-from autoshrink.compile.database import mark_checked, open_database
-from autoshrink.compile.densify import (
+from autoshrink.compiler.build import build_tuned, entry, fuse, to_relax
+from autoshrink.compiler.choice import choose_kernels
+from autoshrink.compiler.database import mark_checked, open_database
+from autoshrink.compiler.densify import (
     RELATIVE_TOLERANCE,
     densify,
     fold_batchnorm,
     layer_shapes,
 )
-from autoshrink.compile.lowering import (
+from autoshrink.compiler.lowering import (
     KernelCall,
     compressed_kernels,
     dense_kernel,
     to_relax_lowered,
 )
-from autoshrink.compile.machine import available_cores, cpu_model
-from autoshrink.compile.target import Target, load_tensor_intrinsics, resolve_target
-from autoshrink.compile.timing import TvmEngine, measure, model_flops, prepare_peers, thread_count
-from autoshrink.compile.tuning import tune
+from autoshrink.compiler.machine import available_cores, cpu_model
+from autoshrink.compiler.target import Target, load_tensor_intrinsics, resolve_target
+from autoshrink.compiler.timing import TvmEngine, measure, model_flops, prepare_peers, thread_count
+from autoshrink.compiler.tuning import tune
 from autoshrink.compress import replace_module
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.files import file_digest
+from autoshrink.header import read_header
 from autoshrink.plan import compressible_layers
 
 if TYPE_CHECKING:
-    from autoshrink.plugins import Registry
-    from autoshrink.study import SearchSetup, StudyFolder
+    from autoshrink.registry import Registry
+    from autoshrink.search.study import SearchSetup, StudyFolder
     from autoshrink.tasks import Data, Task
 
 __all__ = ["CompileError", "CompileResult", "compile_artifact", "compile_winners"]
@@ -172,7 +173,7 @@ def compile_artifact(
     ``out`` (default ``<artifact name>-compiled`` beside it): ``model.so`` with every layer's
     weights in their stored form, read by kernels that decode as they compute (dense only
     where a layer has no compressed kernel, or where the dense one is faster within
-    :data:`~autoshrink.compile.choice.DENSE_ALLOWANCE`), plus ``compiled.json`` and
+    :data:`~autoshrink.compiler.choice.DENSE_ALLOWANCE`), plus ``compiled.json`` and
     ``latency.json``. ``trials`` tuning measurements go to the bundle and as many to the
     ``tvm_dense`` peer (0: use only what the tuning database holds). Outputs are checked
     against PyTorch (and ``test`` accuracy when given); every engine is timed at batch 1 and

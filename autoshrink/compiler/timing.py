@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoshrink.compile.timing_child import (
+from autoshrink.compiler.timing_child import (
     Child,
     ChildFailed,
     Engine,

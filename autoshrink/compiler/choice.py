@@ -20,10 +20,10 @@ import tvm
 from rich.console import Console
 from tvm import relax
 
-from autoshrink.compile.build import build_tuned, fuse
-from autoshrink.compile.lowering import LayerKernel
-from autoshrink.compile.target import Target
-from autoshrink.compile.tuning import tune
+from autoshrink.compiler.build import build_tuned, fuse
+from autoshrink.compiler.lowering import LayerKernel
+from autoshrink.compiler.target import Target
+from autoshrink.compiler.tuning import tune
 
 __all__ = ["DENSE_ALLOWANCE", "SLOWDOWN_LIMIT", "choose_kernels"]
 

@@ -1,6 +1,6 @@
 """Static SVG charts for ``index.html``: the Pareto plot, the search history, the layer map.
 
-Every function here draws plain data computed in :mod:`autoshrink.html_report` and returns
+Every function here draws plain data computed in :mod:`autoshrink.reports.html` and returns
 SVG text; nothing is measured or decided here, so the data can be tested without parsing
 SVG. Colours come from CSS classes the page defines (inline SVG shares the page's styles),
 except the heat map's shades, which are data. All text goes through :func:`html.escape`:

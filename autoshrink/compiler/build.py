@@ -10,7 +10,7 @@ import tvm
 from torch import nn
 from tvm import relax
 
-from autoshrink.compile.target import Target
+from autoshrink.compiler.target import Target
 
 __all__ = ["build_tuned", "entry", "fuse", "to_relax"]
 

@@ -1,4 +1,4 @@
-"""Both ends of one engine's child process for :mod:`autoshrink.compile.timing`: the engines
+"""Both ends of one engine's child process for :mod:`autoshrink.compiler.timing`: the engines
 (each loads itself in the child), the child's loop, and :class:`Child`, the parent's handle.
 
 The parent runs this file by path (``python -P timing_child.py``), not as a module of the

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autoshrink.compile.timing import model_flops
+from autoshrink.compiler.timing import model_flops
 from autoshrink.compress import replace_module
 from autoshrink.errors import first_line
 

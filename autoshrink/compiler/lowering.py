@@ -10,7 +10,7 @@ The model goes through ``torch.export`` with each such layer replaced by a call 
 custom operator ``autoshrink::compiled_layer``, which the Relax importer turns into a
 ``call_tir`` of the layer's kernel. A layer's arrays are Relax constants made once and shared
 by every batch entry, so the library stores them once. Kernels are marked opaque, so fusion
-leaves them as they were tuned (:mod:`autoshrink.compile.choice` tunes them one by one).
+leaves them as they were tuned (:mod:`autoshrink.compiler.choice` tunes them one by one).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import tvm
 from torch import nn
 from tvm import relax
 
-from autoshrink.artifact import Header, stream_array
-from autoshrink.compile.build import entry
-from autoshrink.compile.kernels import dense_layer, supports
+from autoshrink.artifact import stream_array
+from autoshrink.compiler.build import entry
+from autoshrink.compiler.kernels import dense_layer, supports
+from autoshrink.header import Header
 from autoshrink.methods import LayerCode, LoweredValue, Stage, StructureMethod, ValueMethod
 
 if TYPE_CHECKING:
-    from autoshrink.plugins import Registry
+    from autoshrink.registry import Registry
 
 __all__ = ["LayerKernel", "compressed_kernels", "dense_kernel", "to_relax_lowered"]
 
@@ -150,7 +151,7 @@ def compressed_kernels(
 
 def dense_kernel(name: str, layer: nn.Module) -> LayerKernel | None:
     """A plain Linear / Conv2d as a kernel over its float32 weight (the dense form), or
-    ``None`` when :func:`autoshrink.compile.kernels.supports` does not cover it."""
+    ``None`` when :func:`autoshrink.compiler.kernels.supports` does not cover it."""
     if not isinstance(layer, nn.Linear | nn.Conv2d) or not supports(layer):
         return None
     arrays = {"weight": layer.weight.detach().float().reshape(-1).numpy().copy()}

@@ -1,0 +1,120 @@
+"""The trials of a search, run in this process (the local backend) or on Ray.
+
+:func:`run_trials` is the one entry: it hands the study to Ray Tune
+(:mod:`autoshrink.search.ray_backend`) or runs :class:`Objective` through Optuna's own loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Callable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from autoshrink.errors import AutoshrinkError
+from autoshrink.search.folder import StudyFolder
+from autoshrink.search.study import (
+    FAILURE,
+    INTERRUPTED,
+    PLAN,
+    SearchSetup,
+    finished,
+    outcome_attrs,
+)
+from autoshrink.trial import run_trial
+
+__all__ = ["Objective", "StorageFull", "run_trials"]
+
+
+class Objective:
+    """The local backend's objective: one trial, failures recorded with their reason. When
+    the study folder stops taking writes, the search stops and :attr:`stopped_by` says why."""
+
+    def __init__(self, setup: SearchSetup, folder: StudyFolder) -> None:
+        self.setup, self.folder = setup, folder
+        self.stopped_by: StorageFull | None = None
+
+    def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
+        setup = self.setup
+        plan = setup.space.sample(trial)
+        trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
+        path = self.folder.artifact(trial.number)
+        try:
+            outcome = run_trial(
+                plan,
+                task=setup.task,
+                data=setup.data,
+                baseline=setup.baseline,
+                registry=setup.registry,
+                artifact=path,
+                budget=setup.budget,
+                seed=setup.settings.seed + trial.number,
+            )
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAILURE, f"{INTERRUPTED} (Ctrl-C)")
+            trial.study.enqueue_trial(trial.params)  # tried again on resume
+            path.unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno not in STORAGE_ERRNOS:
+                trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
+                raise
+            # The study folder cannot take writes: this trial fails, and so would every next
+            # one. Record it if the journal still can, and stop the search.
+            where = f" ({exc.filename})" if exc.filename else ""
+            reason = f"the study folder cannot be written: {exc.strerror}{where}"
+            with contextlib.suppress(OSError):
+                trial.set_user_attr(FAILURE, reason)
+            trial.study.stop()
+            self.stopped_by = StorageFull(f"{reason}; free space, then `autoshrink resume`")
+            raise self.stopped_by from exc
+        except Exception as exc:
+            trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
+            path.unlink(missing_ok=True)
+            raise
+        for key, value in outcome_attrs(outcome, self.folder).items():
+            trial.set_user_attr(key, value)
+        return outcome.bytes, outcome.val_accuracy
+
+
+class StorageFull(AutoshrinkError):
+    """The study folder stopped taking writes (disk full, read-only, over quota)."""
+
+
+#: OS errors that mean "the study folder cannot be written at all" rather than a failed trial.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
+def run_trials(
+    setup: SearchSetup,
+    folder: StudyFolder,
+    study: optuna.Study,
+    *,
+    trials: int | None,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+) -> None:
+    """Run trials until ``trials`` have finished in total or the timeout passes, on the
+    backend the settings name."""
+    settings = setup.settings
+    remaining = None if trials is None else max(0, trials - finished(study))
+    if remaining == 0:
+        return
+    if settings.backend == "ray":
+        from autoshrink.search.ray_backend import search_on_ray
+
+        search_on_ray(setup, folder, study, trials=remaining, callbacks=callbacks)
+        return
+    run = Objective(setup, folder)
+    study.optimize(
+        run,
+        n_trials=remaining,
+        timeout=settings.timeout,
+        catch=(Exception,),
+        callbacks=list(callbacks),
+        gc_after_trial=True,
+    )
+    if run.stopped_by is not None:
+        raise run.stopped_by

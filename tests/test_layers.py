@@ -1,0 +1,124 @@
+"""The package's shape: its imports form no cycle and never climb a layer.
+
+Layers, lowest first: the core (the method contract, plans, tasks, artifacts, the registry,
+the search space, compression and training: ``autoshrink/*.py``), ``autoshrink/search/``
+(studies, trials, backends, the outcome), ``autoshrink/reports/`` and
+``autoshrink/compiler/`` (what a finished study is turned into), the application
+(``session``, ``api``: running a search end to end), and ``autoshrink/cli/``. A module may
+import its own layer or lower ones, at module level or inside a function alike; imports
+under ``TYPE_CHECKING`` are for annotations only and are not counted. The package's
+``__init__`` is its public face (it lazily re-exports the API) and is not part of the walk.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "autoshrink"
+APPLICATION = {"autoshrink.session", "autoshrink.api"}
+LAYERS = {"search": 1, "reports": 2, "compiler": 2, "cli": 4}
+
+
+def module_names() -> dict[str, Path]:
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def layer(module: str) -> int:
+    if module in APPLICATION:
+        return 3
+    return LAYERS.get(module.split(".")[1], 0)
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """Line numbers of imports inside ``if TYPE_CHECKING:`` blocks."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            found = ast.walk(node)
+            lines |= {n.lineno for n in found if isinstance(n, ast.Import | ast.ImportFrom)}
+    return lines
+
+
+def imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The package modules ``module`` imports at run time (anywhere in its code)."""
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_only(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Import | ast.ImportFrom) or node.lineno in skip:
+            continue
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            # `from package import module` imports that module; the package's own
+            # `__init__` runs too, but as every submodule's parent, not as a dependency.
+            targets = [f"{base}.{alias.name}" for alias in node.names]
+            if any(target not in known for target in targets):
+                targets.append(base)
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != module and target != "autoshrink":
+                found.add(target)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    known = module_names()
+    return {m: imports(m, p, known) for m, p in known.items() if m != "autoshrink"}
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    upward = sorted(
+        f"{m} (layer {layer(m)}) imports {t} (layer {layer(t)})"
+        for m, targets in graph().items()
+        for t in targets
+        if layer(t) > layer(m)
+    )
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles() -> None:
+    edges = graph()
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(edges.get(node, ())):
+            if state.get(target) == 1:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.name)
+def test_no_module_is_long(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= 420, f"{path.relative_to(PACKAGE.parent)} has {lines} lines; split it"
+
+
+def test_the_walk_sees_real_imports() -> None:
+    edges = graph()
+    assert "autoshrink.methods" in edges["autoshrink.plan"]
+    assert "autoshrink.cli.app" in edges["autoshrink.cli.search"]
+    assert layer("autoshrink.cli.search") == 4 and layer("autoshrink.methods") == 0
+    assert layer("autoshrink.search.study") == 1 and layer("autoshrink.reports.html") == 2
