@@ -48,8 +48,8 @@ from torch import nn
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.metric import Metric, check_direction, metric_name
 from autoshrink.plan import Plan
-from autoshrink.search.study import Provided, StudyFolder
 from autoshrink.settings import Settings, load_settings
+from autoshrink.studies.study import Provided, StudyFolder
 from autoshrink.tasks import (
     SupervisedLoss,
     Task,
@@ -242,8 +242,8 @@ class _Judging:
 def _recorded(settings: Settings) -> Metric | None:
     """The metric an existing study was searched with (None when there is no readable study
     yet: the usual checks then say what is wrong)."""
-    from autoshrink.search.study import load_study_readonly, recorded_metric
     from autoshrink.session import study_folder
+    from autoshrink.studies.study import load_study_readonly, recorded_metric
 
     try:
         folder = study_folder(settings)

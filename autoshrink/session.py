@@ -21,15 +21,17 @@ from autoshrink.budget import fit_start, smallest_artifact
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.plan import Plan
 from autoshrink.reports import write_report
-from autoshrink.search.folder import new_identity, study_identity
-from autoshrink.search.journal import heal_for_append
-from autoshrink.search.local import run_trials
-from autoshrink.search.lock import StudyBusyError, StudyLock
-from autoshrink.search.pareto import BEST, summarize
-from autoshrink.search.progress import SearchProgress, TrainingBar
-from autoshrink.search.retrain import retrain_front
-from autoshrink.search.storage import address_of, open_storage
-from autoshrink.search.study import (
+from autoshrink.settings import Settings
+from autoshrink.space import params_of
+from autoshrink.studies.folder import new_identity, study_identity
+from autoshrink.studies.journal import heal_for_append
+from autoshrink.studies.local import run_trials
+from autoshrink.studies.lock import StudyBusyError, StudyLock
+from autoshrink.studies.pareto import BEST, summarize
+from autoshrink.studies.progress import SearchProgress, TrainingBar
+from autoshrink.studies.retrain import retrain_front
+from autoshrink.studies.storage import address_of, open_storage
+from autoshrink.studies.study import (
     Provided,
     SearchSetup,
     StudyFolder,
@@ -43,8 +45,6 @@ from autoshrink.search.study import (
     save_settings,
     storage_address,
 )
-from autoshrink.settings import Settings
-from autoshrink.space import params_of
 
 __all__ = ["Interrupted", "regenerate", "run_search", "study_folder"]
 
@@ -107,7 +107,7 @@ def check_budget(settings: Settings, console: Console, provided: Provided | None
 def check_ray(settings: Settings) -> None:
     """Start or join the Ray cluster now, so a bad address fails before any training."""
     if settings.backend == "ray":
-        from autoshrink.search.ray_backend import connect
+        from autoshrink.studies.ray_backend import connect
 
         connect(settings)
 

@@ -24,9 +24,9 @@ from autoshrink.compiler import compile_artifact, open_database
 from autoshrink.compiler.densify import densify
 from autoshrink.compress import compress
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
-from autoshrink.search.pareto import _latency
-from autoshrink.search.study import StudyFolder
 from autoshrink.settings import Settings
+from autoshrink.studies.pareto import _latency
+from autoshrink.studies.study import StudyFolder
 from tests.conftest import run_cli
 
 ENGINES = {"tvm_tuned", "tvm_dense", "torch_eager", "onnxruntime"}

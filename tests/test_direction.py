@@ -19,7 +19,7 @@ from autoshrink.errors import UsageError
 from autoshrink.metric import Metric
 from autoshrink.reports.markdown import render_markdown
 from autoshrink.reports.view import history_data, pareto_plot_data
-from autoshrink.search.study import StudyFolder, load_study_readonly
+from autoshrink.studies.study import StudyFolder, load_study_readonly
 from autoshrink.user_task import to_split
 
 BUDGET = 6_000  # about half the float32 baseline's file

@@ -1,7 +1,7 @@
 """The package's shape: its imports form no cycle and never climb a layer.
 
 Layers, lowest first: the core (the method contract, plans, tasks, artifacts, the registry,
-the search space, compression and training: ``autoshrink/*.py``), ``autoshrink/search/``
+the search space, compression and training: ``autoshrink/*.py``), ``autoshrink/studies/``
 (studies, trials, backends, the outcome), ``autoshrink/reports/`` and
 ``autoshrink/compiler/`` (what a finished study is turned into), the application
 (``session``, ``api``: running a search end to end), and ``autoshrink/cli/``. A module may
@@ -19,7 +19,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "autoshrink"
 APPLICATION = {"autoshrink.session", "autoshrink.api"}
-LAYERS = {"search": 1, "reports": 2, "compiler": 2, "cli": 4}
+LAYERS = {"studies": 1, "reports": 2, "compiler": 2, "cli": 4}
 
 
 def module_names() -> dict[str, Path]:
@@ -121,4 +121,17 @@ def test_the_walk_sees_real_imports() -> None:
     assert "autoshrink.methods" in edges["autoshrink.plan"]
     assert "autoshrink.cli.app" in edges["autoshrink.cli.search"]
     assert layer("autoshrink.cli.search") == 4 and layer("autoshrink.methods") == 0
-    assert layer("autoshrink.search.study") == 1 and layer("autoshrink.reports.html") == 2
+    assert layer("autoshrink.studies.study") == 1 and layer("autoshrink.reports.html") == 2
+
+
+def test_no_package_hides_an_api_call() -> None:
+    """A subpackage named like an API call (``autoshrink.search``) would replace it as the
+    package attribute once imported; every package imported, the API names still call."""
+    import importlib
+
+    import autoshrink
+
+    for path in PACKAGE.rglob("__init__.py"):
+        importlib.import_module(".".join(path.parent.relative_to(PACKAGE.parent).parts))
+    for name in ("search", "resume", "report", "load", "compile", "model_task"):
+        assert callable(getattr(autoshrink, name)), name

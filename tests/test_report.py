@@ -32,8 +32,8 @@ from autoshrink.reports.view import (
     recommended,
     trial_kind,
 )
-from autoshrink.search.study import StudyFolder
 from autoshrink.session import regenerate
+from autoshrink.studies.study import StudyFolder
 from tests.conftest import ROOT, install_plugin, run_cli, write_plugin
 from tests.test_search import EXPLODING
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from autoshrink.search.journal import check_journal, heal_for_append
-from autoshrink.search.lock import StudyBusyError, StudyLock
+from autoshrink.studies.journal import check_journal, heal_for_append
+from autoshrink.studies.lock import StudyBusyError, StudyLock
 from tests.conftest import run_cli
 
 FAST = ["--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB", "--seed", "3"]
@@ -207,7 +207,7 @@ def test_pareto_names_only_files_that_exist(study) -> None:
 
 
 def test_heal_refuses_a_missing_journal(tmp_path) -> None:
-    from autoshrink.search.journal import JournalError
+    from autoshrink.studies.journal import JournalError
 
     with pytest.raises(JournalError, match="missing"):
         heal_for_append(tmp_path / "study.journal", "s", has_artifacts=False)

@@ -24,8 +24,8 @@ from autoshrink.cli.app import (
 )
 from autoshrink.errors import UsageError
 from autoshrink.methods import StructureMethod
-from autoshrink.search.progress import TrainingBar
 from autoshrink.space import build_space, config_distributions, describe, load_preset
+from autoshrink.studies.progress import TrainingBar
 
 
 @app.command("plugins")

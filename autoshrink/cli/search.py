@@ -204,8 +204,8 @@ def report_command(
     its search is still running."""
     import webbrowser
 
-    from autoshrink.search.study import StudyFolder
     from autoshrink.session import regenerate, study_folder
+    from autoshrink.studies.study import StudyFolder
 
     config = settings(study=study, out=out)
     registry(config)
@@ -241,10 +241,10 @@ def doctor_command(
     ] = False,
 ) -> None:
     """Check a study's journal and files; with --repair, fix a damaged journal."""
-    from autoshrink.search.journal import check_journal
-    from autoshrink.search.journal import repair as repair_journal
-    from autoshrink.search.lock import StudyLock
     from autoshrink.session import study_folder
+    from autoshrink.studies.journal import check_journal
+    from autoshrink.studies.journal import repair as repair_journal
+    from autoshrink.studies.lock import StudyLock
 
     folder = study_folder(settings(study=study, out=out))
     if folder.settings.is_file() and folder.load_settings().storage is not None:

@@ -57,7 +57,7 @@ from autoshrink.plan import compressible_layers
 
 if TYPE_CHECKING:
     from autoshrink.registry import Registry
-    from autoshrink.search.study import SearchSetup, StudyFolder
+    from autoshrink.studies.study import SearchSetup, StudyFolder
     from autoshrink.tasks import Data, Task
 
 __all__ = ["CompileError", "CompileResult", "compile_artifact", "compile_winners"]

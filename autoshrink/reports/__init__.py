@@ -1,5 +1,5 @@
 """Reports: ``pareto.json``, ``report.md`` and ``index.html`` in a study folder, all rendered
-from one summary (:func:`autoshrink.search.pareto.summarize`), so the three never disagree.
+from one summary (:func:`autoshrink.studies.pareto.summarize`), so the three never disagree.
 
 :mod:`.view` turns the summary into what is shown, :mod:`.markdown` and :mod:`.html` (with
 :mod:`.svg` and the page's ``page.css`` / ``page.js``) render it. Nothing here reads a study
@@ -14,7 +14,7 @@ from typing import Any
 from autoshrink.files import write_atomic
 from autoshrink.reports.html import render_html
 from autoshrink.reports.markdown import render_markdown
-from autoshrink.search.pareto import write_json
+from autoshrink.studies.pareto import write_json
 
 __all__ = ["write_report"]
 

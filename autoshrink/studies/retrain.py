@@ -21,7 +21,7 @@ from rich.console import Console
 from autoshrink.artifact import read_artifact
 from autoshrink.files import file_digest, write_atomic
 from autoshrink.plan import Plan
-from autoshrink.search.study import SearchSetup, StudyFolder, study_identity
+from autoshrink.studies.study import SearchSetup, StudyFolder, study_identity
 from autoshrink.training import evaluate, steps_for
 from autoshrink.trial import TrialBudget, run_trial
 

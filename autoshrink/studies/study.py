@@ -28,11 +28,11 @@ from autoshrink.errors import UsageError
 from autoshrink.metric import Metric
 from autoshrink.plan import Plan
 from autoshrink.registry import Registry, load_registry
-from autoshrink.search.folder import Identity, StudyFolder, study_identity
-from autoshrink.search.journal import JournalError, check_journal
-from autoshrink.search.storage import address_of, display, is_journal, open_storage
 from autoshrink.settings import Settings
 from autoshrink.space import Space, build_space, load_preset
+from autoshrink.studies.folder import Identity, StudyFolder, study_identity
+from autoshrink.studies.journal import JournalError, check_journal
+from autoshrink.studies.storage import address_of, display, is_journal, open_storage
 from autoshrink.tasks import Task, TaskData, resolve_task
 from autoshrink.trial import TrialBudget, TrialOutcome
 
@@ -160,7 +160,7 @@ def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
 
 
 def storage_address(folder: StudyFolder, settings: Settings) -> str:
-    """Where the study's trials are recorded (see :mod:`autoshrink.search.storage`)."""
+    """Where the study's trials are recorded (see :mod:`autoshrink.studies.storage`)."""
     return address_of(settings.storage, folder.journal)
 
 

@@ -1,7 +1,7 @@
 """The trials of a search, run in this process (the local backend) or on Ray.
 
 :func:`run_trials` is the one entry: it hands the study to Ray Tune
-(:mod:`autoshrink.search.ray_backend`) or runs :class:`Objective` through Optuna's own loop.
+(:mod:`autoshrink.studies.ray_backend`) or runs :class:`Objective` through Optuna's own loop.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autoshrink.errors import AutoshrinkError
-from autoshrink.search.folder import StudyFolder
-from autoshrink.search.study import (
+from autoshrink.studies.folder import StudyFolder
+from autoshrink.studies.study import (
     FAILURE,
     INTERRUPTED,
     PLAN,
@@ -103,7 +103,7 @@ def run_trials(
     if remaining == 0:
         return
     if settings.backend == "ray":
-        from autoshrink.search.ray_backend import search_on_ray
+        from autoshrink.studies.ray_backend import search_on_ray
 
         search_on_ray(setup, folder, study, trials=remaining, callbacks=callbacks)
         return

@@ -15,7 +15,7 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   ``--compile`` also has ``latency`` and ``bundle_bytes`` (its
   ``compiled/trial-NNNN/latency.json``, see :mod:`autoshrink.compile`, used only when it
   was measured on this very artifact); a member retrained after the search
-  (:mod:`autoshrink.search.retrain`) has ``retrained`` (``epochs``, ``steps``, ``seconds``, its
+  (:mod:`autoshrink.studies.retrain`) has ``retrained`` (``epochs``, ``steps``, ``seconds``, its
   ``bytes`` and ``val_accuracy``, and ``taken``): when taken, ``bytes`` to ``artifact`` are
   the retrained figures and ``search`` holds the search's
 - ``best``: trial number of the recommended model (the best validation metric in its
@@ -42,9 +42,9 @@ from autoshrink.artifact import read_artifact, size_breakdown
 from autoshrink.errors import ArtifactError
 from autoshrink.files import file_digest, write_atomic
 from autoshrink.metric import Metric
-from autoshrink.search.retrain import retrained_figures
-from autoshrink.search.storage import display
-from autoshrink.search.study import (
+from autoshrink.studies.retrain import retrained_figures
+from autoshrink.studies.storage import display
+from autoshrink.studies.study import (
     ARTIFACT,
     SearchSetup,
     StudyFolder,

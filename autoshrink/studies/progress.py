@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from autoshrink.search.study import FAILURE, finished, recorded_metric
+from autoshrink.studies.study import FAILURE, finished, recorded_metric
 
 __all__ = ["SearchProgress", "TrainingBar"]
 

@@ -31,8 +31,10 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from autoshrink.errors import UsageError, first_line
-from autoshrink.search.storage import JOURNAL, is_journal, open_storage
-from autoshrink.search.study import (
+from autoshrink.settings import Settings
+from autoshrink.space import Space
+from autoshrink.studies.storage import JOURNAL, is_journal, open_storage
+from autoshrink.studies.study import (
     FAILURE,
     INTERRUPTED,
     PLAN,
@@ -43,8 +45,6 @@ from autoshrink.search.study import (
     storage_address,
     worker_setup,
 )
-from autoshrink.settings import Settings
-from autoshrink.space import Space
 from autoshrink.trial import run_trial
 
 __all__ = ["connect", "search_on_ray"]
