@@ -23,7 +23,6 @@ from autoshrink.studies.study import (
     finished,
     outcome_attrs,
 )
-from autoshrink.trial import run_trial
 
 __all__ = ["Objective", "StorageFull", "run_trials"]
 
@@ -42,16 +41,7 @@ class Objective:
         trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
         path = self.folder.artifact(trial.number)
         try:
-            outcome = run_trial(
-                plan,
-                task=setup.task,
-                data=setup.data,
-                baseline=setup.baseline,
-                registry=setup.registry,
-                artifact=path,
-                budget=setup.budget,
-                seed=setup.settings.seed + trial.number,
-            )
+            outcome = setup.run(plan, path, trial.number)
         except KeyboardInterrupt:
             trial.set_user_attr(FAILURE, f"{INTERRUPTED} (Ctrl-C)")
             trial.study.enqueue_trial(trial.params)  # tried again on resume

@@ -45,7 +45,6 @@ from autoshrink.studies.study import (
     storage_address,
     worker_setup,
 )
-from autoshrink.trial import run_trial
 
 __all__ = ["connect", "search_on_ray"]
 
@@ -128,16 +127,7 @@ def _trainable(
         try:
             setup = worker_setup(settings_json)
             plan = setup.plan_of({k: v for k, v in config.items() if k != NUMBER})
-            outcome = run_trial(
-                plan,
-                task=setup.task,
-                data=setup.data,
-                baseline=setup.baseline,
-                registry=setup.registry,
-                artifact=path,
-                budget=setup.budget,
-                seed=setup.settings.seed + number,
-            )
+            outcome = setup.run(plan, path, number)
         except Exception as exc:
             # Recorded here and reported as no figures (see StudySearch): raised, it would be
             # a Tune failure, and Tune would run the trial again.

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import optuna
 from optuna.study import StudyDirection
@@ -34,7 +35,7 @@ from autoshrink.studies.folder import Identity, StudyFolder, study_identity
 from autoshrink.studies.journal import JournalError, check_journal
 from autoshrink.studies.storage import address_of, display, is_journal, open_storage
 from autoshrink.tasks import Task, TaskData, resolve_task
-from autoshrink.trial import TrialBudget, TrialOutcome
+from autoshrink.trial import TrialBudget, TrialOutcome, run_trial
 
 __all__ = [
     "Identity", "Provided", "SearchSetup", "StudyFolder", "check_metric", "load_study_readonly",
@@ -80,6 +81,15 @@ class SearchSetup:
     def plan_of(self, params: dict) -> Plan:
         """The plan a trial's parameters describe (define-by-run replayed on fixed values)."""
         return self.space.sample(optuna.trial.FixedTrial(params))
+
+    def run(self, plan: Plan, artifact: Path, number: int) -> TrialOutcome:
+        """Trial ``number``: ``plan`` built, trained and measured with this search's task,
+        data, baseline and budget, its artifact written to ``artifact`` (every backend)."""
+        return run_trial(
+            plan, task=self.task, data=self.data, baseline=self.baseline,
+            registry=self.registry, artifact=artifact, budget=self.budget,
+            seed=self.settings.seed + number,
+        )
 
 
 @dataclass(frozen=True)
