@@ -18,8 +18,9 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from autoshrink import hookspecs
+import autoshrink.hookspecs as hookspecs
 from autoshrink.errors import PluginError, UsageError
+from autoshrink.knobs import config_distributions
 from autoshrink.methods import (
     EncodingMethod,
     Method,
@@ -28,7 +29,6 @@ from autoshrink.methods import (
     StructureMethod,
     ValueMethod,
 )
-from autoshrink.space import config_distributions
 from autoshrink.tasks import Task
 
 __all__ = ["BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "Registry", "load_registry"]

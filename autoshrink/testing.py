@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autoshrink.knobs import config_distributions
 from autoshrink.methods import (
     EncodingMethod,
     LayerCode,
@@ -42,7 +43,6 @@ from autoshrink.methods import (
     ValueMethod,
 )
 from autoshrink.registry import check_method
-from autoshrink.space import config_distributions
 
 __all__ = [
     "EncodingMethodTests",

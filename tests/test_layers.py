@@ -4,10 +4,11 @@ Layers, lowest first: the core (the method contract, plans, tasks, artifacts, th
 the search space, compression and training: ``autoshrink/*.py``), ``autoshrink/studies/``
 (studies, trials, backends, the outcome), ``autoshrink/reports/`` and
 ``autoshrink/compiler/`` (what a finished study is turned into), the application
-(``session``, ``api``: running a search end to end), and ``autoshrink/cli/``. A module may
-import its own layer or lower ones, at module level or inside a function alike; imports
-under ``TYPE_CHECKING`` are for annotations only and are not counted. The package's
-``__init__`` is its public face (it lazily re-exports the API) and is not part of the walk.
+(``session``, ``api``: running a search end to end), and ``autoshrink/cli/``. Every import
+counts: at module level, inside a function, or under ``TYPE_CHECKING`` (an annotation is a
+dependency too). ``from package import module`` counts as importing the package as well, and
+no module imports the package root: ``autoshrink/__init__`` is the public face that lazily
+re-exports the API, so it is the one module allowed to import from the top.
 """
 
 from __future__ import annotations
@@ -36,48 +37,44 @@ def layer(module: str) -> int:
     return LAYERS.get(module.split(".")[1], 0)
 
 
-def _type_checking_only(tree: ast.Module) -> set[int]:
-    """Line numbers of imports inside ``if TYPE_CHECKING:`` blocks."""
-    lines = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            found = ast.walk(node)
-            lines |= {n.lineno for n in found if isinstance(n, ast.Import | ast.ImportFrom)}
-    return lines
-
-
 def imports(module: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The package modules ``module`` imports at run time (anywhere in its code)."""
+    """The package modules ``module`` imports, anywhere in its code (``autoshrink`` itself
+    included, so that an import of the root shows)."""
     tree = ast.parse(path.read_text())
-    skip = _type_checking_only(tree)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Import | ast.ImportFrom) or node.lineno in skip:
-            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
-        else:
+        elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}" if base else anchor
-            # `from package import module` imports that module; the package's own
-            # `__init__` runs too, but as every submodule's parent, not as a dependency.
-            targets = [f"{base}.{alias.name}" for alias in node.names]
-            if any(target not in known for target in targets):
-                targets.append(base)
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
-            if target and target != module and target != "autoshrink":
+            if target and target != module:
                 found.add(target)
     return found
 
 
 def graph() -> dict[str, set[str]]:
+    """Every module but the root, and the modules it imports (the root left out)."""
     known = module_names()
-    return {m: imports(m, p, known) for m, p in known.items() if m != "autoshrink"}
+    return {
+        m: imports(m, p, known) - {"autoshrink"} for m, p in known.items() if m != "autoshrink"
+    }
+
+
+def test_no_module_imports_the_package_root() -> None:
+    known = module_names()
+    found = sorted(m for m, p in known.items() if m != "autoshrink"
+                   and "autoshrink" in imports(m, p, known))
+    assert not found, f"import what you need from its module, not from `autoshrink`: {found}"
 
 
 def test_no_module_imports_a_higher_layer() -> None:

@@ -23,8 +23,9 @@ from autoshrink.cli.app import (
     task_of,
 )
 from autoshrink.errors import UsageError
+from autoshrink.knobs import config_distributions, describe
 from autoshrink.methods import StructureMethod
-from autoshrink.space import build_space, config_distributions, describe, load_preset
+from autoshrink.space import build_space, load_preset
 from autoshrink.studies.progress import TrainingBar
 
 

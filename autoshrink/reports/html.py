@@ -21,8 +21,8 @@ from html import escape
 from importlib import resources
 from typing import Any
 
+import autoshrink.reports.svg as svg
 from autoshrink.metric import Metric
-from autoshrink.reports import svg
 from autoshrink.reports.view import (
     KIND_TEXT,
     by_size,

@@ -7,8 +7,8 @@ from typing import Any
 
 import humanize
 
+import autoshrink.reports.svg as svg
 from autoshrink.metric import Metric
-from autoshrink.reports import svg
 
 __all__ = [
     "KIND_TEXT", "by_size", "choice_text", "heatmap_data", "history_data", "latency_table",
