@@ -46,7 +46,7 @@ from rich.console import Console
 from torch import nn
 
 from autoshrink.errors import AutoshrinkError, UsageError
-from autoshrink.metric import Metric, check_direction, metric_name
+from autoshrink.metric import Metric, check_direction
 from autoshrink.plan import Plan
 from autoshrink.settings import Settings, load_settings
 from autoshrink.studies.study import Provided, StudyFolder
@@ -56,7 +56,7 @@ from autoshrink.tasks import (
     accuracy,
     supervised_loss,
 )
-from autoshrink.user_task import MetricFn, model_task, task_data
+from autoshrink.user_task import MetricFn, model_task
 
 __all__ = ["Member", "SearchResult", "compile", "load", "model_task",
            "report", "resume", "search"]
@@ -297,15 +297,11 @@ def _provided(
         raise UsageError("pass either `model` (with its data) or `task`, not both")
     if train is None:
         raise UsageError("a model needs `train=` data (`val=` and `test=` are optional)")
-    data = task_data(train, val, test, metric_name(judging.metric), console)
-    shape = tuple(next(data.train.ordered(1))[0].shape[1:])
-    return Provided(
-        task=model_task(
-            model, input_shape=shape, student=student, metric=judging.metric,
-            direction=judging.direction, loss=judging.loss,
-        ),
-        data=data,
+    made = model_task(
+        model, train=train, val=val, test=test, student=student, metric=judging.metric,
+        direction=judging.direction, loss=judging.loss, console=console,
     )
+    return Provided(task=made, data=made.load_data(None))
 
 
 # --- results ------------------------------------------------------------------------------------

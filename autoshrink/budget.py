@@ -125,19 +125,19 @@ def smallest_artifact(task: Task, space: Space, registry: Registry) -> tuple[int
         compressed = compress(model, Plan(model=model_choice, layers=layers), registry)
         for encoding in _encoding_choices(space):
             plan = Plan(model=model_choice, layers=layers, encoding=encoding)
-            with tempfile.TemporaryDirectory() as folder:
-                size = write_artifact(
-                    Path(folder) / "smallest.safetensors",
-                    compressed,
-                    plan,
-                    task,
-                    registry,
-                    width=width,
-                )
+            size = _file_bytes(compressed, plan, task, registry, width)
             if best is None or size < best[0]:
                 best = (size, plan)
     assert best is not None
     return best
+
+
+def _file_bytes(model: nn.Module, plan: Plan, task: Task, registry: Registry, width: float) -> int:
+    """The byte count of ``model``'s artifact under ``plan``, written to a temporary file."""
+    with tempfile.TemporaryDirectory() as folder:
+        return write_artifact(
+            Path(folder) / "probe.safetensors", model, plan, task, registry, width=width
+        )
 
 
 def _model_choices(space: Space, registry: Registry) -> list[Choice | None]:
@@ -226,15 +226,7 @@ def fit_start(
         model = task.build_model(width)
 
     def real_bytes(candidate: Plan) -> int:
-        with tempfile.TemporaryDirectory() as folder:
-            return write_artifact(
-                Path(folder) / "start.safetensors",
-                compress(model, candidate, registry),
-                candidate,
-                task,
-                registry,
-                width=width,
-            )
+        return _file_bytes(compress(model, candidate, registry), candidate, task, registry, width)
 
     size = real_bytes(plan)
     if size <= budget:

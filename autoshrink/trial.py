@@ -92,10 +92,12 @@ def run_trial(
     if budget.size_limit is not None:
         untrained = apply_structure(model, plan, registry)
         apply_values(untrained, plan, registry, layers)
-        val = evaluate(untrained.eval(), data.val, task.metric)
         size = write_artifact(artifact, untrained, plan, task, registry, width=width,
-                              info={"val_accuracy": val}, overwrite=True)
-        if size > budget.size_limit:
+                              overwrite=True)
+        if size > budget.size_limit:  # measured as it is; the file records the figure
+            val = evaluate(untrained.eval(), data.val, task.metric)
+            size = write_artifact(artifact, untrained, plan, task, registry, width=width,
+                                  info={"val_accuracy": val}, overwrite=True)
             return TrialOutcome(size, val, artifact, time.monotonic() - start, trained=False)
     if plan.model is not None:
         fit(
