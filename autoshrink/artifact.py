@@ -38,21 +38,22 @@ from autoshrink.header import (
     header_metadata,
     read_header,
 )
-from autoshrink.methods import (
-    EncodingMethod,
-    LayerCode,
-    ModelMethod,
-    Stage,
-    StructureMethod,
-    ValueMethod,
-)
-from autoshrink.plan import Plan, compressible_layers, resolve_choice
+from autoshrink.methods import EncodingMethod, LayerCode
+from autoshrink.pipeline import LayerStep, Pipeline, plan_width, resolve_plan
+from autoshrink.plan import Plan
+from autoshrink.registry import Origin
 from autoshrink.tasks import Task
 
 if TYPE_CHECKING:
     from autoshrink.registry import Registry
 
-__all__ = ["Artifact", "read_artifact", "size_breakdown", "stream_array", "write_artifact"]
+#: A payload as stored: its value method's arrays, its meta and its shape.
+StoredPayload = tuple[dict[str, np.ndarray], dict[str, Any], tuple[int, ...]]
+
+__all__ = [
+    "Artifact", "encode_layer", "layer_arrays", "read_artifact", "size_breakdown",
+    "stream_array", "write_artifact",
+]
 
 class Artifact(BaseModel):
     """A loaded artifact: its header, the file's byte count and the rebuilt model."""
@@ -80,38 +81,21 @@ def write_artifact(
     path = Path(path)
     if path.exists() and not overwrite:
         raise ArtifactError(f"{path} exists; choose another path or delete it first")
-    layer_names = list(compressible_layers(task.build_model(width), registry))
+    pipeline = resolve_plan(plan, task.build_model(width), registry)
     arrays: dict[str, np.ndarray] = {}
     layers: dict[str, LayerInfo] = {}
-    for name in layer_names:
-        choice = plan.layer(name)
-        structure = registry.method(choice.structure.method, Stage.STRUCTURE)
-        value = registry.method(choice.value.method, Stage.VALUE)
-        assert isinstance(structure, StructureMethod) and isinstance(value, ValueMethod)
-        code = structure.encode(
-            model.get_submodule(name), structure.config(choice.structure.config)
-        )
-        value_config = value.config(choice.value.config)
-        payloads = {}
-        for payload, tensor in code.payloads.items():
-            stored, meta = value.encode(tensor.detach(), value_config)
-            for key, array in stored.items():
-                arrays[f"{name}/{payload}/{key}"] = array
-            payloads[payload] = PayloadInfo(
-                shape=list(tensor.shape), meta=meta, arrays=list(stored)
-            )
-        for key, array in code.arrays.items():
-            arrays[f"{name}/{key}"] = array
-        layers[name] = LayerInfo(meta=code.meta, payloads=payloads, arrays=list(code.arrays))
+    for step in pipeline.layers:
+        layers[step.name], stored = encode_layer(model.get_submodule(step.name), step)
+        arrays.update({f"{step.name}/{key}": array for key, array in stored.items()})
     state = {
         key: tensor
         for key, tensor in model.state_dict().items()
-        if not any(key.startswith(f"{name}.") for name in layer_names)
+        if not any(key.startswith(f"{name}.") for name in pipeline.names)
     }
     for key, tensor in state.items():
         arrays[f"state/{key}"] = tensor.detach().cpu().numpy()
 
-    encoder = registry.method(plan.encoding.method, Stage.ENCODING) if plan.encoding else None
+    encoder = pipeline.encoder
     blobs: dict[str, bytes] = {}
     streams: dict[str, Stream] = {}
     for key, array in arrays.items():
@@ -120,8 +104,7 @@ def write_artifact(
             raise TypeError(f"stream `{key}` has unsupported dtype {array.dtype}")
         raw, coding = array.astype(array.dtype.newbyteorder("<")).tobytes(), None
         if encoder is not None and raw:
-            assert isinstance(encoder, EncodingMethod) and plan.encoding is not None
-            coded = encoder.encode(raw, encoder.config(plan.encoding.config))
+            coded = encoder.encode(raw, pipeline.encoder_config)
             if len(coded) < len(raw):
                 raw, coding = coded, encoder.name
         blobs[key] = raw
@@ -135,6 +118,7 @@ def write_artifact(
         width=width,
         plan=plan,
         versions={"autoshrink": version("autoshrink"), "torch": torch.__version__},
+        methods=_origins(plan, pipeline, registry),
         layers=layers,
         state=list(state),
         streams=streams,
@@ -148,6 +132,55 @@ def write_artifact(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, data)
     return path.stat().st_size
+
+
+def encode_layer(
+    module: nn.Module, step: LayerStep
+) -> tuple[LayerInfo, dict[str, np.ndarray]]:
+    """The stored form of one compressed layer: its header entry and its arrays, named
+    within the layer (``payload/key`` for a payload's, ``key`` for the structure's own)."""
+    code = step.structure.encode(module, step.structure_config)
+    arrays: dict[str, np.ndarray] = {}
+    payloads: dict[str, PayloadInfo] = {}
+    for payload, tensor in code.payloads.items():
+        stored, meta = step.value.encode(tensor.detach(), step.value_config)
+        arrays.update({f"{payload}/{key}": array for key, array in stored.items()})
+        payloads[payload] = PayloadInfo(shape=list(tensor.shape), meta=meta, arrays=list(stored))
+    arrays.update(code.arrays)
+    return LayerInfo(meta=code.meta, payloads=payloads, arrays=list(code.arrays)), arrays
+
+
+def _origins(plan: Plan, pipeline: Pipeline, registry: Registry) -> dict[str, str]:
+    """Each method the plan uses -> its distribution as a requirement (``name==version``)."""
+    names = [plan.model.method] if plan.model is not None else []
+    names += [method.name for step in pipeline.layers for method in (step.structure, step.value)]
+    names += [pipeline.encoder.name] if pipeline.encoder is not None else []
+    return {
+        name: str(registry.origins[name]) for name in dict.fromkeys(names)
+        if name in registry.origins
+    }
+
+
+def _check_origins(path: Path, header: Header, registry: Registry) -> None:
+    """ArtifactError, naming the distribution to install, unless every third-party method
+    the file names is here in the same distribution and version (built-ins follow the file
+    format's version; files older than the record are not checked)."""
+    for name, written in header.methods.items():
+        here, then = registry.origins.get(name), Origin.parse(written)
+        builtin = then.distribution == "autoshrink" and (
+            here is None or here.distribution == "autoshrink"
+        )  # a built-in unknown here (blocked) fails the plan's check instead
+        if here == then or builtin:
+            continue
+        provided = f"{_named(here)} provides it here" if here else "it is not installed here"
+        raise ArtifactError(
+            f"{path} was written with method `{name}` of {_named(then)}, but {provided}; "
+            f"install {then} to read it"
+        )
+
+
+def _named(origin: Origin) -> str:
+    return f"{origin.distribution} {origin.version or '(version unknown)'}"
 
 
 def read_artifact(path: Path, registry: Registry, task: Task | None = None) -> Artifact:
@@ -165,6 +198,7 @@ def read_artifact(path: Path, registry: Registry, task: Task | None = None) -> A
         task = registry.tasks[header.task]
     elif task.name != header.task:
         raise ArtifactError(f"{path} was made for task `{header.task}`, not `{task.name}`")
+    _check_origins(path, header, registry)
     try:
         model = _rebuild(header, blobs, task, registry)
     except ArtifactError:
@@ -196,8 +230,7 @@ def stream_array(
     if min(stream.shape, default=0) < 0:
         raise ValueError(f"stream `{key}` has a negative dimension {stream.shape}")
     if stream.coding is not None:
-        encoder = registry.method(stream.coding, Stage.ENCODING)
-        assert isinstance(encoder, EncodingMethod)
+        encoder = registry.encoder(stream.coding)
         config = header.plan.encoding.config if header.plan.encoding else {}
         raw = _decode(encoder, raw, encoder.config(config), count * dtype.itemsize)
     if len(raw) != count * dtype.itemsize:
@@ -207,36 +240,48 @@ def stream_array(
     return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(stream.shape)
 
 
-def _plan_width(plan: Plan, registry: Registry) -> float:
-    """The width the plan's model stage gives (1.0 without one)."""
-    if plan.model is None:
-        return 1.0
-    method = resolve_choice(registry, plan.model, Stage.MODEL, "model stage")
-    assert isinstance(method, ModelMethod)
-    return method.width(method.config(plan.model.config))
+def layer_arrays(
+    header: Header, blobs: dict[str, bytes], name: str, registry: Registry
+) -> tuple[dict[str, StoredPayload], dict[str, np.ndarray]]:
+    """The stored form of layer ``name``: each payload as its value method's ``decode`` and
+    ``lower`` take it (arrays, meta, shape), and the structure's own arrays."""
+    info = header.layers[name]
+    payloads = {
+        payload: (
+            {k: stream_array(header, blobs, f"{name}/{payload}/{k}", registry) for k in p.arrays},
+            p.meta,
+            tuple(p.shape),
+        )
+        for payload, p in info.payloads.items()
+    }
+    own = {k: stream_array(header, blobs, f"{name}/{k}", registry) for k in info.arrays}
+    return payloads, own
 
 
-def _checked_template(header: Header, task: Task, registry: Registry) -> nn.Module:
-    """The task's model at the header's width, once the header is shown to be possible:
-    the width is the one its plan's model stage gives (at most 1 without one), every method
-    is known with knobs in its schema, and the streams declare no more elements than a sane
-    multiple of the model's (so nothing large is allocated for a small hostile file)."""
+def _checked_template(
+    header: Header, task: Task, registry: Registry
+) -> tuple[nn.Module, Pipeline]:
+    """The task's model at the header's width and the header's plan resolved against it,
+    once the header is shown to be possible: the width is the one its plan's model stage
+    gives (at most 1 without one), every method is known with knobs in its schema, and the
+    streams declare no more elements than a sane multiple of the model's (so nothing large
+    is allocated for a small hostile file)."""
     width = header.width
     if header.plan.model is not None:
-        planned = _plan_width(header.plan, registry)
+        planned = plan_width(header.plan.model, registry)
         if not math.isclose(width, planned, rel_tol=1e-6):
             raise ValueError(f"width {width} is not the width its plan gives ({planned})")
     elif not 0 < width <= 1:  # the search narrows models, it never widens them
         raise ValueError(f"width {width} is outside (0, 1]")
     template = task.build_model(width)
-    header.plan.check(registry, template)
+    pipeline = resolve_plan(header.plan, template, registry)
     numel = sum(t.numel() for t in template.state_dict().values())
     declared = sum(math.prod(s.shape) for s in header.streams.values())
     if declared > 4 * numel + (1 << 16):
         raise ValueError(
             f"its streams declare {declared:,} values for a model of {numel:,}"
         )
-    return template
+    return template, pipeline
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -246,7 +291,7 @@ def _check_finite(model: nn.Module) -> None:
 
 
 def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Registry) -> nn.Module:
-    template = _checked_template(header, task, registry)
+    template, pipeline = _checked_template(header, task, registry)
     used = {f"state/{key}" for key in header.state} | {
         f"{name}/{key}" for name, info in header.layers.items() for key in info.arrays
     } | {
@@ -259,32 +304,21 @@ def _rebuild(header: Header, blobs: dict[str, bytes], task: Task, registry: Regi
         unused = ", ".join(sorted(set(header.streams) - used)[:3])
         raise ValueError(f"it holds streams no layer reads ({unused})")
     model = copy.deepcopy(template)
-    layer_names = list(compressible_layers(template, registry))
+    layer_names = pipeline.names
     if sorted(layer_names) != sorted(header.layers):
         raise ValueError(f"layers {sorted(header.layers)} do not match the task's {layer_names}")
-    for name in layer_names:
-        info, choice = header.layers[name], header.plan.layer(name)
-        structure = registry.method(choice.structure.method, Stage.STRUCTURE)
-        value = registry.method(choice.value.method, Stage.VALUE)
-        assert isinstance(structure, StructureMethod) and isinstance(value, ValueMethod)
-        value_config = value.config(choice.value.config)
-        code = LayerCode(meta=info.meta)
+    for step in pipeline.layers:
+        info = header.layers[step.name]
         try:
-            for payload, p in info.payloads.items():
-                stored = {
-                    k: stream_array(header, blobs, f"{name}/{payload}/{k}", registry)
-                    for k in p.arrays
-                }
-                code.payloads[payload] = value.decode(stored, p.meta, tuple(p.shape), value_config)
-            for key in info.arrays:
-                code.arrays[key] = stream_array(header, blobs, f"{name}/{key}", registry)
-            module = structure.decode(
-                code, template.get_submodule(name), structure.config(choice.structure.config)
-            )
+            payloads, own = layer_arrays(header, blobs, step.name, registry)
+            code = LayerCode(meta=info.meta, arrays=own)
+            for payload, stored in payloads.items():
+                code.payloads[payload] = step.value.decode(*stored, step.value_config)
+            module = step.structure.decode(code, step.module, step.structure_config)
         except Exception as exc:
             first = first_line(exc)
-            raise ArtifactError(f"layer `{name}` cannot be decoded: {first}") from exc
-        replace_module(model, name, module)
+            raise ArtifactError(f"layer `{step.name}` cannot be decoded: {first}") from exc
+        replace_module(model, step.name, module)
     expected = {
         key
         for key in template.state_dict()

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
-from autoshrink.artifact import write_artifact
-from autoshrink.compress import compress
-from autoshrink.methods import ModelMethod, Stage, StructureMethod, ValueMethod
+from autoshrink.artifact import encode_layer, write_artifact
+from autoshrink.compress import compress, restrict_values
+from autoshrink.methods import MethodConfig, StructureMethod
+from autoshrink.pipeline import LayerStep, layer_step, plan_width
 from autoshrink.plan import Choice, LayerPlan, Plan
 from autoshrink.space import NONE, Space
 
@@ -58,16 +59,21 @@ def corners(ranges: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
     return combos[:_MAX_CORNERS]
 
 
+def _built(module: nn.Module, structure: StructureMethod, config: MethodConfig) -> nn.Module:
+    """``module`` (left alone) built by ``structure`` and settled, untrained."""
+    built = structure.build(copy.deepcopy(module), config)
+    structure.settle(built, config)
+    return built
+
+
 def _structure_candidates(module, layer, space: Space, registry: Registry) -> list:
     """Each structure corner built once, smallest (with float32 payloads) first."""
     built = []
     for s_name in layer.structure:
-        structure = registry.methods[s_name]
-        assert isinstance(structure, StructureMethod)
+        structure = registry.structure(s_name)
         for values in corners(space.ranges[s_name]):
             config = structure.config(values)
-            compressed = structure.build(copy.deepcopy(module), config)
-            structure.settle(compressed, config)
+            compressed = _built(module, structure, config)
             code = structure.encode(compressed, config)
             size = sum(a.nbytes for a in code.arrays.values())
             size += sum(t.numel() * 4 for t in code.payloads.values())
@@ -75,27 +81,20 @@ def _structure_candidates(module, layer, space: Space, registry: Registry) -> li
     return sorted(built, key=lambda c: c[0])
 
 
-def _value_bytes(compressed, structure: StructureMethod, s_config, value: ValueMethod, v_config):
-    compressed = copy.deepcopy(compressed)
-    for payload in structure.payload_names(compressed):
-        value.apply(compressed, payload, v_config)
-    code = structure.encode(compressed, s_config)
-    size = sum(a.nbytes for a in code.arrays.values())
-    for tensor in code.payloads.values():
-        arrays, _ = value.encode(tensor.detach(), v_config)
-        size += sum(a.nbytes for a in arrays.values())
-    return size
+def _value_bytes(built: nn.Module, step: LayerStep) -> int:
+    """The stored bytes (before entropy coding) of ``built``, a layer built and settled by
+    ``step``'s structure, once a copy is restricted to its values."""
+    restricted = copy.deepcopy(built)
+    restrict_values(restricted, step)
+    _, arrays = encode_layer(restricted, step)
+    return sum(a.nbytes for a in arrays.values())
 
 
 def smallest_artifact(task: Task, space: Space, registry: Registry) -> tuple[int, Plan]:
     """The byte count of the smallest artifact ``space`` can express, and its plan."""
     best: tuple[int, Plan] | None = None
     for model_choice in _model_choices(space, registry):
-        width = 1.0
-        if model_choice is not None:
-            method = registry.method(model_choice.method, Stage.MODEL)
-            assert isinstance(method, ModelMethod)
-            width = method.width(method.config(model_choice.config))
+        width = plan_width(model_choice, registry)
         model = task.build_model(width)
         layers = {}
         for layer in space.layers:
@@ -103,24 +102,16 @@ def smallest_artifact(task: Task, space: Space, registry: Registry) -> tuple[int
             candidates = []
             # The value stage shrinks what the structure stores, so only the few smallest
             # structures need pairing with every value corner.
-            for _, s_name, s_values, built in _structure_candidates(module, layer, space, registry)[
-                :_PAIRED
-            ]:
-                structure = registry.methods[s_name]
-                assert isinstance(structure, StructureMethod)
-                s_config = structure.config(s_values)
+            structures = _structure_candidates(module, layer, space, registry)[:_PAIRED]
+            for _, s_name, s_values, built in structures:
                 for v_name in layer.value:
-                    value = registry.methods[v_name]
-                    assert isinstance(value, ValueMethod)
                     for v_values in corners(space.ranges[v_name]):
-                        size = _value_bytes(
-                            built, structure, s_config, value, value.config(v_values)
-                        )
                         plan = LayerPlan(
                             structure=Choice(method=s_name, config=s_values),
                             value=Choice(method=v_name, config=v_values),
                         )
-                        candidates.append((size, plan))
+                        step = layer_step(layer.name, module, plan, registry)
+                        candidates.append((_value_bytes(built, step), plan))
             layers[layer.name] = min(candidates, key=lambda c: c[0])[1]
         compressed = compress(model, Plan(model=model_choice, layers=layers), registry)
         for encoding in _encoding_choices(space):
@@ -147,8 +138,7 @@ def _model_choices(space: Space, registry: Registry) -> list[Choice | None]:
         if name == NONE:
             narrowest = min(narrowest, (1.0, None), key=lambda c: c[0])
             continue
-        method = registry.methods[name]
-        assert isinstance(method, ModelMethod)
+        method = registry.model(name)
         for values in corners(space.ranges[name]):
             width = method.width(method.config(values))
             if width < narrowest[0]:
@@ -166,15 +156,10 @@ def _encoding_choices(space: Space) -> list[Choice | None]:
     return choices
 
 
-def _layer_bytes(module, layer: LayerPlan, registry: Registry) -> int:
-    """The stored bytes of one layer under ``layer`` (before entropy coding), untrained."""
-    structure = registry.methods[layer.structure.method]
-    value = registry.methods[layer.value.method]
-    assert isinstance(structure, StructureMethod) and isinstance(value, ValueMethod)
-    s_config = structure.config(layer.structure.config)
-    built = structure.build(copy.deepcopy(module), s_config)
-    structure.settle(built, s_config)
-    return _value_bytes(built, structure, s_config, value, value.config(layer.value.config))
+def _layer_bytes(name: str, module: nn.Module, layer: LayerPlan, registry: Registry) -> int:
+    """The stored bytes of layer ``name`` under ``layer`` (before entropy coding), untrained."""
+    step = layer_step(name, module, layer, registry)
+    return _value_bytes(_built(module, step.structure, step.structure_config), step)
 
 
 def _toward(layer: LayerPlan, ends: dict[tuple[str, str], Any], share: float) -> LayerPlan:
@@ -193,7 +178,7 @@ def _toward(layer: LayerPlan, ends: dict[tuple[str, str], Any], share: float) ->
     return LayerPlan(**updated)
 
 
-def _smaller_ends(module, layer: LayerPlan, space: Space, registry: Registry):
+def _smaller_ends(name: str, module, layer: LayerPlan, space: Space, registry: Registry):
     """For each numeric knob of ``layer``'s methods whose range ends give different sizes,
     the end that gives the smaller layer."""
     ends: dict[tuple[str, str], Any] = {}
@@ -204,7 +189,7 @@ def _smaller_ends(module, layer: LayerPlan, space: Space, registry: Registry):
                 continue
             low, high = dist.low, dist.high  # type: ignore[attr-defined]
             sizes = [
-                _layer_bytes(module, _toward(layer, {(slot, knob): end}, 1.0), registry)
+                _layer_bytes(name, module, _toward(layer, {(slot, knob): end}, 1.0), registry)
                 for end in (low, high)
             ]
             if sizes[0] != sizes[1]:
@@ -218,12 +203,8 @@ def fit_start(
     """``plan`` itself when its artifact from ``baseline`` (or from the untrained student its
     model stage asks for) fits ``budget``, else a tightened copy that does, keeping its
     methods; ``None`` when no setting of its methods fits."""
-    width, model = 1.0, baseline
-    if plan.model is not None:
-        method = registry.method(plan.model.method, Stage.MODEL)
-        assert isinstance(method, ModelMethod)
-        width = method.width(method.config(plan.model.config))
-        model = task.build_model(width)
+    width = plan_width(plan.model, registry)
+    model = baseline if plan.model is None else task.build_model(width)
 
     def real_bytes(candidate: Plan) -> int:
         return _file_bytes(compress(model, candidate, registry), candidate, task, registry, width)
@@ -250,7 +231,7 @@ def _tighten(plan: Plan, model, space: Space, registry: Registry, target: int) -
     def size_of(name: str, layer: LayerPlan) -> int:
         key = (name, layer.model_dump_json())
         if key not in known:
-            known[key] = _layer_bytes(model.get_submodule(name), layer, registry)
+            known[key] = _layer_bytes(name, model.get_submodule(name), layer, registry)
         return known[key]
 
     sizes = {name: size_of(name, layers[name]) for name in layers}
@@ -258,7 +239,7 @@ def _tighten(plan: Plan, model, space: Space, registry: Registry, target: int) -
         rest = sum(sizes.values()) - sizes[name]
         if rest + sizes[name] <= target:
             break
-        ends = _smaller_ends(model.get_submodule(name), layers[name], space, registry)
+        ends = _smaller_ends(name, model.get_submodule(name), layers[name], space, registry)
         low, high = 0.0, 1.0  # bisect the least tightening that fits
         if rest + size_of(name, _toward(layers[name], ends, high)) <= target:
             for _ in range(_BISECTIONS):

@@ -6,24 +6,27 @@ then :func:`apply_values` (quantize the retrained payloads; only what the value 
 trainable, e.g. the k-means codebook, trains after that). While the structure retrains,
 :func:`structure_schedule` lets each structure method tighten its layer step by step
 (gradual pruning); :func:`apply_values` first settles every structure to its final form.
+Each takes the plan resolved once against the uncompressed model
+(:func:`autoshrink.pipeline.resolve_plan`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from autoshrink.methods import MethodConfig, Stage, StructureMethod, ValueMethod
-from autoshrink.plan import Plan, compressible_layers
+from autoshrink.pipeline import LayerStep, Pipeline, resolve_plan
+from autoshrink.plan import Plan
 
 if TYPE_CHECKING:
     from autoshrink.registry import Registry
 
 __all__ = [
-    "apply_structure", "apply_values", "compress", "replace_module", "structure_schedule",
+    "apply_structure", "apply_values", "compress", "replace_module", "restrict_values",
+    "structure_schedule",
 ]
 
 
@@ -33,60 +36,48 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
-def apply_structure(model: nn.Module, plan: Plan, registry: Registry) -> nn.Module:
-    """A copy of ``model`` with every compressible layer replaced by its structure method's
-    trainable module. Returns the copy; ``model`` is left alone."""
-    plan.check(registry, model)
+def apply_structure(model: nn.Module, pipeline: Pipeline) -> nn.Module:
+    """A copy of ``model`` with every layer of ``pipeline`` (resolved against ``model``)
+    replaced by its structure method's trainable module; ``model`` is left alone."""
     model = copy.deepcopy(model)
-    for name, layer in compressible_layers(model, registry).items():
-        choice = plan.layer(name).structure
-        structure = registry.method(choice.method, Stage.STRUCTURE)
-        assert isinstance(structure, StructureMethod)
-        replace_module(model, name, structure.build(layer, structure.config(choice.config)))
+    for step in pipeline.layers:
+        layer = model.get_submodule(step.name)
+        replace_module(model, step.name, step.structure.build(layer, step.structure_config))
     return model
 
 
-def _structures(
-    model: nn.Module, plan: Plan, registry: Registry, layers: list[str]
-) -> Iterator[tuple[str, nn.Module, StructureMethod, MethodConfig]]:
-    """Each structured layer of ``layers`` with its structure method and validated config."""
-    for name in layers:
-        choice = plan.layer(name).structure
-        structure = registry.method(choice.method, Stage.STRUCTURE)
-        assert isinstance(structure, StructureMethod)
-        yield name, model.get_submodule(name), structure, structure.config(choice.config)
+def structure_schedule(model: nn.Module, pipeline: Pipeline) -> Callable[[float], None]:
+    """A callback for the structure's fine-tune of ``model`` (made by :func:`apply_structure`):
+    ``callback(progress)`` after each step lets every layer's structure method tighten it
+    (:meth:`StructureMethod.step`)."""
+    found = [(model.get_submodule(step.name), step) for step in pipeline.layers]
+
+    def tighten(progress: float) -> None:
+        for module, step in found:
+            step.structure.step(module, step.structure_config, progress)
+
+    return tighten
 
 
-def structure_schedule(
-    model: nn.Module, plan: Plan, registry: Registry, layers: list[str]
-) -> Callable[[float], None]:
-    """A callback for the structure's fine-tune: ``callback(progress)`` after each step lets
-    every layer's structure method tighten it (:meth:`StructureMethod.step`)."""
-    found = list(_structures(model, plan, registry, layers))
-
-    def step(progress: float) -> None:
-        for _, module, structure, config in found:
-            structure.step(module, config, progress)
-
-    return step
+def restrict_values(module: nn.Module, step: LayerStep) -> None:
+    """In place: restrict the payloads of one settled structured layer to the values its
+    value method can store."""
+    for payload in step.structure.payload_names(module):
+        step.value.apply(module, payload, step.value_config)
 
 
-def apply_values(model: nn.Module, plan: Plan, registry: Registry, layers: list[str]) -> None:
-    """In place: settle each structured layer in ``layers`` to its final structure, then
-    restrict its payloads to the values its value method can store."""
-    for name, module, structure, structure_config in _structures(model, plan, registry, layers):
-        structure.settle(module, structure_config)
-        choice = plan.layer(name).value
-        value = registry.method(choice.method, Stage.VALUE)
-        assert isinstance(value, ValueMethod)
-        config = value.config(choice.config)
-        for payload in structure.payload_names(module):
-            value.apply(module, payload, config)
+def apply_values(model: nn.Module, pipeline: Pipeline) -> None:
+    """In place: settle each layer of ``model`` (made by :func:`apply_structure`) to its final
+    structure, then restrict its payloads (:func:`restrict_values`)."""
+    for step in pipeline.layers:
+        module = model.get_submodule(step.name)
+        step.structure.settle(module, step.structure_config)
+        restrict_values(module, step)
 
 
 def compress(model: nn.Module, plan: Plan, registry: Registry) -> nn.Module:
     """Both steps at once: a trainable compressed copy of ``model`` as ``plan`` describes."""
-    layers = list(compressible_layers(model, registry))
-    compressed = apply_structure(model, plan, registry)
-    apply_values(compressed, plan, registry, layers)
+    pipeline = resolve_plan(plan, model, registry)
+    compressed = apply_structure(model, pipeline)
+    apply_values(compressed, pipeline)
     return compressed

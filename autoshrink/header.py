@@ -2,10 +2,11 @@
 
 A file is a safetensors file with one ``uint8`` tensor holding every stored stream back to back
 (format 2) and, in the metadata entry ``autoshrink.z``, base85 text of the raw-DEFLATE
-compressed JSON :class:`Header`: the task, student width, plan, versions, each layer's method
-metadata, each stream's dtype, shape, coding and length, and a SHA-256 of the streams. Format 1
-(a tensor per stream, the header as plain JSON under ``autoshrink``) still reads. Reading
-checks sizes, nesting and the checksum before anything is built from a file.
+compressed JSON :class:`Header`: the task, student width, plan, versions, the distribution of
+each method, each layer's method metadata, each stream's dtype, shape, coding and length, and
+a SHA-256 of the streams. Format 1 (a tensor per stream, the header as plain JSON under
+``autoshrink``) still reads. Reading checks sizes, nesting and the checksum before anything
+is built from a file.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class Header(BaseModel):
     width: float
     plan: Plan
     versions: dict[str, str]
+    #: Each method the plan uses -> the distribution that provided it, as a requirement
+    #: (``autoshrink-ternary==0.1.0``): reading refuses a third-party method of another
+    #: version. Files written before it have none.
+    methods: dict[str, str] = {}
     layers: dict[str, LayerInfo]
     state: list[str]
     streams: dict[str, Stream]

@@ -7,8 +7,9 @@ hooks of the contract it fills in:
 - ``model``: changes the whole network before the per-layer stages (distillation).
 - ``structure``: replaces one layer by a trainable compressed layer and encodes it into a
   :class:`LayerCode` (at most one per layer).
-- ``value``: restricts a float tensor of a structure layer to storable values while it trains,
-  and stores those values compactly (at most one per layer).
+- ``value``: restricts a float tensor of a structure layer to storable values while it trains
+  (it gives a parametrization; the engine registers it, see :func:`restrict`), and stores
+  those values compactly (at most one per layer).
 - ``encoding``: losslessly codes the byte streams of the whole artifact.
 """
 
@@ -24,6 +25,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+from torch.nn.utils import parametrize
+
+from autoshrink.errors import PluginError
 
 __all__ = [
     "EncodingMethod",
@@ -36,6 +40,8 @@ __all__ = [
     "Stage",
     "StructureMethod",
     "ValueMethod",
+    "payload_owner",
+    "restrict",
 ]
 
 
@@ -189,9 +195,19 @@ class ValueMethod(Method):
     stage = Stage.VALUE
 
     @abstractmethod
+    def parametrization(self, tensor: torch.Tensor, config: MethodConfig) -> nn.Module | None:
+        """The module that keeps ``tensor`` (a payload, detached) to storable values while it
+        trains: its ``forward`` maps the trained tensor to values :meth:`encode` stores
+        exactly, and either lets gradients through to the tensor (straight-through) or
+        ignores it and trains parameters of its own (a codebook; the engine then freezes the
+        tensor). ``None`` leaves the tensor as it is. The engine registers it (:meth:`apply`)."""
+
     def apply(self, module: nn.Module, name: str, config: MethodConfig) -> None:
-        """Make the parameter ``name`` of ``module`` take only storable values from now on
-        (typically with ``torch.nn.utils.parametrize``), keeping it trainable."""
+        """The engine's side: restrict the parameter ``name`` (dotted) of ``module`` with
+        :meth:`parametrization` from now on (see :func:`restrict`). Not for plugins to
+        override."""
+        owner, attr = payload_owner(module, name)
+        restrict(module, name, self.parametrization(getattr(owner, attr).detach(), config))
 
     @abstractmethod
     def encode(
@@ -236,3 +252,65 @@ class EncodingMethod(Method):
         """The original bytes; raise ``ValueError`` on corrupt input, and on output that
         would exceed ``limit`` bytes (the stream's dtype x shape), before allocating it: a
         file of a few KB must not be able to claim gigabytes."""
+
+
+
+def _clashes(attr: str) -> bool:
+    """Whether a tensor called ``attr`` cannot be parametrized: torch keeps a module's
+    parametrizations in an ``nn.ModuleDict`` under ``parametrizations``, whose attributes
+    (``values``, ``keys``, ``items``, ...) a tensor's name must not repeat."""
+    return attr == "parametrizations" or hasattr(nn.ModuleDict(), attr)
+
+
+def payload_owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule of ``module`` holding the float parameter ``name`` (dotted, as a
+    structure's :meth:`~StructureMethod.payload_names` gives it) and its attribute name.
+
+    Raises PluginError when there is no such parameter, or when its name cannot carry a
+    value method's parametrization (``values``, ``keys``, ``items`` and the other attributes
+    of ``nn.ModuleDict``): a structure method's conformance kit checks its names with this.
+    """
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner: nn.Module | None = module.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    if owner is None or not (
+        attr in owner._parameters or parametrize.is_parametrized(owner, attr)
+    ):
+        raise PluginError(f"payload `{name}` is not a parameter of {type(module).__name__}")
+    if _clashes(attr):
+        raise PluginError(
+            f"payload `{name}` of {type(module).__name__} cannot take a value method: torch "
+            f"keeps parametrizations in an nn.ModuleDict, which has an attribute `{attr}`; "
+            "give the parameter another name"
+        )
+    return owner, attr
+
+
+def restrict(module: nn.Module, name: str, parametrization: nn.Module | None) -> None:
+    """Register ``parametrization`` on the parameter ``name`` (dotted) of ``module``, on the
+    parameter's device (nothing when it is None). When no gradient reaches the parameter
+    through it (its own parameters replace the tensor, as a k-means codebook does), the
+    parameter is frozen, so that no optimizer keeps decaying a tensor that no longer counts.
+    Raises PluginError as :func:`payload_owner` does."""
+    owner, attr = payload_owner(module, name)
+    if parametrization is None:
+        return
+    tensor = getattr(owner, attr)
+    parametrization = parametrization.to(tensor.device)
+    reads = _passes_gradient(parametrization, tensor)
+    parametrize.register_parametrization(owner, attr, parametrization)
+    if not reads:
+        owner.parametrizations[attr].original.requires_grad_(False)
+
+
+def _passes_gradient(parametrization: nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether a gradient reaches ``tensor`` through ``parametrization`` (tried on a copy)."""
+    probe = tensor.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = parametrization(probe)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        return False
+    (grad,) = torch.autograd.grad(out, probe, torch.ones_like(out), allow_unused=True)
+    return grad is not None

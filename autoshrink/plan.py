@@ -61,8 +61,7 @@ class Plan(BaseModel):
                 if name not in layers:
                     known = ", ".join(layers) or "none"
                     raise PlanError(f"{where} is not a compressible layer; layers: {known}")
-                assert isinstance(method, StructureMethod)
-                if not method.applies(layers[name]):
+                if not registry.structure(method.name).applies(layers[name]):
                     raise PlanError(
                         f"{where}: method `{method.name}` does not apply to "
                         f"{type(layers[name]).__name__} layers"

@@ -14,9 +14,11 @@ The suite checks the schema (searchable bounds, defaults inside them, values out
 rejected), which layers the method applies to, that the compressed layer trains, that
 encode -> decode gives bit-identical outputs, and that tightening the knobs does not grow
 the encoded bytes, on every sample layer (Linear, Conv2d, Embedding) the method claims in
-``applies_to``; an Embedding's ``padding_idx`` row must stay exactly as trained.
-:class:`ValueMethodTests`, :class:`EncodingMethodTests` and :class:`ModelMethodTests` do the
-same for the other stages.
+``applies_to``; an Embedding's ``padding_idx`` row must stay exactly as trained; every payload
+must take a value stage, and ``encode`` must store it as the value stage leaves it.
+:class:`ValueMethodTests` (on a Linear weight, an embedding table and the payloads the
+built-in structures hand over: hashed values, pruning survivors, low-rank factors),
+:class:`EncodingMethodTests` and :class:`ModelMethodTests` do the same for the other stages.
 """
 
 from __future__ import annotations
@@ -30,8 +32,18 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from pydantic import ValidationError
 from torch import nn
-from torch.nn.utils import parametrize
 
+from autoshrink.kit_samples import (
+    Shift,
+    code_bytes,
+    copy_code,
+    evaluate_lowering,
+    nudge,
+    resized,
+    sample_input,
+    sample_layers,
+    scramble,
+)
 from autoshrink.knobs import config_distributions
 from autoshrink.methods import (
     EncodingMethod,
@@ -41,8 +53,10 @@ from autoshrink.methods import (
     ModelMethod,
     StructureMethod,
     ValueMethod,
+    payload_owner,
+    restrict,
 )
-from autoshrink.registry import check_method
+from autoshrink.registry import check_method, load_registry
 
 __all__ = [
     "EncodingMethodTests",
@@ -51,49 +65,9 @@ __all__ = [
     "StructureMethodTests",
     "ValueMethodTests",
     "code_bytes",
+    "sample_input",
     "sample_layers",
 ]
-
-
-def sample_layers() -> list[nn.Module]:
-    """Small trained-looking layers of every type autoshrink compresses."""
-    torch.manual_seed(0)
-    return [
-        nn.Linear(48, 40),
-        nn.Linear(30, 20, bias=False),
-        nn.Conv2d(4, 8, 3, padding=1),
-        nn.Conv2d(3, 6, 5, stride=2, bias=False),
-        nn.Embedding(50, 16),
-        nn.Embedding(40, 24, padding_idx=3),  # its row 3 is the fixed zero "pad"
-    ]
-
-
-def sample_input(layer: nn.Module, batch: int = 5) -> torch.Tensor:
-    """A random input batch that fits ``layer`` (an Embedding's holds its padding token)."""
-    generator = torch.Generator().manual_seed(1)
-    if isinstance(layer, nn.Embedding):
-        tokens = torch.randint(0, layer.num_embeddings, (batch, 7), generator=generator)
-        if layer.padding_idx is not None:
-            tokens[:, 0] = layer.padding_idx
-        return tokens
-    if isinstance(layer, nn.Conv2d):
-        return torch.randn(batch, layer.in_channels, 12, 12, generator=generator)
-    return torch.randn(batch, layer.in_features, generator=generator)
-
-
-def _resized(layer: nn.Module) -> nn.Module:
-    """A layer of the same type as ``layer`` with other shapes."""
-    if isinstance(layer, nn.Embedding):
-        return nn.Embedding(layer.num_embeddings + 3, layer.embedding_dim + 2)
-    if isinstance(layer, nn.Conv2d):
-        return nn.Conv2d(layer.in_channels + 3, layer.out_channels + 2, 3)
-    return nn.Linear(layer.in_features + 3, layer.out_features + 2)
-
-
-def code_bytes(code: LayerCode) -> int:
-    """Bytes a layer code takes with float32 payloads (before the value stage)."""
-    payload = sum(t.numel() * 4 for t in code.payloads.values())
-    return payload + sum(a.nbytes for a in code.arrays.values())
 
 
 class MethodTests:
@@ -161,15 +135,33 @@ class StructureMethodTests(MethodTests):
         for layer in self.layers():
             x = sample_input(layer)
             module = self.method.build(copy.deepcopy(layer), config)
-            _nudge(module, x)
+            nudge(module, x)
             self.method.settle(module, config)
             code = self.method.encode(module, config)
             for name in self.method.payload_names(module):
-                module.get_parameter(name)  # payload names must name parameters
-            template = copy.deepcopy(layer).apply(_scramble)
-            restored = self.method.decode(_copy_code(code), template, config)
+                payload_owner(module, name)  # a parameter a value method can restrict
+            template = copy.deepcopy(layer).apply(scramble)
+            restored = self.method.decode(copy_code(code), template, config)
             with torch.no_grad():
                 assert torch.equal(module(x), restored(x)), "decode(encode(m)) differs from m"
+
+    def test_encode_stores_what_the_value_stage_leaves(self) -> None:
+        """Every payload takes a value stage (a parametrization that moves each value), and
+        :meth:`~StructureMethod.encode` stores the payloads as it leaves them."""
+        config = self.method.config(self.loose)
+        for layer in self.layers():
+            module = self.method.build(copy.deepcopy(layer), config)
+            self.method.settle(module, config)
+            plain = self.method.encode(module, config)
+            for name in self.method.payload_names(module):
+                restrict(module, name, Shift())
+            shifted = self.method.encode(module, config)
+            assert shifted.payloads.keys() == plain.payloads.keys()
+            for key, tensor in shifted.payloads.items():
+                assert torch.equal(tensor, plain.payloads[key] + 0.25), (
+                    f"payload `{key}` stored without its value stage: read it as an attribute "
+                    "(structure_kit.payloads), not as the raw parameter"
+                )
 
     def _encoded(self, layer: nn.Module, config: MethodConfig) -> LayerCode:
         module = self.method.build(copy.deepcopy(layer), config)
@@ -193,7 +185,7 @@ class StructureMethodTests(MethodTests):
         for layer in firsts.values():
             code = self.method.encode(self.method.build(layer, config), config)
             with pytest.raises(ValueError):
-                self.method.decode(code, _resized(layer), config)
+                self.method.decode(code, resized(layer), config)
 
     @pytest.mark.parametrize("which", ["loose", "tight"])
     def test_embedding_padding_row_is_kept(self, which: str) -> None:
@@ -208,15 +200,14 @@ class StructureMethodTests(MethodTests):
             x = sample_input(layer)
             pad = layer.weight.detach()[layer.padding_idx]
             module = self.method.build(copy.deepcopy(layer), config)
-            _nudge(module, x)
+            nudge(module, x)
             self.method.settle(module, config)
             for name in self.method.payload_names(module):
-                owner, _, attr = name.rpartition(".")
-                parametrize.register_parametrization(module.get_submodule(owner), attr, _Shift())
-            _nudge(module, x)
-            template = copy.deepcopy(layer).apply(_scramble)
+                restrict(module, name, Shift())
+            nudge(module, x)
+            template = copy.deepcopy(layer).apply(scramble)
             restored = self.method.decode(
-                _copy_code(self.method.encode(module, config)), template, config
+                copy_code(self.method.encode(module, config)), template, config
             )
             with torch.no_grad():
                 for rebuilt in (module, restored):
@@ -225,21 +216,13 @@ class StructureMethodTests(MethodTests):
                     assert rebuilt(x[0]).shape == (x.shape[1], layer.embedding_dim)
 
 
-def _evaluate_lowering(lowered: Any, count: int) -> np.ndarray:
-    """Every element of a lowered payload, computed by a compiled TVM kernel."""
-    import tvm
-    from tvm import te
-
-    placeholders = {
-        key: te.placeholder(array.shape, str(array.dtype), name=key)
-        for key, array in lowered.arrays.items()
-    }
-    out = te.compute((count,), lambda i: lowered.element(placeholders, i), name="element")
-    kernel = tvm.compile(te.create_prim_func([*placeholders.values(), out]), target="llvm")
-    result = tvm.runtime.tensor(np.zeros(count, np.float32))
-    kernel(*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in lowered.arrays.values()),
-           result)
-    return result.numpy()
+#: The built-in structures whose payloads :class:`ValueMethodTests` tries a value method on,
+#: each with a config that compresses (so the payloads are their compressed form).
+STRUCTURE_PAYLOADS: dict[str, dict[str, Any]] = {
+    "hashing": {"ratio": 0.25},
+    "pruning": {"target": "sparsity", "sparsity": 0.8},
+    "lowrank": {"rank": 0.25},
+}
 
 
 class ValueMethodTests(MethodTests):
@@ -255,7 +238,7 @@ class ValueMethodTests(MethodTests):
             config = self.method.config(values)
             restricted = copy.deepcopy(layer)
             self.method.apply(restricted, "weight", config)
-            _nudge(restricted, x)
+            nudge(restricted, x)
             weight = restricted.weight.detach().clone()
             arrays, meta = self.method.encode(weight, config)
             arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
@@ -271,6 +254,38 @@ class ValueMethodTests(MethodTests):
         structure), trained on token batches."""
         tokens = torch.randint(0, 60, (8, 5), generator=torch.Generator().manual_seed(2))
         self._check_roundtrip(nn.Embedding(60, 12), tokens)
+
+    @pytest.mark.parametrize("structure", list(STRUCTURE_PAYLOADS))
+    def test_structure_payloads_roundtrip_exactly(self, structure: str) -> None:
+        """What a search hands a value method: the payloads of a built-in structure (K
+        hashed values, pruning survivors, low-rank factors) of a Linear and a Conv2d layer,
+        restricted, trained through the structure, stored; each payload comes back
+        bit-exactly and the rebuilt layer computes exactly what the trained one did."""
+        method = load_registry().structure(structure)
+        s_config = method.config(STRUCTURE_PAYLOADS[structure])
+        for values in self.configs:
+            config = self.method.config(values)
+            for layer in (nn.Linear(48, 40), nn.Conv2d(4, 8, 3, padding=1)):
+                x = sample_input(layer)
+                module = method.build(copy.deepcopy(layer), s_config)
+                method.settle(module, s_config)
+                for name in method.payload_names(module):
+                    self.method.apply(module, name, config)
+                module(x).square().mean().backward()
+                assert any(p.grad is not None and p.grad.abs().sum() > 0
+                           for p in module.parameters()), f"nothing trains ({values})"
+                nudge(module, x)
+                code = method.encode(module, s_config)
+                for key, tensor in code.payloads.items():
+                    arrays, meta = self.method.encode(tensor.detach().clone(), config)
+                    arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+                    restored = self.method.decode(arrays, meta, tuple(tensor.shape), config)
+                    assert restored.dtype == torch.float32
+                    assert torch.equal(restored, tensor), f"{structure} `{key}` differs ({values})"
+                    code.payloads[key] = restored
+                rebuilt = method.decode(code, copy.deepcopy(layer).apply(scramble), s_config)
+                with torch.no_grad():
+                    assert torch.equal(rebuilt(x), module(x)), f"{structure} layer ({values})"
 
     def test_still_trains(self) -> None:
         for values in self.configs:
@@ -294,7 +309,7 @@ class ValueMethodTests(MethodTests):
             if lowered is None:
                 return  # no compiled form: the compiler reads the decoded float32 values
             restored = self.method.decode(arrays, meta, shape, config).reshape(-1).numpy()
-            assert np.array_equal(_evaluate_lowering(lowered, restored.size), restored), values
+            assert np.array_equal(evaluate_lowering(lowered, restored.size), restored), values
 
     def test_decode_rejects_wrong_shape(self) -> None:
         config = self.method.config(self.configs[0])
@@ -353,35 +368,3 @@ class ModelMethodTests(MethodTests):
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
         assert student.grad is not None and student.grad.abs().sum() > 0
-
-
-def _nudge(module: nn.Module, x: torch.Tensor) -> None:
-    """A few optimizer steps, so round trips are checked on trained, not initial, values."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.05)
-    for _ in range(3):
-        optimizer.zero_grad()
-        module(x).sin().mean().backward()
-        optimizer.step()
-
-
-class _Shift(nn.Module):
-    """A stand-in value stage that moves every value of a payload (zeros included)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0.25
-
-
-def _scramble(module: nn.Module) -> None:
-    """Overwrite a template's parameters so decode cannot pass by reusing them."""
-    with torch.no_grad():
-        for p in module.parameters(recurse=False):
-            p.normal_()
-
-
-def _copy_code(code: LayerCode) -> LayerCode:
-    return LayerCode(
-        payloads={k: v.detach().clone() for k, v in code.payloads.items()},
-        arrays={k: np.array(v, copy=True) for k, v in code.arrays.items()},
-        meta=copy.deepcopy(code.meta),
-    )

@@ -12,8 +12,8 @@ import torch
 
 from autoshrink.artifact import write_artifact
 from autoshrink.compress import apply_structure, apply_values, structure_schedule
-from autoshrink.methods import MethodConfig, ModelMethod, Stage
-from autoshrink.plan import Plan, compressible_layers
+from autoshrink.pipeline import ModelStep, model_step, resolve_plan
+from autoshrink.plan import Plan
 from autoshrink.training import LossFn, evaluate, fit, task_loss
 
 if TYPE_CHECKING:
@@ -81,17 +81,15 @@ def run_trial(
     torch.manual_seed(seed)
     teacher = baseline.model.eval()
     model, width, loss_fn = teacher, 1.0, task_loss(task.loss)
-    if plan.model is not None:
-        method = registry.method(plan.model.method, Stage.MODEL)
-        assert isinstance(method, ModelMethod)
-        config = method.config(plan.model.config)
-        width = method.width(config)
-        loss_fn = _distillation_loss(method, config, teacher)
+    student = model_step(plan.model, registry)
+    if student is not None:
+        width = student.width
+        loss_fn = _distillation_loss(student, teacher)
         model = task.build_model(width)
-    layers = list(compressible_layers(model, registry))
+    pipeline = resolve_plan(plan, model, registry)
     if budget.size_limit is not None:
-        untrained = apply_structure(model, plan, registry)
-        apply_values(untrained, plan, registry, layers)
+        untrained = apply_structure(model, pipeline)
+        apply_values(untrained, pipeline)
         size = write_artifact(artifact, untrained, plan, task, registry, width=width,
                               overwrite=True)
         if size > budget.size_limit:  # measured as it is; the file records the figure
@@ -112,9 +110,9 @@ def run_trial(
         )
     # Deep Compression's order: retrain the structure with free weights, then quantize the
     # retrained weights and fine-tune what the value stage leaves trainable.
-    compressed = apply_structure(model, plan, registry)
+    compressed = apply_structure(model, pipeline)
     structure_steps = round(budget.finetune_steps * budget.structure_share)
-    tighten = structure_schedule(compressed, plan, registry, layers)
+    tighten = structure_schedule(compressed, pipeline)
 
     def structure_step(step: int, loss: float) -> None:
         check(step, loss)
@@ -122,7 +120,7 @@ def run_trial(
 
     for phase, steps in enumerate((structure_steps, budget.finetune_steps - structure_steps)):
         if phase == 1:
-            apply_values(compressed, plan, registry, layers)
+            apply_values(compressed, pipeline)
         if steps:
             fit(
                 compressed,
@@ -149,12 +147,10 @@ def run_trial(
     return TrialOutcome(size, val, artifact, time.monotonic() - start)
 
 
-def _distillation_loss(
-    method: ModelMethod, config: MethodConfig, teacher: torch.nn.Module
-) -> LossFn:
+def _distillation_loss(student: ModelStep, teacher: torch.nn.Module) -> LossFn:
     def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             soft = teacher(x)
-        return method.loss(logits, soft, y, config)
+        return student.method.loss(logits, soft, y, student.config)
 
     return loss

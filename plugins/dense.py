@@ -15,8 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
+from autoshrink.structure_kit import (
+    PaddingRow,
+    bias_arrays,
+    padding_from_code,
+    payloads,
+    store_bias,
+    stored_bias,
+    stored_payload,
+)
 
 __all__ = ["Dense", "PaddedTable"]
 
@@ -52,9 +60,8 @@ class Dense(StructureMethod):
         return ("weight",)
 
     def encode(self, module: nn.Module, config: MethodConfig) -> LayerCode:
-        code = LayerCode(payloads={"weight": module.weight.detach().clone()})
-        if getattr(module, "bias", None) is not None:
-            code.arrays["bias"] = module.bias.detach().numpy().copy()
+        code = LayerCode(payloads=payloads(module, self.payload_names(module)))
+        store_bias(module, code)
         padding = module.padding if isinstance(module, PaddedTable) else PaddingRow.of(module)
         if padding is not None:  # also a plain table, as an uncompressed model holds it
             padding.store(code)
@@ -63,16 +70,12 @@ class Dense(StructureMethod):
     def decode(self, code: LayerCode, template: nn.Module, config: MethodConfig) -> nn.Module:
         padding = padding_from_code(code, template)
         module = copy.deepcopy(template) if padding is None else PaddedTable(template, padding)
-        weight = code.payloads.get("weight")
-        if weight is None or weight.shape != module.weight.shape:
-            raise ValueError(f"weight of shape {tuple(module.weight.shape)} expected")
+        weight = stored_payload(code, "weight", tuple(module.weight.shape))
+        bias = stored_bias(code, module)
         with torch.no_grad():
             module.weight.copy_(weight)
-            if getattr(module, "bias", None) is not None:
-                bias = code.arrays.get("bias")
-                if bias is None or bias.shape != tuple(module.bias.shape):
-                    raise ValueError(f"bias of shape {tuple(module.bias.shape)} expected")
-                module.bias.copy_(torch.from_numpy(bias.astype("float32")))
+            if bias is not None:
+                module.bias.copy_(bias)
         return module
 
     def lower(
@@ -85,9 +88,8 @@ class Dense(StructureMethod):
 
         if not supports(template):
             return None
-        arrays = {"bias": code.arrays["bias"]} if "bias" in code.arrays else {}
         return LoweredLayer(
-            arrays=arrays,
+            arrays=bias_arrays(code),
             compute=lambda x, t, p: dense_layer(x, template, p["weight"], t.get("bias")),
         )
 

@@ -26,12 +26,18 @@ __all__ = ["Distillation", "DistillationConfig", "distillation_loss"]
 
 
 class DistillationConfig(MethodConfig):
-    #: Multiplier on the task's hidden widths for the student.
-    width: float = Field(default=0.5, ge=0.1, le=1.0)
-    #: Softmax temperature: higher spreads the teacher's probability over more classes.
-    temperature: float = Field(default=4.0, ge=1.0, le=20.0)
-    #: Weight of the soft-target loss; ``1 - alpha`` weighs the hard-label cross entropy.
-    alpha: float = Field(default=0.9, ge=0.0, le=1.0)
+    width: float = Field(
+        default=0.5, ge=0.1, le=1.0,
+        description="the student's hidden widths as a multiple of the task's",
+    )
+    temperature: float = Field(
+        default=4.0, ge=1.0, le=20.0,
+        description="softmax temperature: higher spreads the teacher's probability wider",
+    )
+    alpha: float = Field(
+        default=0.9, ge=0.0, le=1.0,
+        description="weight of the soft-target loss; 1 - alpha weighs the label loss",
+    )
 
 
 def distillation_loss(

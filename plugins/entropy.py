@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Literal, Protocol
 
 import numpy as np
+from pydantic import Field
 
 from autoshrink import hookimpl
 from autoshrink.methods import EncodingMethod, Method, MethodConfig
@@ -57,7 +58,9 @@ _INVALID = 1 << 62
 
 
 class EntropyConfig(MethodConfig):
-    codec: Literal["huffman", "lzma", "zlib"] = "huffman"
+    codec: Literal["huffman", "lzma", "zlib"] = Field(
+        "huffman", description="canonical Huffman over bytes, or LZMA2, or DEFLATE"
+    )
 
 
 class Entropy(EncodingMethod):

@@ -7,15 +7,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
-from torch.nn.utils import parametrize
 
 from autoshrink import hookimpl
 from autoshrink.methods import LoweredValue, Method, MethodConfig, ValueMethod
 
 
 class FloatConfig(MethodConfig):
-    bits: Literal[32, 16] = 32
+    bits: Literal[32, 16] = Field(32, description="float32 (exact) or float16 per value")
 
 
 class RoundToHalf(nn.Module):
@@ -32,12 +32,8 @@ class Float(ValueMethod):
     summary = "store values as float32 (exact) or float16"
     Config = FloatConfig
 
-    def apply(self, module: nn.Module, name: str, config: FloatConfig) -> None:
-        if config.bits == 16:
-            owner, _, attr = name.rpartition(".")
-            parametrize.register_parametrization(
-                module.get_submodule(owner), attr, RoundToHalf()
-            )
+    def parametrization(self, tensor: torch.Tensor, config: FloatConfig) -> nn.Module | None:
+        return RoundToHalf() if config.bits == 16 else None
 
     def encode(
         self, tensor: torch.Tensor, config: FloatConfig

@@ -22,8 +22,21 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
+from autoshrink.structure_kit import (
+    PaddingRow,
+    bias_arrays,
+    check_code_shape,
+    conv2d,
+    copy_bias,
+    keep_conv_geometry,
+    padding_from_code,
+    payloads,
+    store_bias,
+    stored_bias,
+    stored_payload,
+    zero_bias,
+)
 
 __all__ = [
     "HashedConv2d", "HashedEmbedding", "HashedLinear", "Hashing", "HashingConfig", "position_hash",
@@ -91,10 +104,7 @@ class _Hashed(nn.Module):
         # The K real weights. Not called `values`: torch's parametrize keeps parametrizations
         # in a ModuleDict, where `values` is a method name, so a value stage could not wrap it.
         self.shared = nn.Parameter(torch.zeros(k))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(shape[0]))
-        else:
-            self.register_parameter("bias", None)
+        self.bias = zero_bias(shape[0] if bias else None)
         index, sign = hashed_positions(self.shape, k, seed)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("sign", sign, persistent=False)
@@ -133,19 +143,10 @@ class HashedConv2d(_Hashed):
 
     def __init__(self, conv: nn.Conv2d, k: int, bias: bool, seed: int) -> None:
         super().__init__(tuple(conv.weight.shape), k, bias, seed)
-        self.stride = conv.stride
-        self.padding = conv.padding
-        self.dilation = conv.dilation
-        self.groups = conv.groups
-        self.padding_mode = conv.padding_mode
-        # The explicit padding nn.Conv2d applies itself for non-"zeros" padding modes.
-        self._pad = tuple(conv._reversed_padding_repeated_twice)
+        keep_conv_geometry(self, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, padding = self.virtual_weight(), self.padding
-        if self.padding_mode != "zeros":
-            x, padding = F.pad(x, self._pad, mode=self.padding_mode), 0
-        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return conv2d(self, x, self.virtual_weight(), self.bias)
 
 
 class HashedEmbedding(_Hashed):
@@ -163,8 +164,10 @@ class HashedEmbedding(_Hashed):
 
 
 class HashingConfig(MethodConfig):
-    #: K, the number of real weights, as a fraction of the layer's virtual weights.
-    ratio: float = Field(0.125, ge=1 / 256, le=1.0, json_schema_extra={"log": True})
+    ratio: float = Field(
+        0.125, ge=1 / 256, le=1.0, json_schema_extra={"log": True},
+        description="K, the number of real weights, as a share of the layer's weights",
+    )
 
 
 def _make(
@@ -191,9 +194,7 @@ class Hashing(StructureMethod):
         padding = PaddingRow.of(layer)
         module = _make(layer, k, bias is not None, SEED, padding).to(layer.weight.device)
         module.fit(layer.weight)
-        if bias is not None:
-            with torch.no_grad():
-                module.bias.copy_(bias)
+        copy_bias(layer, module)
         return module
 
     def payload_names(self, module: nn.Module) -> tuple[str, ...]:
@@ -201,13 +202,11 @@ class Hashing(StructureMethod):
 
     def encode(self, module: nn.Module, config: HashingConfig) -> LayerCode:
         assert isinstance(module, _Hashed)
-        # Attribute access (not the raw parameter) so a value-stage parametrization applies.
         code = LayerCode(
-            payloads={"shared": module.shared.detach().cpu().clone()},
+            payloads=payloads(module, self.payload_names(module)),
             meta={"seed": module.seed, "k": module.k, "shape": list(module.shape)},
         )
-        if module.bias is not None:
-            code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        store_bias(module, code)
         if isinstance(module, HashedEmbedding) and module.padding is not None:
             module.padding.store(code)
         return code
@@ -222,23 +221,15 @@ class Hashing(StructureMethod):
             raise ValueError(f"hash seed {seed!r} is not valid")
         if not isinstance(k, int) or not 1 <= k <= int(np.prod(shape)):
             raise ValueError(f"K = {k!r} does not fit a weight of shape {shape}")
-        if meta.get("shape") != list(shape):
-            raise ValueError(f"code is for a weight of shape {meta.get('shape')}, not {shape}")
-        shared = code.payloads.get("shared")
-        if shared is None or tuple(shared.shape) != (k,):
-            raise ValueError(f"{k} shared weights expected")
-        bias, template_bias = code.arrays.get("bias"), getattr(template, "bias", None)
-        if (bias is None) != (template_bias is None) or (
-            bias is not None and bias.shape != tuple(template_bias.shape)
-        ):
-            expected = "no bias" if template_bias is None else f"bias of shape {shape[:1]}"
-            raise ValueError(f"{expected} expected")
+        check_code_shape(code, shape)
+        shared = stored_payload(code, "shared", (k,))
+        bias = stored_bias(code, template)
         padding = padding_from_code(code, template)
         module = _make(template, k, bias is not None, seed, padding)
         with torch.no_grad():
             module.shared.copy_(shared)
             if bias is not None:
-                module.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+                module.bias.copy_(bias)
         return module
 
     def lower(
@@ -278,10 +269,7 @@ class Hashing(StructureMethod):
                 x, template, lambda f: p["shared"](bucket[f]) * sign[f], t.get("bias")
             )
 
-        return LoweredLayer(
-            arrays={"bias": code.arrays["bias"]} if "bias" in code.arrays else {},
-            compute=compute,
-        )
+        return LoweredLayer(arrays=bias_arrays(code), compute=compute)
 
 
 @hookimpl

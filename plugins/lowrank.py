@@ -25,8 +25,20 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
+from autoshrink.structure_kit import (
+    PaddingRow,
+    bias_arrays,
+    conv2d,
+    copy_bias,
+    keep_conv_geometry,
+    padding_from_code,
+    payloads,
+    store_bias,
+    stored_bias,
+    stored_payload,
+    zero_bias,
+)
 
 __all__ = [
     "RANK_FLOOR", "LowRank", "LowRankConfig", "LowRankConv2d", "LowRankEmbedding",
@@ -67,10 +79,7 @@ class _LowRank(nn.Module):
         self.rank = v_shape[0]
         self.u = nn.Parameter(torch.zeros(u_shape), requires_grad=train_u)
         self.v = nn.Parameter(torch.zeros(v_shape))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(u_shape[0]))
-        else:
-            self.register_parameter("bias", None)
+        self.bias = zero_bias(u_shape[0] if bias else None)
 
     @torch.no_grad()
     def fit(self, weight: torch.Tensor) -> None:
@@ -108,19 +117,10 @@ class LowRankConv2d(_LowRank):
     def __init__(self, conv: nn.Conv2d, rank: int, bias: bool, train_u: bool) -> None:
         out, inp, kh, kw = conv.weight.shape
         super().__init__((out, rank, 1, 1), (rank, inp, kh, kw), bias, train_u)
-        self.stride = conv.stride
-        self.padding = conv.padding
-        self.dilation = conv.dilation
-        self.padding_mode = conv.padding_mode
-        # The explicit padding nn.Conv2d applies itself for non-"zeros" padding modes.
-        self._pad = tuple(conv._reversed_padding_repeated_twice)
+        keep_conv_geometry(self, conv)  # groups is 1: LowRank.applies refuses grouped convs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x, padding = F.pad(x, self._pad, mode=self.padding_mode), 0
-        hidden = F.conv2d(x, self.v, None, self.stride, padding, self.dilation)
-        return F.conv2d(hidden, self.u, self.bias)
+        return F.conv2d(conv2d(self, x, self.v), self.u, self.bias)
 
 
 class LowRankEmbedding(_LowRank):
@@ -142,11 +142,14 @@ class LowRankEmbedding(_LowRank):
 
 
 class LowRankConfig(MethodConfig):
-    #: r as a fraction of the full rank min(out, in*kh*kw), at least RANK_FLOOR (8) where
-    #: the factors stay smaller than the dense weight.
-    rank: float = Field(0.25, ge=0.01, le=1.0, json_schema_extra={"log": True})
-    #: False keeps U (the output-side "dictionary" factor) at its SVD start; only V trains.
-    train_u: bool = True
+    rank: float = Field(
+        0.25, ge=0.01, le=1.0, json_schema_extra={"log": True},
+        description=f"r as a share of the full rank, at least {RANK_FLOOR} while the factors "
+        "stay smaller than the dense weight",
+    )
+    train_u: bool = Field(
+        True, description="false keeps U (the output-side factor) at its SVD start"
+    )
 
 
 def _make(
@@ -185,9 +188,7 @@ class LowRank(StructureMethod):
         module = _make(layer, rank, bias is not None, config.train_u, padding)
         module = module.to(layer.weight.device)
         module.fit(layer.weight)
-        if bias is not None:
-            with torch.no_grad():
-                module.bias.copy_(bias)
+        copy_bias(layer, module)
         return module
 
     def payload_names(self, module: nn.Module) -> tuple[str, ...]:
@@ -195,16 +196,10 @@ class LowRank(StructureMethod):
 
     def encode(self, module: nn.Module, config: LowRankConfig) -> LayerCode:
         assert isinstance(module, _LowRank)
-        # Attribute access (not the raw parameter) so a value-stage parametrization applies.
         code = LayerCode(
-            payloads={
-                "u": module.u.detach().cpu().clone(),
-                "v": module.v.detach().cpu().clone(),
-            },
-            meta={"rank": module.rank},
+            payloads=payloads(module, self.payload_names(module)), meta={"rank": module.rank}
         )
-        if module.bias is not None:
-            code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        store_bias(module, code)
         if isinstance(module, LowRankEmbedding) and module.padding is not None:
             module.padding.store(code)
         return code
@@ -216,21 +211,15 @@ class LowRank(StructureMethod):
         rank = meta.get("rank")
         if not isinstance(rank, int) or not 1 <= rank <= full_rank(template):
             raise ValueError(f"rank {rank!r} does not fit {template!r}")
-        bias, template_bias = code.arrays.get("bias"), getattr(template, "bias", None)
-        if (bias is None) != (template_bias is None) or (
-            bias is not None and bias.shape != tuple(template_bias.shape)
-        ):
-            raise ValueError("no bias expected" if template_bias is None else "bias expected")
+        bias = stored_bias(code, template)
         padding = padding_from_code(code, template)
         module = _make(template, rank, bias is not None, config.train_u, padding)
         with torch.no_grad():
             for name in ("u", "v"):
-                target, stored = getattr(module, name), code.payloads.get(name)
-                if stored is None or stored.shape != target.shape:
-                    raise ValueError(f"factor `{name}` of shape {tuple(target.shape)} expected")
-                target.copy_(stored)
+                target = getattr(module, name)
+                target.copy_(stored_payload(code, name, tuple(target.shape)))
             if bias is not None:
-                module.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=np.float32)))
+                module.bias.copy_(bias)
         return module
 
     def lower(
@@ -265,10 +254,7 @@ class LowRank(StructureMethod):
             return conv2d(hidden, lambda o, j, r, s: u(o * rank + j), out, (1, 1),
                           bias=t.get("bias"))
 
-        return LoweredLayer(
-            arrays={"bias": code.arrays["bias"]} if "bias" in code.arrays else {},
-            compute=compute,
-        )
+        return LoweredLayer(arrays=bias_arrays(code), compute=compute)
 
 
 @hookimpl

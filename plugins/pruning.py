@@ -53,9 +53,22 @@ from pydantic import Field
 from torch import nn
 
 from autoshrink import hookimpl
-from autoshrink.embedding import PaddingRow, padding_from_code
 from autoshrink.methods import LayerCode, LoweredLayer, Method, MethodConfig, StructureMethod
-from autoshrink.packing import pack_bits, packed_size, unpack_bits
+from autoshrink.structure_kit import (
+    PaddingRow,
+    bias_arrays,
+    check_code_shape,
+    conv2d,
+    keep_conv_geometry,
+    pack_bits,
+    packed_size,
+    padding_from_code,
+    payloads,
+    store_bias,
+    stored_bias,
+    stored_payload,
+    unpack_bits,
+)
 
 __all__ = ["Pruned", "Pruning", "PruningConfig", "relative_positions", "with_fillers"]
 
@@ -168,10 +181,7 @@ class Pruned(nn.Module):
         self.pad_row = padding
         self.weight_shape = tuple(layer.weight.shape)
         if isinstance(layer, nn.Conv2d):
-            self.stride, self.dilation, self.groups = layer.stride, layer.dilation, layer.groups
-            self.padding, self.padding_mode = layer.padding, layer.padding_mode
-            # nn.Conv2d pads explicitly for non-zero modes; keep what it would use.
-            self.pad = tuple(layer._reversed_padding_repeated_twice)
+            keep_conv_geometry(self, layer)
         # Not called `values`: parametrize keeps its tensors in a ModuleDict, whose `values`
         # method would clash with a value method's parametrization of that name.
         self.survivors = nn.Parameter(values.detach().clone().reshape(-1))
@@ -201,10 +211,7 @@ class Pruned(nn.Module):
         if self.kind == "embedding":
             rows = F.embedding(x, weight)
             return rows if self.pad_row is None else self.pad_row(x, rows)
-        padding = self.padding
-        if self.padding_mode != "zeros":
-            x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
-        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return conv2d(self, x, weight, self.bias)
 
     def keep(self, survivors: np.ndarray) -> None:
         """Store only the sorted flat ``survivors`` (a subset of the stored positions), in
@@ -291,7 +298,7 @@ class Pruning(StructureMethod):
             raise ValueError("a scheduled pruning is still running: settle the layer first")
         positions = module.positions.cpu().numpy()
         code = LayerCode(
-            payloads={"survivors": module.survivors.detach().clone().cpu()},
+            payloads=payloads(module, self.payload_names(module)),
             meta={"shape": list(module.weight_shape)},
         )
         relative = relative_positions(positions)
@@ -303,8 +310,7 @@ class Pruning(StructureMethod):
             mask[positions] = True
             code.arrays["mask"] = pack_bits(mask, 1)
             code.meta["positions"] = "bitmask"
-        if module.bias is not None:
-            code.arrays["bias"] = module.bias.detach().cpu().numpy().astype(np.float32)
+        store_bias(module, code)
         if module.pad_row is not None:
             module.pad_row.store(code)
         return code
@@ -314,28 +320,19 @@ class Pruning(StructureMethod):
             raise ValueError(f"`pruning` cannot decode into {type(template).__name__}")
         shape = tuple(template.weight.shape)
         numel = int(np.prod(shape))
-        if code.meta.get("shape") != list(shape):
-            raise ValueError(f"code is for a weight of shape {code.meta.get('shape')}, not {shape}")
+        check_code_shape(code, shape)
         positions = _decode_positions(code.arrays, code.meta, numel)
-        values = code.payloads.get("survivors")
-        if values is None or values.ndim != 1 or values.numel() != positions.size:
-            got = None if values is None else tuple(values.shape)
-            raise ValueError(f"{positions.size} survivors expected, got {got}")
+        values = stored_payload(code, "survivors", (positions.size,))
+        bias = stored_bias(code, template)
         module = Pruned(
             template,
             torch.from_numpy(positions).to(template.weight.device),
             values.to(device=template.weight.device, dtype=template.weight.dtype),
             padding_from_code(code, template),
         )
-        bias = code.arrays.get("bias")
-        if (bias is None) != (getattr(template, "bias", None) is None):
-            raise ValueError("the code's bias does not match the layer's")
         if bias is not None:
-            assert module.bias is not None
-            if bias.shape != tuple(module.bias.shape):
-                raise ValueError(f"bias of shape {tuple(module.bias.shape)} expected")
             with torch.no_grad():
-                module.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+                module.bias.copy_(bias)
         return module
 
     def lower(
@@ -357,9 +354,8 @@ class Pruning(StructureMethod):
         arrays = {
             "columns": columns.astype(index_dtype(row_size)),
             "starts": starts,
+            **bias_arrays(code),
         }
-        if "bias" in code.arrays:
-            arrays["bias"] = code.arrays["bias"]
         return LoweredLayer(
             arrays=arrays,
             compute=lambda x, t, p: sparse_layer(

@@ -9,7 +9,7 @@ Two ways to restrict a tensor while it trains (``mode``):
   trainable parameter: the weight is ``codebook[assignment]``, so backprop sums the
   gradients of each cluster's weights into its centroid.
 - ``uniform``: affine quantization on a grid of ``2**bits`` levels from ``min`` to ``max``
-  of the tensor at the time of :meth:`Quantization.apply` (scale and offset are fixed then,
+  of the tensor when it is restricted (scale and offset are fixed then,
   not learned; values that drift outside saturate). The latent float tensor keeps training
   through a straight-through estimator. ``bits=1`` is binarization as in BinaryConnect
   (Courbariaux et al. 2015): ``sign(w)`` (zero counts as positive) times a fixed scale,
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn.utils import parametrize
 
 from autoshrink import hookimpl
 from autoshrink.methods import LoweredValue, Method, MethodConfig, ValueMethod
@@ -43,7 +42,9 @@ LLOYD_ITERATIONS = 20
 
 class QuantizationConfig(MethodConfig):
     bits: int = Field(4, ge=1, le=8, description="bits per stored value (2**bits levels)")
-    mode: Literal["kmeans", "uniform"] = "kmeans"
+    mode: Literal["kmeans", "uniform"] = Field(
+        "kmeans", description="trained k-means codebook, or a fixed uniform grid (1 bit: binary)"
+    )
 
 
 def kmeans_1d(
@@ -140,21 +141,12 @@ class Quantization(ValueMethod):
     summary = "k-means weight sharing (Deep Compression) or uniform/binary quantization"
     Config = QuantizationConfig
 
-    def apply(self, module: nn.Module, name: str, config: QuantizationConfig) -> None:
-        owner_name, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        original = getattr(owner, attr)
-        if config.mode == "kmeans":
-            codebook, assignment = kmeans_1d(original, 1 << config.bits)
-            parametrization: nn.Module = SharedWeights(
-                codebook.to(original.dtype), assignment.reshape(original.shape)
-            )
-        else:
-            parametrization = _uniform(original, config.bits)
-        parametrize.register_parametrization(owner, attr, parametrization)
-        if config.mode == "kmeans":
-            # The codebook replaces the original tensor: freeze it so no optimizer decays it.
-            owner.parametrizations[attr].original.requires_grad_(False)
+    def parametrization(self, tensor: torch.Tensor, config: QuantizationConfig) -> nn.Module:
+        if config.mode == "uniform":
+            return _uniform(tensor, config.bits)
+        # The codebook replaces the tensor (SharedWeights ignores it; the engine freezes it).
+        codebook, assignment = kmeans_1d(tensor, 1 << config.bits)
+        return SharedWeights(codebook.to(tensor.dtype), assignment.reshape(tensor.shape))
 
     def encode(
         self, tensor: torch.Tensor, config: QuantizationConfig

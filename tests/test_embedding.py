@@ -16,8 +16,9 @@ from torch import nn
 
 from autoshrink.api import model_task
 from autoshrink.artifact import read_artifact, size_breakdown, write_artifact
-from autoshrink.compress import apply_structure, apply_values
+from autoshrink.compress import apply_structure, apply_values, compress
 from autoshrink.errors import UsageError
+from autoshrink.pipeline import resolve_plan
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
 from autoshrink.space import build_space, load_preset
 from autoshrink.tasks import Split
@@ -83,9 +84,10 @@ def test_trained_table_roundtrips_exactly(tmp_path: Path, registry, plan: Plan) 
     model, data = Bag(), _tokens(400, 1)
     task = model_task(model, input_shape=(12,))
     assert set(compressible_layers(model, registry)) == {"embed", "head"}
-    compressed = apply_structure(model, plan, registry)
+    pipeline = resolve_plan(plan, model, registry)
+    compressed = apply_structure(model, pipeline)
     fit(compressed, data, steps=15, batch_size=64, lr=1e-2, seed=0)
-    apply_values(compressed, plan, registry, ["embed", "head"])
+    apply_values(compressed, pipeline)
     fit(compressed, data, steps=15, batch_size=64, lr=1e-2, seed=1)
     path = tmp_path / "bag.safetensors"
     size = write_artifact(path, compressed, plan, task, registry)
@@ -106,8 +108,7 @@ def test_hashed_table_stores_only_k_codes(tmp_path: Path, registry) -> None:
     is zero, the usual pad, so it is not stored)."""
     torch.manual_seed(0)
     model = Bag()
-    compressed = apply_structure(model, HASH_4BIT, registry)
-    apply_values(compressed, HASH_4BIT, registry, ["embed", "head"])
+    compressed = compress(model, HASH_4BIT, registry)
     path = tmp_path / "bag.safetensors"
     write_artifact(path, compressed, HASH_4BIT, model_task(model), registry)
     k, levels = round(0.05 * VOCAB * DIM), compressed.embed.shared.unique().numel()

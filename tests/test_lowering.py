@@ -25,7 +25,9 @@ from autoshrink.compiler.pipeline import _layer_inputs
 from autoshrink.compiler.target import resolve_target
 from autoshrink.compress import compress, replace_module
 from autoshrink.header import read_header
+from autoshrink.hookspecs import hookimpl
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
+from autoshrink.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 STRUCTURES = {
@@ -45,21 +47,20 @@ VALUES = {
 
 
 @pytest.fixture(scope="module")
-def methods():
-    """The registry of built-ins plus the example plugin's method, as its hook registers it."""
-    from autoshrink.registry import load_registry
-
+def ternary():
+    """The example plugin's module, imported from its folder (not installed)."""
     sys.path.insert(0, str(ROOT / "examples" / "autoshrink-ternary"))
     try:
         import autoshrink_ternary
     finally:
         sys.path.pop(0)
-    load_registry.cache_clear()
-    registry = copy.copy(load_registry())
-    registry.methods = dict(registry.methods)
-    autoshrink_ternary.register_methods(lambda method: registry.methods.setdefault(
-        method.name, method))
-    return registry
+    return autoshrink_ternary
+
+
+@pytest.fixture(scope="module")
+def methods(ternary):
+    """The registry of built-ins plus the example plugin, registered in-process."""
+    return load_registry(extra_plugins=[ternary])
 
 
 def _compile(tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int):
@@ -126,15 +127,20 @@ def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
 
 
-def test_a_value_method_without_lowering_gives_float32_values(methods, tmp_path) -> None:
+def test_a_value_method_without_lowering_gives_float32_values(ternary, tmp_path) -> None:
     from autoshrink.methods import ValueMethod
 
-    class PlainTernary(type(methods.methods["ternary"])):
+    class PlainTernary(ternary.Ternary):
         name = "plain-ternary"
         lower = ValueMethod.lower  # the contract's default: no compiled form
 
-    registry = copy.copy(methods)
-    registry.methods = {**methods.methods, "plain-ternary": PlainTernary()}
+    class Plain:  # a plugin object: its hooks are methods
+        @hookimpl
+        def register_methods(self, register) -> None:
+            register(PlainTernary())
+
+    registry = load_registry(extra_plugins=[ternary, Plain()])
+    assert registry.problems == [] and "plain-ternary" in registry.methods
     plan = Plan(layers={"fc1": LayerPlan(
         structure=Choice(method="hashing", config={"ratio": 0.5}),
         value=Choice(method="plain-ternary", config={}),

@@ -31,7 +31,8 @@ from autoshrink.studies.progress import TrainingBar
 
 @app.command("plugins")
 def plugins_command(json_output: JsonOption = False) -> None:
-    """List every registered method and task, with its stage, source and knobs."""
+    """List every registered method and task, with its stage, source and knobs (each knob's
+    range and description)."""
     plugins = registry(settings())
     rows = []
     for method in plugins.methods.values():
@@ -39,6 +40,8 @@ def plugins_command(json_output: JsonOption = False) -> None:
             name: describe(dist)
             for name, dist in config_distributions(method.Config, owner=method.name).items()
         }
+        fields = method.Config.model_fields
+        descriptions = {name: fields[name].description or "" for name in knobs}
         applies = (
             ", ".join(t.__name__ for t in method.applies_to)
             if isinstance(method, StructureMethod)
@@ -51,6 +54,7 @@ def plugins_command(json_output: JsonOption = False) -> None:
                 "source": plugins.sources[method.name],
                 "applies_to": applies,
                 "knobs": knobs,
+                "knob_descriptions": descriptions,
                 "summary": method.summary,
             }
         )
@@ -65,7 +69,10 @@ def plugins_command(json_output: JsonOption = False) -> None:
     for column in ("name", "stage", "source", "applies to", "knobs", "summary"):
         table.add_column(column)
     for row in rows:
-        knobs = "\n".join(f"{k} {v}" for k, v in row["knobs"].items()) or "-"
+        knobs = "\n".join(
+            f"{k} {v}" + (f": {row['knob_descriptions'][k]}" if row["knob_descriptions"][k] else "")
+            for k, v in row["knobs"].items()
+        ) or "-"
         table.add_row(
             row["name"], row["stage"], row["source"], row["applies_to"], knobs, row["summary"]
         )

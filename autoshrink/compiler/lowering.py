@@ -28,11 +28,12 @@ import tvm
 from torch import nn
 from tvm import relax
 
-from autoshrink.artifact import stream_array
+from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import dense_layer, supports
 from autoshrink.header import Header
-from autoshrink.methods import LayerCode, LoweredValue, Stage, StructureMethod, ValueMethod
+from autoshrink.methods import LayerCode, LoweredValue
+from autoshrink.pipeline import layer_step
 
 if TYPE_CHECKING:
     from autoshrink.registry import Registry
@@ -104,31 +105,19 @@ def compressed_kernels(
     per layer that cannot."""
     kernels: dict[str, LayerKernel] = {}
     for name, info in header.layers.items():
-        choice = header.plan.layer(name)
-        structure = registry.method(choice.structure.method, Stage.STRUCTURE)
-        value = registry.method(choice.value.method, Stage.VALUE)
-        if not isinstance(structure, StructureMethod) or not isinstance(value, ValueMethod):
-            raise TypeError(f"layer `{name}`: its plan names methods of the wrong stage")
-        value_config = value.config(choice.value.config)
+        step = layer_step(name, templates[name], header.plan.layer(name), registry)
+        stored_payloads, own = layer_arrays(header, blobs, name, registry)
         payloads: dict[str, LoweredValue] = {}
-        for payload, p in info.payloads.items():
-            stored = {k: stream_array(header, blobs, f"{name}/{payload}/{k}", registry)
-                      for k in p.arrays}
-            lowered = value.lower(stored, p.meta, tuple(p.shape), value_config)
+        for payload, stored in stored_payloads.items():
+            lowered = step.value.lower(*stored, step.value_config)
             if lowered is None:
-                notes.append(f"{name}: `{value.name}` has no lowering; its values are float32")
-                decoded = value.decode(stored, p.meta, tuple(p.shape), value_config)
-                lowered = _float_values(decoded)
+                notes.append(f"{name}: `{step.value.name}` has no lowering; its values are float32")
+                lowered = _float_values(step.value.decode(*stored, step.value_config))
             payloads[payload] = lowered
-        code = LayerCode(
-            meta=info.meta,
-            arrays={k: stream_array(header, blobs, f"{name}/{k}", registry) for k in info.arrays},
-        )
-        layer = structure.lower(
-            code, templates[name], structure.config(choice.structure.config)
-        )
+        code = LayerCode(meta=info.meta, arrays=own)
+        layer = step.structure.lower(code, step.module, step.structure_config)
         if layer is None:
-            notes.append(f"{name}: `{structure.name}` has no compressed kernel for it; dense")
+            notes.append(f"{name}: `{step.structure.name}` has no compressed kernel for it; dense")
             continue
         arrays = dict(layer.arrays)
         for payload, lowered in payloads.items():
@@ -142,7 +131,7 @@ def compressed_kernels(
         kernels[name] = LayerKernel(
             layer=name,
             form="compressed",
-            methods=f"{structure.name} + {value.name}",
+            methods=step.methods,
             arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
             compute=compute,
         )

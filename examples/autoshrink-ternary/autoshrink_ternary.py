@@ -8,15 +8,16 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.nn.utils import parametrize
 
 from autoshrink import MethodConfig, ValueMethod, hookimpl
 from autoshrink.methods import LoweredValue
 
 
 class TernaryConfig(MethodConfig):
-    # Weights below this fraction of the largest magnitude become zero.
-    threshold: float = Field(default=0.05, ge=0.0, le=0.5)
+    threshold: float = Field(
+        default=0.05, ge=0.0, le=0.5,
+        description="weights below this fraction of the largest magnitude become zero",
+    )
 
 
 class Ternarize(nn.Module):
@@ -41,11 +42,8 @@ class Ternary(ValueMethod):
     summary = "ternary weights {-a, 0, +a}, two bits each"
     Config = TernaryConfig
 
-    def apply(self, module: nn.Module, name: str, config: TernaryConfig) -> None:
-        owner, _, attr = name.rpartition(".")
-        parametrize.register_parametrization(
-            module.get_submodule(owner), attr, Ternarize(config.threshold)
-        )
+    def parametrization(self, tensor: torch.Tensor, config: TernaryConfig) -> nn.Module:
+        return Ternarize(config.threshold)
 
     def encode(self, tensor: torch.Tensor, config: TernaryConfig) -> tuple[dict, dict]:
         values = tensor.detach().reshape(-1).numpy()
