@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 
 import optuna
@@ -123,3 +124,86 @@ def test_max_retries_is_a_setting(tmp_path: Path) -> None:
                   "--out", str(tmp_path))
     assert bad.returncode == 2 and "max-retries" in bad.stderr
     assert not any(tmp_path.iterdir())
+
+
+# A plugin that a Ray worker cannot import (as on a node where it is not installed), and a
+# task whose data a Ray worker cannot find (as on a node without the files); the driver has
+# both.
+BLIND = '''
+import os
+from functools import partial
+
+from torch import nn
+from autoshrink import hookimpl
+from autoshrink.datasets import digits
+from autoshrink.errors import DataNotFoundError
+from autoshrink.tasks import Task, TrainingSettings
+from autoshrink_plugins.dense import Dense
+from autoshrink_plugins.tasks import mlp
+
+
+def _in_trial():
+    import ray
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+if os.environ.get("BLIND") == "plugin" and _in_trial():
+    raise ImportError("libblind.so: cannot open shared object file")
+
+
+class Blind(Dense):
+    name = "blind"
+    applies_to = (nn.Linear,)
+
+
+def load(data_dir):
+    if _in_trial():
+        raise DataNotFoundError("no digits on this node\\nset AUTOSHRINK_DATA")
+    return digits()
+
+
+@hookimpl
+def register_methods(register):
+    register(Blind())
+
+
+@hookimpl
+def register_tasks(register):
+    register(Task(name="blind-digits", build_model=partial(mlp, 64, (128, 64), 10),
+                  load_data=load, input_shape=(64,),
+                  training=TrainingSettings(epochs=40, batch_size=64, lr=2e-3)))
+'''
+
+
+@pytest.mark.parametrize("missing", ["plugin", "data"])
+def test_a_worker_without_a_plugin_or_the_data_fails_its_trials_in_one_line(
+    tmp_path: Path, missing: str
+) -> None:
+    site = install_plugin(write_plugin(tmp_path / "p", "autoshrink-blind", BLIND),
+                          tmp_path / "site")
+    preset = tmp_path / "blind.toml"
+    preset.write_text('[layers.Linear]\nstructure = ["blind"]\nvalue = ["float"]\n'
+                      'model = ["none"]\nencoding = ["none"]\n')
+    done = run_cli(
+        "search", "--task", "digits-mlp" if missing == "plugin" else "blind-digits",
+        "--finetune-steps", "20", "--budget", "100kB", "--trials", "2", "--retrain-epochs", "0",
+        "--space", str(preset), "--backend", "ray", "--workers", "1",
+        "--out", str(tmp_path / "r"), "--study", "blind",
+        env={"PYTHONPATH": str(site), "BLIND": missing},
+    )
+    pareto = json.loads((tmp_path / "r" / "blind" / "pareto.json").read_text())
+    failures = [t["failure"] for t in pareto["trials"]]
+    assert [t["state"] for t in pareto["trials"]] == ["fail", "fail"], done.stderr[-3000:]
+    if missing == "plugin":
+        expected = (
+            "UsageError: worker on {} does not have the driver's plugins: method `blind` "
+            "(driver: autoshrink-blind==0.1, here: none) ("
+        )
+        assert all("libblind.so: cannot open shared object file" in f for f in failures)
+        assert all(f.endswith("; install the same plugins on every node") for f in failures)
+    else:
+        expected = "UsageError: worker on {} cannot load the data of task `blind-digits`: "
+        assert all(f.endswith(": no digits on this node") for f in failures)
+    assert all(f.startswith(expected.format(socket.gethostname())) for f in failures), failures
+    assert all("\n" not in f for f in failures)
+    assert not (tmp_path / "r" / "blind" / "artifacts").exists()

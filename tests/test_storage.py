@@ -102,3 +102,19 @@ def test_a_study_in_postgresql(tmp_path: Path, postgres_url: str) -> None:
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and f"{len(complete)} complete" in reported.stdout
     assert all(t.user_attrs["plan"] and t.user_attrs["seconds"] > 0 for t in complete)
+
+
+def test_sqlite_and_the_journal_give_the_same_front(tmp_path: Path) -> None:
+    fronts = []
+    for storage in ([], ["--storage", f"sqlite:///{tmp_path / 'trials.sqlite'}"]):
+        name = "db" if storage else "journal"
+        done = run_cli("search", *FAST, "--trials", "3", *storage, "--out", str(tmp_path / "r"),
+                       "--study", name)
+        assert done.returncode == 0, done.stderr[-3000:]
+        pareto = json.loads((tmp_path / "r" / name / "pareto.json").read_text())
+        assert len(pareto["trials"]) == 3
+        fronts.append([(m["trial"], m["bytes"], m["val_accuracy"], m["test_accuracy"],
+                        m["plan"]) for m in pareto["front"]])
+    assert (tmp_path / "r" / "journal" / "study.journal").is_file()
+    assert not (tmp_path / "r" / "db" / "study.journal").exists()
+    assert fronts[0] and fronts[0] == fronts[1]

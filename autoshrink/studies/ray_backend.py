@@ -1,22 +1,27 @@
 """Ray backend: the same define-by-run space and study, trials run as Ray Tune trials.
 
-Ray Tune's ``OptunaSearch`` asks the study (on the study's own journal) for each trial's
-parameters, so results land exactly where the local backend puts them. Each worker builds
-its own setup once (task data and the cached baseline, read from disk) and runs trials with
-``torch`` limited to the CPUs Ray gave it.
+Ray Tune's ``OptunaSearch`` asks the study (on the study's storage) for each trial's
+parameters, so results land exactly where the local backend puts them. Workers need nothing
+from the driver's disk: the driver puts the baseline's weights and the preset in Ray's
+object store once; each worker loads the plugins and the task's data itself, writes the
+trial's artifact to a temporary file of its own and returns its bytes with the figures in
+the Tune result. The driver alone writes the study folder and the storage: it writes the
+artifact, checks its size against the figure the worker measured, and records the trial
+(:class:`TrialEvents`).
 
-Two kinds of failure: an exception in a trial is recorded by its worker and fails the trial
-(run again it would fail again); a worker that dies (its process killed, its node lost) is a
-Ray Tune failure, and Tune runs the trial again, up to ``--max-retries`` times. Each lost
-attempt is recorded as a failed trial of its own, "interrupted (worker lost ...)": like a
-Ctrl-C, it does not count toward ``--trials``. When no retry is left the trial itself fails
-with "worker lost".
+Two kinds of failure: an exception in a trial (a plugin or the data this worker cannot load
+included) fails the trial with its reason in one line (run again it would fail again); a
+worker that dies (its process killed, its node lost) is a Ray Tune failure, and Tune runs
+the trial again, up to ``--max-retries`` times. Each lost attempt is recorded as a failed
+trial of its own, "interrupted (worker lost ...)": like a Ctrl-C, it does not count toward
+``--trials``. When no retry is left the trial itself fails with "worker lost".
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,13 +29,14 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages import JournalStorage
+from optuna.storages import BaseStorage, JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from autoshrink.errors import UsageError, first_line
+from autoshrink.files import write_atomic
 from autoshrink.settings import Settings
 from autoshrink.space import Space
 from autoshrink.studies.storage import JOURNAL, is_journal, open_storage
@@ -40,21 +46,29 @@ from autoshrink.studies.study import (
     PLAN,
     SearchSetup,
     StudyFolder,
+    WorkerInputs,
     make_sampler,
     outcome_attrs,
     storage_address,
     worker_setup,
 )
+from autoshrink.trial import TrialOutcome
 
 __all__ = ["connect", "search_on_ray"]
 
 NUMBER = "optuna_trial"
+#: The result key of what a worker sends back beside the figures: the artifact's bytes, the
+#: trial's time and whether it trained, or why it failed. The driver takes it out of the
+#: result before Ray Tune logs or keeps it.
+OUTCOME = "autoshrink"
 #: The failure reason of a trial whose Ray worker died under it.
 WORKER_LOST = "worker lost"
 # Ray Tune asks for trials one by one (`study.ask`), which Optuna's heartbeats do not cover;
 # a resume fails such trials left running (the study lock makes them dead ones).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-_FORWARDED_ENV = ("AUTOSHRINK_CACHE", "AUTOSHRINK_DATA", "AUTOSHRINK_BLOCK_PLUGINS", "PYTHONPATH")
+# A joined cluster's nodes keep their own environment (their paths are their own): the driver
+# passes on only the plugins it was told to refuse. A local cluster inherits the driver's.
+_FORWARDED_ENV = ("AUTOSHRINK_BLOCK_PLUGINS",)
 
 
 def connect(settings: Settings) -> None:
@@ -103,40 +117,29 @@ def _reachable(address: str) -> None:
         ) from exc
 
 
-def _record(address: str, study_name: str, number: int, attrs: dict[str, Any]) -> None:
-    """Set user attributes on a running trial from the worker that runs it (the journal's
-    file lock, or the database, makes this safe across processes; with the journal, several
-    machines need the study folder on a shared file system)."""
-    storage = open_storage(address)
-    study_id = storage.get_study_id_from_name(study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
-    for key, value in attrs.items():
-        storage.set_trial_user_attr(trial_id, key, value)
-
-
-def _trainable(
-    settings_json: str, root: str, address: str, study_name: str, threads: int
-) -> Callable[[dict], None]:
-    def trainable(config: dict) -> None:
+def _trainable(settings_json: str, threads: int) -> Callable[..., None]:
+    def trainable(config: dict, inputs: WorkerInputs) -> None:
         from ray import tune
 
         torch.set_num_threads(threads)
-        folder = StudyFolder(Path(root))
         number = int(config[NUMBER])
-        path = folder.artifact(number)
-        try:
-            setup = worker_setup(settings_json)
-            plan = setup.plan_of({k: v for k, v in config.items() if k != NUMBER})
-            outcome = setup.run(plan, path, number)
-        except Exception as exc:
-            # Recorded here and reported as no figures (see StudySearch): raised, it would be
-            # a Tune failure, and Tune would run the trial again.
-            _record(address, study_name, number, {FAILURE: f"{type(exc).__name__}: {exc}"})
-            path.unlink(missing_ok=True)
-            tune.report({"bytes": None, "val_accuracy": None})
-            return
-        _record(address, study_name, number, outcome_attrs(outcome, folder))
-        tune.report({"bytes": outcome.bytes, "val_accuracy": outcome.val_accuracy})
+        with tempfile.TemporaryDirectory(prefix="autoshrink-trial-") as scratch:
+            try:
+                setup = worker_setup(settings_json, inputs)
+                plan = setup.plan_of({k: v for k, v in config.items() if k != NUMBER})
+                outcome = setup.run(plan, Path(scratch) / "artifact.safetensors", number)
+                payload = outcome.artifact.read_bytes()
+            except Exception as exc:
+                # Reported as no figures and a reason (see TrialEvents): raised, it would be
+                # a Tune failure, and Tune would run the trial again.
+                failure = f"{type(exc).__name__}: {first_line(exc)}"
+                tune.report({"bytes": None, "val_accuracy": None, OUTCOME: {FAILURE: failure}})
+                return
+        tune.report({
+            "bytes": outcome.bytes,
+            "val_accuracy": outcome.val_accuracy,
+            OUTCOME: {"artifact": payload, "seconds": outcome.seconds, "trained": outcome.trained},
+        })
 
     return trainable
 
@@ -175,12 +178,11 @@ def search_on_ray(
             else open_storage(address)
         ),
     )
+    # In the object store once; each worker gets it from there, not from any disk.
+    inputs = ray.put(WorkerInputs.of(setup))
     tuner = tune.Tuner(
         tune.with_resources(
-            _trainable(
-                settings.model_dump_json(), str(folder.root.resolve()), address, study.study_name,
-                per_trial,
-            ),
+            tune.with_parameters(_trainable(settings.model_dump_json(), per_trial), inputs=inputs),
             {"cpu": per_trial},
         ),
         tune_config=tune.TuneConfig(
@@ -194,7 +196,9 @@ def search_on_ray(
             name="tune",
             storage_path=str((folder.root / "ray").resolve()),
             verbose=0,
-            callbacks=[TrialEvents(study, folder, settings.max_retries, callbacks)],
+            callbacks=[
+                TrialEvents(study, folder, open_storage(address), settings.max_retries, callbacks)
+            ],
             failure_config=tune.FailureConfig(max_failures=settings.max_retries, fail_fast=False),
         ),
     )
@@ -229,8 +233,8 @@ class PicklableJournal(JournalStorage):
 
 class StudySearch(OptunaSearch):
     """Ray Tune's Optuna searcher, telling the study how each trial ended: with its figures;
-    failed by an exception (the worker recorded why and reported None for the figures); or
-    given up by Tune after its worker died (it is told only when no retry is left)."""
+    failed (TrialEvents recorded why and made the figures None); or given up by Tune after
+    its worker died (it is told only when no retry is left)."""
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -248,22 +252,71 @@ class StudySearch(OptunaSearch):
 
 
 class TrialEvents(Callback):
-    """The driver's side of Ray trials: records each attempt lost with its worker as a
-    failed trial (the trial itself runs again), cleans up after a trial Tune gave up on, and
-    drives the progress display as trials end. Ray Tune pickles its run config for
-    ``Tuner.restore``, so the pickled copy carries no state."""
+    """The driver's side of Ray trials: writes each trial's artifact into the study folder
+    and records how the trial went (the workers touch neither); records each attempt lost
+    with its worker as a failed trial (the trial itself runs again); cleans up after a trial
+    Tune gave up on; and drives the progress display as trials end. Ray Tune pickles its run
+    config for ``Tuner.restore``, so the pickled copy carries no state."""
 
     def __init__(
         self,
         study: optuna.Study,
         folder: StudyFolder,
+        storage: BaseStorage,
         retries: int,
         callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
     ) -> None:
-        self.study, self.folder, self.retries, self.callbacks = study, folder, retries, callbacks
+        self.study, self.folder, self.storage = study, folder, storage
+        self.retries, self.callbacks = retries, callbacks
 
     def __getstate__(self) -> dict:
         return {}
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        # Tune lets callbacks change the result in place: the artifact's bytes leave it here,
+        # before Tune's loggers and its experiment state see it, and a failure's figures
+        # become None (StudySearch then fails the trial).
+        sent = result.pop(OUTCOME, None)
+        if sent is None:
+            return
+        number = int(trial.config[NUMBER])
+        failure = sent.get(FAILURE) or self._store(number, sent, result)
+        if failure is not None:
+            self._record(number, {FAILURE: failure})
+            result["bytes"] = result["val_accuracy"] = None
+
+    def _store(self, number: int, sent: dict, result: dict) -> str | None:
+        """Write trial ``number``'s artifact as its worker sent it and record the trial;
+        returns why it failed, if it did."""
+        path, size = self.folder.artifact(number), int(result["bytes"])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, sent["artifact"])
+            written = path.stat().st_size
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            return f"the study folder cannot be written: {exc.strerror or exc} ({path})"
+        if written != size:
+            path.unlink(missing_ok=True)
+            return (
+                f"the artifact arrived with {written:,} bytes, but its worker measured "
+                f"{size:,} bytes"
+            )
+        outcome = TrialOutcome(
+            size, float(result["val_accuracy"]), path, float(sent["seconds"]),
+            trained=bool(sent["trained"]),
+        )
+        self._record(number, outcome_attrs(outcome, self.folder))
+        return None
+
+    def _record(self, number: int, attrs: dict[str, Any]) -> None:
+        """Set user attributes on trial ``number``, still running in the storage."""
+        study_id = self.storage.get_study_id_from_name(self.study.study_name)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        for key, value in attrs.items():
+            self.storage.set_trial_user_attr(trial_id, key, value)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         number = int(trial.config[NUMBER])

@@ -13,24 +13,25 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from autoshrink.baseline import Baseline, load_baseline
-from autoshrink.errors import UsageError
+from autoshrink.errors import UsageError, first_line
 from autoshrink.metric import Metric
 from autoshrink.plan import Plan
 from autoshrink.registry import Registry, load_registry
 from autoshrink.settings import Settings
-from autoshrink.space import Space, build_space, load_preset
+from autoshrink.space import Preset, Space, build_space, load_preset
 from autoshrink.studies.folder import Identity, StudyFolder, study_identity
 from autoshrink.studies.journal import JournalError, check_journal
 from autoshrink.studies.storage import address_of, display, is_journal, open_storage
@@ -38,8 +39,8 @@ from autoshrink.tasks import Task, TaskData, resolve_task
 from autoshrink.trial import TrialBudget, TrialOutcome, run_trial
 
 __all__ = [
-    "Identity", "Provided", "SearchSetup", "StudyFolder", "check_metric", "load_study_readonly",
-    "open_study", "prepare",
+    "Identity", "Provided", "SearchSetup", "StudyFolder", "WorkerInputs", "check_metric",
+    "load_study_readonly", "open_study", "prepare", "worker_setup",
     "outcome_attrs", "recorded_metric", "resolve", "study_identity",
 ]
 
@@ -102,12 +103,13 @@ class Provided:
 
 
 def resolve(
-    settings: Settings, provided: Provided | None = None
+    settings: Settings, provided: Provided | None = None, preset: Preset | None = None
 ) -> tuple[Registry, Task, Space]:
-    """Plugins, task and search space: everything that needs no data or training."""
+    """Plugins, task and search space (from ``preset``, or the one the settings name):
+    everything that needs no data or training."""
     registry = load_registry(strict=settings.strict_plugins)
     task = provided.task if provided else resolve_task(settings.task, registry.tasks)
-    preset = load_preset(settings.space)
+    preset = preset or load_preset(settings.space)
     space = build_space(task.build_model(1.0), registry, preset, narrows=task.narrows)
     return registry, task, space
 
@@ -122,13 +124,17 @@ def prepare(
     data = provided.data if provided and provided.data else task.load_data(settings.data_dir)
     pretrained = task.build_model(1.0) if task.trained else None
     baseline = load_baseline(task, data, registry, pretrained=pretrained, on_step=on_step)
-    budget = TrialBudget(
+    return SearchSetup(settings, registry, task, data, baseline, space, trial_budget(settings))
+
+
+def trial_budget(settings: Settings) -> TrialBudget:
+    """How much training each trial of a search may spend."""
+    return TrialBudget(
         finetune_steps=settings.finetune_steps,
         distill_steps=3 * settings.finetune_steps,
         seconds=settings.trial_timeout,
         size_limit=untrained_limit(int(settings.budget)) if settings.budget else None,
     )
-    return SearchSetup(settings, registry, task, data, baseline, space, budget)
 
 
 def untrained_limit(budget: int) -> int:
@@ -139,10 +145,81 @@ def untrained_limit(budget: int) -> int:
     return budget + budget // 10
 
 
-@cache
-def worker_setup(settings_json: str) -> SearchSetup:
-    """:func:`prepare` cached per process, for Ray workers that run many trials."""
-    return prepare(Settings.model_validate_json(settings_json))
+@dataclass(frozen=True, eq=False)
+class WorkerInputs:
+    """What the driver sends each Ray worker through Ray's object store, so that a worker
+    reads nothing from the driver's disk: the baseline's weights and measured figures, the
+    search-space preset, and the methods the driver's plugins provide (each with its
+    distribution and version). The task and the settings travel by name."""
+
+    #: the baseline's cache name (task and cache key): which baseline these weights are
+    key: str
+    bytes: int
+    val_accuracy: float
+    test_accuracy: float | None
+    #: method name -> its distribution, as ``autoshrink-ternary==0.1.0``
+    methods: dict[str, str]
+    preset: Preset = field(repr=False)
+    state: dict[str, torch.Tensor] = field(repr=False)
+
+    @classmethod
+    def of(cls, setup: SearchSetup) -> WorkerInputs:
+        baseline, registry = setup.baseline, setup.registry
+        return cls(
+            key=baseline.path.name, bytes=baseline.bytes, val_accuracy=baseline.val_accuracy,
+            test_accuracy=baseline.test_accuracy,
+            methods={name: str(registry.origins.get(name)) for name in registry.methods},
+            preset=load_preset(setup.settings.space),
+            state={k: v.detach().cpu() for k, v in baseline.model.state_dict().items()},
+        )
+
+
+_WORKER_SETUPS: dict[tuple[str, str], SearchSetup] = {}
+
+
+def worker_setup(settings_json: str, inputs: WorkerInputs) -> SearchSetup:
+    """A Ray worker's setup, cached per process: plugins, task and data loaded here, the
+    baseline and the preset as the driver sent them (no baseline is read, trained or cached
+    on this machine). Raises UsageError naming what this machine could not load."""
+    cached = _WORKER_SETUPS.get((settings_json, inputs.key))
+    if cached is not None:
+        return cached
+    settings = Settings.model_validate_json(settings_json)
+    here = f"worker on {socket.gethostname()}"
+    try:
+        registry = load_registry(strict=settings.strict_plugins)
+    except Exception as exc:
+        raise UsageError(f"{here} cannot load its plugins: {first_line(exc)}") from exc
+    differ = [
+        f"`{name}` (driver: {origin}, here: {registry.origins.get(name, 'none')})"
+        for name, origin in inputs.methods.items()
+        if str(registry.origins.get(name)) != origin
+    ]
+    if differ:
+        why = f" ({registry.problems[0]})" if registry.problems else ""
+        raise UsageError(
+            f"{here} does not have the driver's plugins: method {', '.join(differ)}{why}; "
+            "install the same plugins on every node"
+        )
+    try:
+        registry, task, space = resolve(settings, preset=inputs.preset)
+    except Exception as exc:
+        raise UsageError(f"{here} cannot load task `{settings.task}`: {first_line(exc)}") from exc
+    try:
+        data = task.load_data(settings.data_dir)
+    except Exception as exc:
+        raise UsageError(
+            f"{here} cannot load the data of task `{task.name}`: {first_line(exc)}"
+        ) from exc
+    model = task.build_model(1.0)
+    model.load_state_dict(inputs.state)
+    baseline = Baseline(
+        task, model.eval(), Path(inputs.key), inputs.bytes, inputs.val_accuracy,
+        inputs.test_accuracy, trained=False,
+    )
+    setup = SearchSetup(settings, registry, task, data, baseline, space, trial_budget(settings))
+    _WORKER_SETUPS[(settings_json, inputs.key)] = setup
+    return setup
 
 
 class BudgetConstraint:
