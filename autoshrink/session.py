@@ -27,7 +27,16 @@ from autoshrink.studies.folder import new_identity, study_identity
 from autoshrink.studies.journal import heal_for_append
 from autoshrink.studies.local import run_trials
 from autoshrink.studies.lock import StudyBusyError, StudyLock
-from autoshrink.studies.pareto import BEST, summarize
+from autoshrink.studies.pareto import (
+    Facts,
+    Outcome,
+    collect,
+    facts_of,
+    keep_front_only,
+    measure_tests,
+    read_facts,
+    record_facts,
+)
 from autoshrink.studies.progress import SearchProgress, TrainingBar
 from autoshrink.studies.retrain import retrain_front
 from autoshrink.studies.storage import address_of, open_storage
@@ -217,6 +226,8 @@ def _run(
     study = open_study(folder, settings, identity, create=not resume, task=setup.task)
     if not resume:
         save_settings(folder, settings, identity)
+    facts = facts_of(setup)
+    record_facts(folder, facts)
     if not resume:
         for plan in fitted_starts(setup, int(settings.budget), console):
             study.enqueue_trial(params_of(setup.space, plan) or {}, skip_if_exists=True)
@@ -235,46 +246,56 @@ def _run(
         with SearchProgress(console, study, total, int(settings.budget or 0)) as callback:
             run_trials(setup, folder, study, trials=trials, callbacks=[callback])
     except KeyboardInterrupt as exc:
-        write_report(folder.root, summarize(study, folder, setup, final=False))
+        write_report(folder.root, collect(study, folder, facts, settings).as_json())
         raise Interrupted(
             f"interrupted after {finished(study)} trials; they are saved in {folder.root}. "
             f"Continue with `autoshrink resume {folder.name}`"
         ) from exc
-    summary = summarize(study, folder, setup, final=True)
-    write_report(folder.root, summary)
+    summary = _finish(study, folder, setup, facts)
     if retrain_front(folder, summary, setup, console):
-        summary = summarize(study, folder, setup, final=True)
-        write_report(folder.root, summary)
+        summary = _finish(study, folder, setup, facts)
     if (settings.compile or settings.compile_front) and summary["best"] is not None:
         from autoshrink.compiler import compile_winners
 
-        # summarize() picks up compiled/trial-NNNN/latency.json for the report.
+        # collect() picks up compiled/trial-NNNN/latency.json for the report.
         compile_winners(folder, summary, setup, console, front=settings.compile_front)
-        summary = summarize(study, folder, setup, final=True)
-        write_report(folder.root, summary)
+        summary = _finish(study, folder, setup, facts)
     return SearchOutcome(folder, summary, time.monotonic() - start)
 
 
+def _finish(
+    study: Any, folder: StudyFolder, setup: SearchSetup, facts: Facts
+) -> dict[str, Any]:
+    """A finished search's outcome: test figures measured, the folder cleaned (artifacts
+    off the front deleted, the recommended one copied) and the report written."""
+    measure_tests(study, folder, setup)
+    keep_front_only(folder, study, collect(study, folder, facts, setup.settings))
+    outcome: Outcome = collect(study, folder, facts, setup.settings)
+    write_report(folder.root, outcome.as_json())
+    return outcome.as_json()
+
+
 def regenerate(folder: StudyFolder, provided: Provided | None = None) -> dict[str, Any]:
-    """Rebuild ``pareto.json``, ``report.md`` and ``index.html`` from the study's journal,
-    also while its search is still running; returns the summary. A study of a model handed
-    over in Python needs it again (``provided``)."""
+    """Rebuild ``pareto.json``, ``report.md`` and ``index.html`` from the study's folder,
+    also while its search is still running; returns the summary. Nothing but the folder is
+    read: no data, no baseline (a study made before ``facts.json`` existed reads its baseline
+    from the cache, and one of a model handed over in Python then needs it: ``provided``)."""
     settings = folder.load_settings()
     study = load_study_readonly(folder)
-    if provided is None and settings.task.startswith("model:"):
-        raise UsageError(
-            f"study `{folder.name}` searched a model handed over in Python "
-            f"({settings.task}); rebuild its report with `autoshrink.report(\"{folder.name}\", "
-            "model=..., train=..., test=...)`"
-        )
-    setup = prepare(settings, provided=provided)  # the baseline is cached: no training here
-    check_metric(study, setup.task)
-    # Not final: a running search still needs the artifacts a final summary would delete.
-    summary = summarize(study, folder, setup, final=False)
-    best = next((m for m in summary["front"] if m["trial"] == summary["best"]), None)
-    copy, source = folder.root / BEST, folder.root / (best or {}).get("artifact", "")
-    # A finished search copied its recommended model; name the copy when it still is one.
-    if best and copy.is_file() and source.is_file() and copy.read_bytes() == source.read_bytes():
-        summary["best_artifact"] = BEST
+    facts = read_facts(folder)
+    if provided is not None:  # what a caller hands over must be what the study searched
+        check_metric(study, provided.task)
+    if facts is None:
+        if provided is None and settings.task.startswith("model:"):
+            raise UsageError(
+                f"study `{folder.name}` searched a model handed over in Python "
+                f"({settings.task}); rebuild its report with `autoshrink.report("
+                f"\"{folder.name}\", model=..., train=..., test=...)`"
+            )
+        setup = prepare(settings, provided=provided)  # the baseline is cached: no training
+        check_metric(study, setup.task)
+        measure_tests(study, folder, setup)
+        facts = facts_of(setup)
+    summary = collect(study, folder, facts, settings).as_json()
     write_report(folder.root, summary)
     return summary

@@ -33,7 +33,8 @@ from autoshrink.reports.view import (
     trial_kind,
 )
 from autoshrink.session import regenerate
-from autoshrink.studies.study import StudyFolder
+from autoshrink.studies.pareto import collect, read_facts
+from autoshrink.studies.study import StudyFolder, load_study_readonly
 from tests.conftest import ROOT, install_plugin, run_cli, write_plugin
 from tests.test_search import EXPLODING
 
@@ -433,6 +434,29 @@ def test_report_in_headless_chromium(study: dict[str, Any], tmp_path: Path) -> N
         browser.close()
 
 
+def test_collecting_the_outcome_changes_nothing(study: dict[str, Any], tmp_path: Path) -> None:
+    folder = StudyFolder(tmp_path / "mixed")
+    shutil.copytree(study["folder"], folder.root)
+    for name in ("best.safetensors", "test_accuracy.json"):  # as a running search has them
+        (folder.root / name).unlink()
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(folder.root)): p.read_bytes()
+                for p in sorted(folder.root.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    outcome = collect(load_study_readonly(folder), folder, read_facts(folder),
+                      folder.load_settings())
+    assert snapshot() == before
+    summary = study["summary"]
+    assert [m.trial for m in outcome.front] == [m["trial"] for m in summary["front"]]
+    assert outcome.best == summary["best"]
+    # Without the copy and the measured figures, the outcome says so instead of guessing.
+    assert outcome.best_artifact is None
+    assert all(m.test_accuracy is None for m in outcome.front)
+    assert outcome.as_json()["schema"] == summary["schema"]
+
+
 def test_report_command_regenerates_the_files(study: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     folder = out / "mixed"
@@ -446,9 +470,14 @@ def test_report_command_regenerates_the_files(study: dict[str, Any], tmp_path: P
     fake_browser = tmp_path / "browser.sh"
     fake_browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
     fake_browser.chmod(0o755)
+    # Rendering reads the study folder alone: no plugins (the exploding one is not on the
+    # path), no baseline (an empty cache stays empty), no data.
+    empty_cache = tmp_path / "empty-cache"
+    empty_cache.mkdir()
     result = run_cli("report", "mixed", "--out", str(out), "--open",
-                     env={**study["env"], "BROWSER": str(fake_browser)})
+                     env={"BROWSER": str(fake_browser), "AUTOSHRINK_CACHE": str(empty_cache)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(empty_cache.iterdir()) == []
     assert str(folder / "index.html") in result.stdout
     assert opened.read_text().strip() == (folder / "index.html").as_uri()
     for name in names:

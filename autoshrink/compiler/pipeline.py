@@ -320,7 +320,7 @@ def compile_winners(
     front: bool = False,
 ) -> None:
     """After a search: compile the recommended model (``front``: every front member) into
-    ``<study>/compiled/trial-NNNN/``, where ``summarize`` reads its ``latency.json``. The
+    ``<study>/compiled/trial-NNNN/``, where ``collect`` reads its ``latency.json``. The
     tuning database is shared, so members after the first mostly reuse its kernels. A failure
     is a warning: the search's results are already saved."""
     members = [

@@ -1,5 +1,5 @@
 """Reports: ``pareto.json``, ``report.md`` and ``index.html`` in a study folder, all rendered
-from one summary (:func:`autoshrink.studies.pareto.summarize`), so the three never disagree.
+from one outcome (:func:`autoshrink.studies.pareto.collect`), so the three never disagree.
 
 :mod:`.view` turns the summary into what is shown, :mod:`.markdown` and :mod:`.html` (with
 :mod:`.svg` and the page's ``page.css`` / ``page.js``) render it. Nothing here reads a study

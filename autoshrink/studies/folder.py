@@ -42,6 +42,12 @@ class StudyFolder:
         the study is created, so that the folder may be renamed or copied."""
         return self.root / "study.json"
 
+    @property
+    def facts(self) -> Path:
+        """``facts.json``: what the outcome needs beyond the trials (the baseline's figures,
+        the space's notes), so a report reads nothing outside the folder."""
+        return self.root / "facts.json"
+
     def has_artifacts(self) -> bool:
         return any((self.root / "artifacts").glob("trial-*.safetensors"))
 

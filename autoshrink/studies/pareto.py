@@ -1,5 +1,11 @@
 """The outcome of a study as data: front, recommended model, failures (``pareto.json``).
 
+Three steps, each named for what it does: :func:`measure_tests` measures the test figures
+the front lacks (it needs the data, so only a search runs it); :func:`collect` reads the
+study and its folder into an :class:`Outcome` and changes nothing, so a report can be
+rendered at any time from the folder alone; :func:`keep_front_only` deletes the artifacts
+off the front and copies the recommended one to ``best.safetensors``.
+
 Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
 
 - ``study``, ``task``, ``budget_bytes``
@@ -19,8 +25,8 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   ``bytes`` and ``val_accuracy``, and ``taken``): when taken, ``bytes`` to ``artifact`` are
   the retrained figures and ``search`` holds the search's
 - ``best``: trial number of the recommended model (the best validation metric in its
-  direction within the budget; ties go to the smaller file), or null when no trial fit; copied
-  to ``best.safetensors``
+  direction within the budget; ties go to the smaller file), or null when no trial fit;
+  ``best_artifact`` names ``best.safetensors`` when that file is a copy of it
 - ``trials``: every trial with ``state`` (complete / fail / running), ``bytes``,
   ``val_accuracy``, ``feasible`` and ``failure`` (the reason a trial failed)
 - ``counts``: ``complete``, ``failed``, ``over_budget``, ``running``
@@ -37,26 +43,152 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel
 
 from autoshrink.artifact import read_artifact, size_breakdown
-from autoshrink.errors import ArtifactError
+from autoshrink.errors import ArtifactError, UsageError
 from autoshrink.files import file_digest, write_atomic
 from autoshrink.metric import Metric
+from autoshrink.settings import Settings
 from autoshrink.studies.retrain import retrained_figures
 from autoshrink.studies.storage import display
 from autoshrink.studies.study import (
     ARTIFACT,
     SearchSetup,
     StudyFolder,
+    recorded_metric,
     study_identity,
     trial_summary,
 )
 from autoshrink.training import evaluate
 
-__all__ = ["SCHEMA", "front_trials", "summarize", "versions"]
+__all__ = [
+    "SCHEMA", "Facts", "Outcome", "collect", "facts_of", "front_trials", "keep_front_only",
+    "measure_tests", "read_facts", "record_facts", "versions",
+]
 
 SCHEMA = "autoshrink-pareto/1"
 BEST = "best.safetensors"
+TESTS = "test_accuracy.json"
+
+
+class Figures(BaseModel):
+    """Size and metric figures of one model file."""
+
+    bytes: int
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+
+
+class TrialRow(BaseModel):
+    """One trial of ``trials``: how it ended and, when it finished, its figures."""
+
+    trial: int
+    state: str
+    bytes: int | None
+    val_accuracy: float | None
+    artifact: str | None
+    seconds: float | None
+    failure: str | None
+    untrained: str | None
+    plan: dict[str, Any] | None
+    feasible: bool
+
+
+class Member(BaseModel):
+    """One member of the front. ``retrained``, ``search``, ``latency`` and ``bundle_bytes``
+    are there only when the member was retrained or compiled."""
+
+    trial: int
+    state: str
+    bytes: int
+    ratio: float
+    val_accuracy: float
+    test_accuracy: float | None
+    artifact: str | None
+    seconds: float | None
+    failure: str | None
+    untrained: str | None
+    plan: dict[str, Any] | None
+    layers: dict[str, Any]
+    retrained: dict[str, Any] | None = None
+    search: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    bundle_bytes: int | None = None
+
+
+class Counts(BaseModel):
+    complete: int = 0
+    failed: int = 0
+    over_budget: int = 0
+    running: int = 0
+
+
+class Outcome(BaseModel):
+    """A study's outcome: what ``pareto.json`` holds (see the module's docstring)."""
+
+    schema_: str = SCHEMA
+    study: str
+    task: str
+    budget_bytes: int
+    metric: dict[str, str]
+    baseline: Figures
+    notes: list[str]
+    front: list[Member]
+    best: int | None
+    best_artifact: str | None
+    trials: list[TrialRow]
+    counts: Counts
+    settings: dict[str, Any]
+    command: str | None
+    versions: dict[str, str]
+
+    def as_json(self) -> dict[str, Any]:
+        """The outcome as ``pareto.json`` writes it (a member's optional keys only when
+        set)."""
+        return {"schema": self.schema_, **self.model_dump(mode="json", exclude={"schema_"},
+                                                          exclude_unset=True)}
+
+
+class Facts(BaseModel):
+    """What a study's outcome needs beyond its trials, recorded in its folder
+    (``facts.json``) when the search starts, so that a report needs no data and no
+    baseline: the task's name, the baseline's figures and the space's notes."""
+
+    task: str
+    baseline: Figures
+    notes: list[str] = []
+
+
+def facts_of(setup: SearchSetup) -> Facts:
+    """The facts of a prepared search."""
+    return Facts(
+        task=setup.task.name,
+        baseline=Figures(
+            bytes=setup.baseline.bytes,
+            val_accuracy=setup.baseline.val_accuracy,
+            test_accuracy=setup.baseline.test_accuracy,
+        ),
+        notes=list(setup.space.notes),
+    )
+
+
+def record_facts(folder: StudyFolder, facts: Facts) -> None:
+    """Write (or refresh) the folder's ``facts.json``."""
+    write_atomic(folder.facts, facts.model_dump_json(indent=2))
+
+
+def read_facts(folder: StudyFolder) -> Facts | None:
+    """The folder's recorded facts; ``None`` for a study made before they were recorded."""
+    if not folder.facts.is_file():
+        return None
+    try:
+        return Facts.model_validate_json(folder.facts.read_bytes())
+    except ValueError as exc:
+        raise UsageError(
+            f"{folder.facts} is damaged ({str(exc).splitlines()[0]}); `autoshrink resume` "
+            "writes it again"
+        ) from None
 
 
 def versions() -> dict[str, str]:
@@ -76,32 +208,52 @@ def front_trials(study: optuna.Study, budget: int) -> list[FrozenTrial]:
     return sorted(front, key=lambda t: t.values[0])
 
 
-def _test_accuracies(folder: StudyFolder, front: list[FrozenTrial], setup: SearchSetup) -> dict:
-    """Test-set metric of each front member (by trial number), measured once from its
-    artifact file. The cache is keyed by the study's id, the trial number and the file's
-    hash: a figure of another study, or of an earlier file, is never shown."""
-    cache = folder.root / "test_accuracy.json"
+def _tests_cache(folder: StudyFolder) -> dict[str, Any]:
+    """``test_accuracy.json``: test figures keyed by the study's id, the trial number and the
+    artifact's hash, so a figure of another study, or of an earlier file, is never shown."""
+    cache = folder.root / TESTS
     try:
         known = json.loads(cache.read_text()) if cache.is_file() else {}
     except (OSError, ValueError):
         known = {}
-    known = known if isinstance(known, dict) else {}
+    return known if isinstance(known, dict) else {}
+
+
+def _test_key(folder: StudyFolder, study_id: str, trial: FrozenTrial) -> str | None:
+    path = trial.user_attrs.get(ARTIFACT)
+    digest = file_digest(folder.root / path) if path else None
+    return f"{study_id}/{trial.number}/{digest}" if digest else None
+
+
+def measure_tests(study: optuna.Study, folder: StudyFolder, setup: SearchSetup) -> None:
+    """Measure the test-set metric of each front member that has none yet, once, from its
+    artifact file, into ``test_accuracy.json`` (nothing to do without test data)."""
+    if setup.data.test is None:
+        return
+    known = _tests_cache(folder)
+    study_id = study_identity(folder).id
+    for trial in front_trials(study, int(setup.settings.budget or 0)):
+        key = _test_key(folder, study_id, trial)
+        if key is None or isinstance(known.get(key), float):
+            continue  # deleted (the figure stays unknown), or measured already
+        try:
+            artifact = read_artifact(
+                folder.root / trial.user_attrs[ARTIFACT], setup.registry, setup.task
+            )
+        except ArtifactError:
+            continue  # damaged: unknown, as above
+        known[key] = evaluate(artifact.model, setup.data.test, setup.task.metric)
+    write_atomic(folder.root / TESTS, json.dumps(known, indent=2))
+
+
+def _known_tests(folder: StudyFolder, front: list[FrozenTrial]) -> dict[int, float]:
+    known = _tests_cache(folder)
     study_id = study_identity(folder).id
     found = {}
     for trial in front:
-        path = trial.user_attrs.get(ARTIFACT)
-        digest = file_digest(folder.root / path) if path else None
-        if digest is None or setup.data.test is None:
-            continue  # deleted, or no test data: the report shows the figure as unknown
-        key = f"{study_id}/{trial.number}/{digest}"
-        if not isinstance(known.get(key), float):
-            try:
-                artifact = read_artifact(folder.root / path, setup.registry, setup.task)
-            except ArtifactError:
-                continue  # damaged: unknown, as above
-            known[key] = evaluate(artifact.model, setup.data.test, setup.task.metric)
-        found[str(trial.number)] = known[key]
-    write_atomic(cache, json.dumps(known, indent=2))
+        key = _test_key(folder, study_id, trial)
+        if key is not None and isinstance(known.get(key), float):
+            found[trial.number] = known[key]
     return found
 
 
@@ -145,24 +297,22 @@ def _latency(folder: StudyFolder, number: int, artifact: Path | None) -> dict[st
     return latency if latency.get("artifact_sha256") == file_digest(artifact) else None
 
 
-def summarize(
-    study: optuna.Study, folder: StudyFolder, setup: SearchSetup, *, final: bool
-) -> dict[str, Any]:
-    """The study's outcome. With ``final``, also copy the recommended model to
-    ``best.safetensors`` and delete the artifacts of trials off the front."""
-    budget = int(setup.settings.budget or 0)
-    metric = setup.task.judged_by
+def collect(
+    study: optuna.Study, folder: StudyFolder, facts: Facts, settings: Settings
+) -> Outcome:
+    """The study's outcome, read from the study and its folder; nothing is written. Test
+    figures are those :func:`measure_tests` measured (unknown until it has)."""
+    budget = int(settings.budget or 0)
+    metric = recorded_metric(study)
     front = front_trials(study, budget)
-    tests = _test_accuracies(folder, front, setup)
-    baseline_bytes = setup.baseline.bytes
+    tests = _known_tests(folder, front)
+    baseline_bytes = facts.baseline.bytes
     members = []
     for trial in front:
         row = trial_summary(trial)
         row["ratio"] = baseline_bytes / row["bytes"]
-        row["test_accuracy"] = tests.get(str(trial.number))
-        _take_retrained(
-            folder, row, setup.settings.retrain_epochs, budget, baseline_bytes, metric
-        )
+        row["test_accuracy"] = tests.get(trial.number)
+        _take_retrained(folder, row, settings.retrain_epochs, budget, baseline_bytes, metric)
         path = folder.root / row["artifact"] if row["artifact"] else None
         row["layers"] = size_breakdown(path) if path and path.is_file() else {}
         latency = _latency(folder, trial.number, path)
@@ -171,8 +321,6 @@ def summarize(
             row["bundle_bytes"] = latency.get("bundle_bytes")
         members.append(row)
     best = metric.best(members, lambda r: r["val_accuracy"], lambda r: r["bytes"])
-    if final:
-        _keep_front_only(folder, study, {r["trial"] for r in members}, best)
     trials = []
     counts = {"complete": 0, "failed": 0, "over_budget": 0, "running": 0}
     for trial in study.get_trials(deepcopy=False):
@@ -189,41 +337,43 @@ def summarize(
         elif trial.state == TrialState.RUNNING:
             counts["running"] += 1
     command = folder.root / "command.txt"
-    return {
-        "schema": SCHEMA,
-        "study": folder.name,
-        "task": setup.task.name,
-        "budget_bytes": budget,
-        "metric": metric.block(),
-        "baseline": {
-            "bytes": baseline_bytes,
-            "val_accuracy": setup.baseline.val_accuracy,
-            "test_accuracy": setup.baseline.test_accuracy,
+    return Outcome(
+        study=folder.name,
+        task=facts.task,
+        budget_bytes=budget,
+        metric=metric.block(),
+        baseline=facts.baseline,
+        notes=facts.notes,
+        front=members,
+        best=best["trial"] if best else None,
+        best_artifact=BEST if best and _is_copy(folder.root / BEST, folder, best) else None,
+        trials=trials,
+        counts=Counts(**counts),
+        settings={
+            **json.loads(settings.model_dump_json()), "storage": display(settings.storage) or None
         },
-        "notes": list(setup.space.notes),
-        "front": members,
-        "best": best["trial"] if best else None,
-        "best_artifact": BEST if best and final else None,
-        "trials": trials,
-        "counts": counts,
-        "settings": {
-            **json.loads(setup.settings.model_dump_json()),
-            "storage": display(setup.settings.storage) or None,
-        },
-        "command": command.read_text().strip() if command.is_file() else None,
-        "versions": versions(),
-    }
+        command=command.read_text().strip() if command.is_file() else None,
+        versions=versions(),
+    )
 
 
-def _keep_front_only(
-    folder: StudyFolder, study: optuna.Study, keep: set[int], best: dict | None
-) -> None:
+def _is_copy(copy: Path, folder: StudyFolder, best: dict[str, Any]) -> bool:
+    """Whether ``best.safetensors`` is (still) a copy of the recommended model's file."""
+    source = folder.root / best["artifact"] if best["artifact"] else None
+    return bool(source and copy.is_file() and file_digest(copy) == file_digest(source))
+
+
+def keep_front_only(folder: StudyFolder, study: optuna.Study, outcome: Outcome) -> None:
+    """A finished search's clean-up: delete the artifacts of complete trials off the front
+    (and their retrained files), and copy the recommended model to ``best.safetensors``."""
+    keep = {member.trial for member in outcome.front}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if trial.number not in keep:
             folder.artifact(trial.number).unlink(missing_ok=True)
             folder.retrained(trial.number).unlink(missing_ok=True)
-    if best is not None:
-        shutil.copyfile(folder.root / best["artifact"], folder.root / BEST)
+    best = next((m for m in outcome.front if m.trial == outcome.best), None)
+    if best is not None and best.artifact:
+        shutil.copyfile(folder.root / best.artifact, folder.root / BEST)
 
 
 def write_json(path: Path, summary: dict[str, Any]) -> None:
