@@ -49,7 +49,8 @@ from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.metric import Metric, check_direction
 from autoshrink.plan import Plan
 from autoshrink.settings import Settings, load_settings
-from autoshrink.studies.study import Provided, StudyFolder
+from autoshrink.studies.folder import StudyFolder
+from autoshrink.studies.setup import Provided
 from autoshrink.tasks import (
     SupervisedLoss,
     Task,

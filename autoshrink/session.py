@@ -7,7 +7,10 @@ finished trials are saved; ``autoshrink resume`` continues.
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +26,7 @@ from autoshrink.plan import Plan
 from autoshrink.reports import write_report
 from autoshrink.settings import Settings
 from autoshrink.space import params_of
-from autoshrink.studies.folder import new_identity, study_identity
+from autoshrink.studies.folder import Identity, new_identity, study_identity
 from autoshrink.studies.journal import heal_for_append
 from autoshrink.studies.local import run_trials
 from autoshrink.studies.lock import StudyBusyError, StudyLock
@@ -39,23 +42,28 @@ from autoshrink.studies.pareto import (
 )
 from autoshrink.studies.progress import SearchProgress, TrainingBar
 from autoshrink.studies.retrain import retrain_front
-from autoshrink.studies.storage import address_of, open_storage
-from autoshrink.studies.study import (
+from autoshrink.studies.setup import (
     Provided,
+    SearchOptions,
     SearchSetup,
+    prepare,
+    resolve,
+    untrained_limit,
+)
+from autoshrink.studies.storage import address_of, display, open_storage
+from autoshrink.studies.study import (
     StudyFolder,
     check_metric,
     fail_interrupted,
     finished,
     load_study_readonly,
     open_study,
-    prepare,
-    resolve,
-    save_settings,
-    storage_address,
 )
+from autoshrink.trial import TrialBudget
 
-__all__ = ["Interrupted", "regenerate", "run_search", "study_folder"]
+__all__ = [
+    "Interrupted", "regenerate", "run_search", "search_options", "settings_of", "study_folder",
+]
 
 DEFAULT_TRIALS = 24
 
@@ -81,6 +89,65 @@ def study_folder(settings: Settings) -> StudyFolder:
     return StudyFolder(Path(settings.out).resolve() / name)
 
 
+def search_options(settings: Settings, folder: StudyFolder) -> SearchOptions:
+    """The engine's typed options from the settings of the study in ``folder``: the one place
+    the budget becomes an ``int`` of bytes."""
+    if settings.budget is None:
+        raise UsageError("`--budget` is required, e.g. `--budget 5MB`")
+    budget = int(settings.budget)
+    return SearchOptions(
+        budget=budget,
+        task=settings.task,
+        space=settings.space,
+        storage=address_of(settings.storage, folder.journal),
+        trial=TrialBudget(
+            finetune_steps=settings.finetune_steps,
+            distill_steps=3 * settings.finetune_steps,
+            seconds=settings.trial_timeout,
+            size_limit=untrained_limit(budget),
+        ),
+        seed=settings.seed,
+        sampler=settings.sampler,
+        backend=settings.backend,
+        workers=settings.workers,
+        ray_address=settings.ray_address,
+        max_retries=settings.max_retries,
+        timeout=settings.timeout,
+        retrain_epochs=settings.retrain_epochs,
+        retrain_top=settings.retrain_top,
+        tune_trials=settings.tune_trials,
+        data_dir=settings.data_dir,
+        strict_plugins=settings.strict_plugins,
+        record=json.dumps(
+            {**json.loads(settings.model_dump_json()), "storage": display(settings.storage) or None}
+        ),
+    )
+
+
+def settings_of(folder: StudyFolder) -> Settings:
+    """The settings a study was started with (its ``settings.json``)."""
+    if not folder.settings.is_file():
+        raise UsageError(
+            f"no study in {folder.root} (no settings.json); start one with `autoshrink search`"
+        )
+    try:
+        return Settings.model_validate_json(folder.settings.read_bytes())
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise UsageError(
+            f"{folder.settings} is damaged ({str(exc).splitlines()[0]}); restore it from a "
+            "copy of the study folder"
+        ) from None
+
+
+def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -> None:
+    """Record the study's identity, settings and command line, so that it can be resumed
+    and reproduced (its folder exists already: creating it is how a search claims a name)."""
+    folder.identity.write_text(json.dumps({"name": identity.name, "id": identity.id}) + "\n")
+    folder.settings.write_text(settings.model_dump_json(indent=2))
+    command = ["autoshrink", *(display(word) for word in sys.argv[1:])]
+    (folder.root / "command.txt").write_text(shlex.join(command) + "\n")
+
+
 def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[Plan]:
     """The space's starting plans, each tightened to fit ``budget`` where it does not (the
     methods kept); a start no setting of its methods fits is left out. Says which."""
@@ -99,15 +166,14 @@ def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[Pla
     return fitted
 
 
-def check_budget(settings: Settings, console: Console, provided: Provided | None) -> None:
+def check_budget(options: SearchOptions, console: Console, provided: Provided | None) -> None:
     """Refuse a budget below the smallest artifact the space can express."""
-    assert settings.budget is not None
-    registry, task, space = resolve(settings, provided)
+    registry, task, space = resolve(options, provided)
     with console.status("measuring the smallest model the search space can express"):
         smallest, _ = smallest_artifact(task, space, registry)
-    if int(settings.budget) < smallest:
+    if options.budget < smallest:
         raise UsageError(
-            f"`--budget` {int(settings.budget):,} bytes is below the smallest model this search "
+            f"`--budget` {options.budget:,} bytes is below the smallest model this search "
             f"space can express, {smallest:,} bytes ({humanize.naturalsize(smallest)}); "
             "raise the budget or allow smaller settings in the preset"
         )
@@ -118,7 +184,7 @@ def check_ray(settings: Settings) -> None:
     if settings.backend == "ray":
         from autoshrink.studies.ray_backend import connect
 
-        connect(settings)
+        connect(settings.ray_address, settings.workers)
 
 
 def run_search(
@@ -185,7 +251,7 @@ def _run(
     provided: Provided | None,
 ) -> SearchOutcome:
     if resume:
-        settings = folder.load_settings().model_copy(
+        settings = settings_of(folder).model_copy(
             update={
                 k: v
                 for k, v in settings.model_dump(exclude_unset=True).items()
@@ -206,30 +272,29 @@ def _run(
         # settings.json must name the preset so that `report` and `resume` find it from any
         # working directory.
         settings = settings.model_copy(update={"space": str(Path(settings.space).resolve())})
-    if settings.budget is None:
-        raise UsageError("`--budget` is required, e.g. `--budget 5MB`")
-    open_storage(storage_address(folder, settings))  # an unreachable database fails first
+    options = search_options(settings, folder)
+    open_storage(options.storage)  # an unreachable database fails first
     if provided is not None and settings.backend == "ray":
         raise UsageError(
             "a model or task handed over in Python runs with the local backend; for Ray, "
             "register the task in a plugin or name it as `package.module:function`"
         )
     if not resume:
-        check_budget(settings, console, provided)
+        check_budget(options, console, provided)
     check_ray(settings)
     with TrainingBar(console, "baseline") as (progress, bar):
         setup = prepare(
-            settings,
+            options,
             on_step=lambda done, total: progress.update(bar, completed=done, total=total),
             provided=provided,
         )
-    study = open_study(folder, settings, identity, create=not resume, task=setup.task)
+    study = open_study(folder, options, identity, create=not resume, task=setup.task)
     if not resume:
         save_settings(folder, settings, identity)
     facts = facts_of(setup)
     record_facts(folder, facts)
     if not resume:
-        for plan in fitted_starts(setup, int(settings.budget), console):
+        for plan in fitted_starts(setup, options.budget, console):
             study.enqueue_trial(params_of(setup.space, plan) or {}, skip_if_exists=True)
     if resume:
         stale = fail_interrupted(study)
@@ -243,10 +308,10 @@ def _run(
         trials = DEFAULT_TRIALS
     total = trials if trials is not None else None
     try:
-        with SearchProgress(console, study, total, int(settings.budget or 0)) as callback:
+        with SearchProgress(console, study, total, options.budget) as callback:
             run_trials(setup, folder, study, trials=trials, callbacks=[callback])
     except KeyboardInterrupt as exc:
-        write_report(folder.root, collect(study, folder, facts, settings).as_json())
+        write_report(folder.root, collect(study, folder, facts, options).as_json())
         raise Interrupted(
             f"interrupted after {finished(study)} trials; they are saved in {folder.root}. "
             f"Continue with `autoshrink resume {folder.name}`"
@@ -269,8 +334,8 @@ def _finish(
     """A finished search's outcome: test figures measured, the folder cleaned (artifacts
     off the front deleted, the recommended one copied) and the report written."""
     measure_tests(study, folder, setup)
-    keep_front_only(folder, study, collect(study, folder, facts, setup.settings))
-    outcome: Outcome = collect(study, folder, facts, setup.settings)
+    keep_front_only(folder, study, collect(study, folder, facts, setup.options))
+    outcome: Outcome = collect(study, folder, facts, setup.options)
     write_report(folder.root, outcome.as_json())
     return outcome.as_json()
 
@@ -280,7 +345,8 @@ def regenerate(folder: StudyFolder, provided: Provided | None = None) -> dict[st
     also while its search is still running; returns the summary. Nothing but the folder is
     read: no data, no baseline (a study made before ``facts.json`` existed reads its baseline
     from the cache, and one of a model handed over in Python then needs it: ``provided``)."""
-    settings = folder.load_settings()
+    settings = settings_of(folder)
+    options = search_options(settings, folder)
     study = load_study_readonly(folder)
     facts = read_facts(folder)
     if provided is not None:  # what a caller hands over must be what the study searched
@@ -292,10 +358,10 @@ def regenerate(folder: StudyFolder, provided: Provided | None = None) -> dict[st
                 f"({settings.task}); rebuild its report with `autoshrink.report("
                 f"\"{folder.name}\", model=..., train=..., test=...)`"
             )
-        setup = prepare(settings, provided=provided)  # the baseline is cached: no training
+        setup = prepare(options, provided=provided)  # the baseline is cached: no training
         check_metric(study, setup.task)
         measure_tests(study, folder, setup)
         facts = facts_of(setup)
-    summary = collect(study, folder, facts, settings).as_json()
+    summary = collect(study, folder, facts, options).as_json()
     write_report(folder.root, summary)
     return summary

@@ -27,9 +27,10 @@ from ray.cluster_utils import Cluster
 from rich.console import Console
 from rich.table import Table
 
-from autoshrink.session import run_search
+from autoshrink.session import run_search, search_options, study_folder
 from autoshrink.settings import load_settings
-from autoshrink.studies.study import load_study_readonly, prepare
+from autoshrink.studies.setup import prepare
+from autoshrink.studies.study import load_study_readonly
 
 
 def start_cluster(root: Path, nodes: int, cpus: int) -> Cluster:
@@ -80,7 +81,8 @@ def main() -> None:
         task=args.task, trials=args.trials, seed=args.seed, budget=args.budget,
         finetune_steps=args.finetune_steps, sampler="random", retrain_epochs=0, out=args.out,
     )
-    prepare(load_settings(**base))  # the driver's baseline, trained once outside the timing
+    driver = load_settings(**base)  # the driver's baseline, trained once outside the timing
+    prepare(search_options(driver, study_folder(driver)))
     rates = {}
     for nodes in (1, 2):
         cluster = start_cluster(args.out / f"cluster-{nodes}", nodes, args.cpus)

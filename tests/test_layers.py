@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "autoshrink"
-APPLICATION = {"autoshrink.session", "autoshrink.api"}
+#: ``settings`` (the command line's and the API's settings) belongs to the application: the
+#: engine reads the typed, frozen ``studies.setup.SearchOptions`` made from it once.
+APPLICATION = {"autoshrink.session", "autoshrink.api", "autoshrink.settings"}
 LAYERS = {"studies": 1, "reports": 2, "compiler": 2, "cli": 4}
 
 

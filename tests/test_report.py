@@ -32,7 +32,7 @@ from autoshrink.reports.view import (
     recommended,
     trial_kind,
 )
-from autoshrink.session import regenerate
+from autoshrink.session import regenerate, search_options, settings_of
 from autoshrink.studies.pareto import collect, read_facts
 from autoshrink.studies.study import StudyFolder, load_study_readonly
 from tests.conftest import ROOT, install_plugin, run_cli, write_plugin
@@ -446,7 +446,7 @@ def test_collecting_the_outcome_changes_nothing(study: dict[str, Any], tmp_path:
 
     before = snapshot()
     outcome = collect(load_study_readonly(folder), folder, read_facts(folder),
-                      folder.load_settings())
+                      search_options(settings_of(folder), folder))
     assert snapshot() == before
     summary = study["summary"]
     assert [m.trial for m in outcome.front] == [m["trial"] for m in summary["front"]]

@@ -247,7 +247,7 @@ def doctor_command(
     from autoshrink.studies.lock import StudyLock
 
     folder = study_folder(settings(study=study, out=out))
-    if folder.settings.is_file() and folder.load_settings().storage is not None:
+    if folder.settings.is_file() and folder.recorded_storage() is not None:
         console.print(
             f"study `{folder.name}` records its trials in a database, not a journal file: "
             "nothing to check here", highlight=False,

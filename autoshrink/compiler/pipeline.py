@@ -57,7 +57,8 @@ from autoshrink.plan import compressible_layers
 
 if TYPE_CHECKING:
     from autoshrink.registry import Registry
-    from autoshrink.studies.study import SearchSetup, StudyFolder
+    from autoshrink.studies.folder import StudyFolder
+    from autoshrink.studies.setup import SearchSetup
     from autoshrink.tasks import Data, Task
 
 __all__ = ["CompileError", "CompileResult", "compile_artifact", "compile_winners"]
@@ -336,7 +337,7 @@ def compile_winners(
             result = compile_artifact(
                 folder.root / member["artifact"],
                 setup.registry,
-                trials=setup.settings.tune_trials,
+                trials=setup.options.tune_trials,
                 out=folder.compiled(member["trial"]),
                 task=setup.task,
                 test=setup.data.test,

@@ -13,7 +13,6 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from autoshrink.errors import UsageError
-from autoshrink.settings import Settings
 
 __all__ = ["Identity", "StudyFolder", "new_identity", "study_identity"]
 
@@ -62,18 +61,19 @@ class StudyFolder:
         """Where ``--compile`` puts a trial's TVM library and its ``latency.json``."""
         return self.root / "compiled" / f"trial-{number:04d}"
 
-    def load_settings(self) -> Settings:
-        if not self.settings.is_file():
-            raise UsageError(
-                f"no study in {self.root} (no settings.json); start one with `autoshrink search`"
-            )
+    def recorded_storage(self) -> str | None:
+        """The storage URL ``settings.json`` records (``None``: the journal in this folder)."""
         try:
-            return Settings.model_validate_json(self.settings.read_bytes())
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raw = json.loads(self.settings.read_bytes()) if self.settings.is_file() else {}
+        except ValueError:
+            raw = None
+        if not isinstance(raw, dict):
             raise UsageError(
-                f"{self.settings} is damaged ({str(exc).splitlines()[0]}); restore it from a "
-                "copy of the study folder"
-            ) from None
+                f"{self.settings} is damaged (not a JSON object); restore it from a copy of "
+                "the study folder"
+            )
+        storage = raw.get("storage")
+        return storage if isinstance(storage, str) else None
 
 
 @dataclass(frozen=True)

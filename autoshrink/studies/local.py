@@ -15,11 +15,11 @@ from optuna.trial import FrozenTrial
 
 from autoshrink.errors import AutoshrinkError
 from autoshrink.studies.folder import StudyFolder
+from autoshrink.studies.setup import SearchSetup
 from autoshrink.studies.study import (
     FAILURE,
     INTERRUPTED,
     PLAN,
-    SearchSetup,
     finished,
     outcome_attrs,
 )
@@ -87,12 +87,12 @@ def run_trials(
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
 ) -> None:
     """Run trials until ``trials`` have finished in total or the timeout passes, on the
-    backend the settings name."""
-    settings = setup.settings
+    backend the options name."""
+    options = setup.options
     remaining = None if trials is None else max(0, trials - finished(study))
     if remaining == 0:
         return
-    if settings.backend == "ray":
+    if options.backend == "ray":
         from autoshrink.studies.ray_backend import search_on_ray
 
         search_on_ray(setup, folder, study, trials=remaining, callbacks=callbacks)
@@ -101,7 +101,7 @@ def run_trials(
     study.optimize(
         run,
         n_trials=remaining,
-        timeout=settings.timeout,
+        timeout=options.timeout,
         catch=(Exception,),
         callbacks=list(callbacks),
         gc_after_trial=True,

@@ -49,12 +49,10 @@ from autoshrink.artifact import read_artifact, size_breakdown
 from autoshrink.errors import ArtifactError, UsageError
 from autoshrink.files import file_digest, write_atomic
 from autoshrink.metric import Metric
-from autoshrink.settings import Settings
 from autoshrink.studies.retrain import retrained_figures
-from autoshrink.studies.storage import display
+from autoshrink.studies.setup import SearchOptions, SearchSetup
 from autoshrink.studies.study import (
     ARTIFACT,
-    SearchSetup,
     StudyFolder,
     recorded_metric,
     study_identity,
@@ -232,7 +230,7 @@ def measure_tests(study: optuna.Study, folder: StudyFolder, setup: SearchSetup) 
         return
     known = _tests_cache(folder)
     study_id = study_identity(folder).id
-    for trial in front_trials(study, int(setup.settings.budget or 0)):
+    for trial in front_trials(study, setup.options.budget):
         key = _test_key(folder, study_id, trial)
         if key is None or isinstance(known.get(key), float):
             continue  # deleted (the figure stays unknown), or measured already
@@ -298,11 +296,11 @@ def _latency(folder: StudyFolder, number: int, artifact: Path | None) -> dict[st
 
 
 def collect(
-    study: optuna.Study, folder: StudyFolder, facts: Facts, settings: Settings
+    study: optuna.Study, folder: StudyFolder, facts: Facts, options: SearchOptions
 ) -> Outcome:
     """The study's outcome, read from the study and its folder; nothing is written. Test
     figures are those :func:`measure_tests` measured (unknown until it has)."""
-    budget = int(settings.budget or 0)
+    budget = options.budget
     metric = recorded_metric(study)
     front = front_trials(study, budget)
     tests = _known_tests(folder, front)
@@ -312,7 +310,7 @@ def collect(
         row = trial_summary(trial)
         row["ratio"] = baseline_bytes / row["bytes"]
         row["test_accuracy"] = tests.get(trial.number)
-        _take_retrained(folder, row, settings.retrain_epochs, budget, baseline_bytes, metric)
+        _take_retrained(folder, row, options.retrain_epochs, budget, baseline_bytes, metric)
         path = folder.root / row["artifact"] if row["artifact"] else None
         row["layers"] = size_breakdown(path) if path and path.is_file() else {}
         latency = _latency(folder, trial.number, path)
@@ -349,9 +347,7 @@ def collect(
         best_artifact=BEST if best and _is_copy(folder.root / BEST, folder, best) else None,
         trials=trials,
         counts=Counts(**counts),
-        settings={
-            **json.loads(settings.model_dump_json()), "storage": display(settings.storage) or None
-        },
+        settings=json.loads(options.record),
         command=command.read_text().strip() if command.is_file() else None,
         versions=versions(),
     )

@@ -37,20 +37,16 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autoshrink.errors import UsageError, first_line
 from autoshrink.files import write_atomic
-from autoshrink.settings import Settings
 from autoshrink.space import Space
+from autoshrink.studies.setup import SearchOptions, SearchSetup, WorkerInputs, worker_setup
 from autoshrink.studies.storage import JOURNAL, is_journal, open_storage
 from autoshrink.studies.study import (
     FAILURE,
     INTERRUPTED,
     PLAN,
-    SearchSetup,
     StudyFolder,
-    WorkerInputs,
     make_sampler,
     outcome_attrs,
-    storage_address,
-    worker_setup,
 )
 from autoshrink.trial import TrialOutcome
 
@@ -71,7 +67,7 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 _FORWARDED_ENV = ("AUTOSHRINK_BLOCK_PLUGINS",)
 
 
-def connect(settings: Settings) -> None:
+def connect(address: str | None, workers: int) -> None:
     """Join the cluster at ``--ray-address`` (``auto`` finds a running one), or start a local
     one sized by ``--workers``. Raises UsageError, in one line, when it cannot."""
     import ray
@@ -88,15 +84,15 @@ def connect(settings: Settings) -> None:
         "runtime_env": {"env_vars": env},
         "configure_logging": False,
     }
-    if settings.ray_address and settings.ray_address != "auto":
-        _reachable(settings.ray_address)
+    if address and address != "auto":
+        _reachable(address)
     try:
-        if settings.ray_address:
-            ray.init(address=settings.ray_address, **options)
+        if address:
+            ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=max(settings.workers, os.cpu_count() or 1), **options)
+            ray.init(num_cpus=max(workers, os.cpu_count() or 1), **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = settings.ray_address or "a local cluster"
+        where = address or "a local cluster"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(
             f"`--ray-address` {where}: cannot connect ({first}); start a cluster with "
@@ -117,7 +113,7 @@ def _reachable(address: str) -> None:
         ) from exc
 
 
-def _trainable(settings_json: str, threads: int) -> Callable[..., None]:
+def _trainable(options: SearchOptions, threads: int) -> Callable[..., None]:
     def trainable(config: dict, inputs: WorkerInputs) -> None:
         from ray import tune
 
@@ -125,7 +121,7 @@ def _trainable(settings_json: str, threads: int) -> Callable[..., None]:
         number = int(config[NUMBER])
         with tempfile.TemporaryDirectory(prefix="autoshrink-trial-") as scratch:
             try:
-                setup = worker_setup(settings_json, inputs)
+                setup = worker_setup(options, inputs)
                 plan = setup.plan_of({k: v for k, v in config.items() if k != NUMBER})
                 outcome = setup.run(plan, Path(scratch) / "artifact.safetensors", number)
                 payload = outcome.artifact.read_bytes()
@@ -160,18 +156,18 @@ def search_on_ray(
     import ray
     from ray import tune
 
-    settings = setup.settings
-    address = storage_address(folder, settings)
+    options = setup.options
+    address = options.storage
     # Tune logs each failed trial's traceback; the progress display shows its reason.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    connect(settings)
+    connect(options.ray_address, options.workers)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    per_trial = max(1, cpus // settings.workers)
+    per_trial = max(1, cpus // options.workers)
     searcher = StudySearch(
         space=DefineByRun(setup.space),
         metric=["bytes", "val_accuracy"],
         mode=["min", "min" if setup.task.direction == "minimize" else "max"],
-        sampler=make_sampler(settings),
+        sampler=make_sampler(options),
         study_name=study.study_name,
         storage=(
             PicklableJournal(address.removeprefix(JOURNAL)) if is_journal(address)
@@ -182,14 +178,14 @@ def search_on_ray(
     inputs = ray.put(WorkerInputs.of(setup))
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(_trainable(settings.model_dump_json(), per_trial), inputs=inputs),
+            tune.with_parameters(_trainable(options, per_trial), inputs=inputs),
             {"cpu": per_trial},
         ),
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             num_samples=trials if trials is not None else -1,
-            max_concurrent_trials=settings.workers,
-            time_budget_s=settings.timeout,
+            max_concurrent_trials=options.workers,
+            time_budget_s=options.timeout,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -197,9 +193,9 @@ def search_on_ray(
             storage_path=str((folder.root / "ray").resolve()),
             verbose=0,
             callbacks=[
-                TrialEvents(study, folder, open_storage(address), settings.max_retries, callbacks)
+                TrialEvents(study, folder, open_storage(address), options.max_retries, callbacks)
             ],
-            failure_config=tune.FailureConfig(max_failures=settings.max_retries, fail_fast=False),
+            failure_config=tune.FailureConfig(max_failures=options.max_retries, fail_fast=False),
         ),
     )
     tuner.fit()

@@ -21,7 +21,8 @@ from rich.console import Console
 from autoshrink.artifact import read_artifact
 from autoshrink.files import file_digest, write_atomic
 from autoshrink.plan import Plan
-from autoshrink.studies.study import SearchSetup, StudyFolder, study_identity
+from autoshrink.studies.folder import StudyFolder, study_identity
+from autoshrink.studies.setup import SearchSetup
 from autoshrink.training import evaluate, steps_for
 from autoshrink.trial import TrialBudget, run_trial
 
@@ -76,7 +77,7 @@ def _retrain(
             registry=setup.registry,
             artifact=path,
             budget=budget,
-            seed=setup.settings.seed + member["trial"],
+            seed=setup.options.seed + member["trial"],
         )
         model = read_artifact(path, setup.registry, setup.task).model
         test = (evaluate(model, setup.data.test, setup.task.metric)
@@ -97,24 +98,24 @@ def retrain_front(
     """Retrain the ``retrain_top`` front members of best validation metric (in its
     direction) for ``retrain_epochs`` epochs each (not already cached); returns how many were
     trained."""
-    settings = setup.settings
-    epochs = settings.retrain_epochs
+    options = setup.options
+    epochs = options.retrain_epochs
     if epochs <= 0 or not summary["front"]:
         return 0
     metric = setup.task.judged_by
     chosen = sorted(summary["front"], key=lambda m: -metric.score(m["val_accuracy"]))[
-        : settings.retrain_top
+        : options.retrain_top
     ]
     # Never shorter than the search's own fine-tune (small data sets have short epochs).
     steps = max(
-        steps_for(epochs, len(setup.data.train), setup.budget.batch_size),
-        2 * setup.budget.finetune_steps,
+        steps_for(epochs, len(setup.data.train), setup.trial_budget.batch_size),
+        2 * setup.trial_budget.finetune_steps,
     )
     budget = TrialBudget(
         finetune_steps=steps,
         distill_steps=3 * steps,
-        batch_size=setup.budget.batch_size,
-        lr=setup.budget.lr,
+        batch_size=setup.trial_budget.batch_size,
+        lr=setup.trial_budget.lr,
         seconds=math.inf,
     )
     done = 0

@@ -1,4 +1,4 @@
-"""Study: the Optuna multi-objective search over plans, its setup and its trial records.
+"""Study: the Optuna multi-objective search over plans and its trial records.
 
 Objectives are artifact bytes (minimise) and the task's validation metric (in its direction:
 maximise accuracy, minimise an error); the byte budget is a constraint, so over-budget trials
@@ -11,37 +11,25 @@ trials' artifacts.
 
 from __future__ import annotations
 
-import json
-import shlex
-import socket
-import sys
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 
 import optuna
-import torch
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from autoshrink.baseline import Baseline, load_baseline
-from autoshrink.errors import UsageError, first_line
+from autoshrink.errors import UsageError
 from autoshrink.metric import Metric
-from autoshrink.plan import Plan
-from autoshrink.registry import Registry, load_registry
-from autoshrink.settings import Settings
-from autoshrink.space import Preset, Space, build_space, load_preset
 from autoshrink.studies.folder import Identity, StudyFolder, study_identity
 from autoshrink.studies.journal import JournalError, check_journal
+from autoshrink.studies.setup import SearchOptions
 from autoshrink.studies.storage import address_of, display, is_journal, open_storage
-from autoshrink.tasks import Task, TaskData, resolve_task
-from autoshrink.trial import TrialBudget, TrialOutcome, run_trial
+from autoshrink.tasks import Task
+from autoshrink.trial import TrialOutcome
 
 __all__ = [
-    "Identity", "Provided", "SearchSetup", "StudyFolder", "WorkerInputs", "check_metric",
-    "load_study_readonly", "open_study", "prepare", "worker_setup",
-    "outcome_attrs", "recorded_metric", "resolve", "study_identity",
+    "Identity", "StudyFolder", "check_metric", "load_study_readonly", "make_sampler",
+    "open_study", "outcome_attrs", "recorded_metric", "study_identity",
 ]
 
 # ERROR, not WARNING: Optuna logs every failed trial with its traceback; a failure is one line
@@ -67,161 +55,6 @@ METRIC = "metric"
 INTERRUPTED = "interrupted"
 
 
-@dataclass
-class SearchSetup:
-    """Everything a trial needs; built once per process (the driver or a Ray worker)."""
-
-    settings: Settings
-    registry: Registry
-    task: Task
-    data: TaskData
-    baseline: Baseline
-    space: Space
-    budget: TrialBudget
-
-    def plan_of(self, params: dict) -> Plan:
-        """The plan a trial's parameters describe (define-by-run replayed on fixed values)."""
-        return self.space.sample(optuna.trial.FixedTrial(params))
-
-    def run(self, plan: Plan, artifact: Path, number: int) -> TrialOutcome:
-        """Trial ``number``: ``plan`` built, trained and measured with this search's task,
-        data, baseline and budget, its artifact written to ``artifact`` (every backend)."""
-        return run_trial(
-            plan, task=self.task, data=self.data, baseline=self.baseline,
-            registry=self.registry, artifact=artifact, budget=self.budget,
-            seed=self.settings.seed + number,
-        )
-
-
-@dataclass(frozen=True)
-class Provided:
-    """What a Python caller hands over instead of naming a registered task: the task
-    object, and optionally its data."""
-
-    task: Task
-    data: TaskData | None = None
-
-
-def resolve(
-    settings: Settings, provided: Provided | None = None, preset: Preset | None = None
-) -> tuple[Registry, Task, Space]:
-    """Plugins, task and search space (from ``preset``, or the one the settings name):
-    everything that needs no data or training."""
-    registry = load_registry(strict=settings.strict_plugins)
-    task = provided.task if provided else resolve_task(settings.task, registry.tasks)
-    preset = preset or load_preset(settings.space)
-    space = build_space(task.build_model(1.0), registry, preset, narrows=task.narrows)
-    return registry, task, space
-
-
-def prepare(
-    settings: Settings,
-    on_step: Callable[[int, int], None] | None = None,
-    provided: Provided | None = None,
-) -> SearchSetup:
-    """Load plugins, task, data, the (cached) baseline and the search space."""
-    registry, task, space = resolve(settings, provided)
-    data = provided.data if provided and provided.data else task.load_data(settings.data_dir)
-    pretrained = task.build_model(1.0) if task.trained else None
-    baseline = load_baseline(task, data, registry, pretrained=pretrained, on_step=on_step)
-    return SearchSetup(settings, registry, task, data, baseline, space, trial_budget(settings))
-
-
-def trial_budget(settings: Settings) -> TrialBudget:
-    """How much training each trial of a search may spend."""
-    return TrialBudget(
-        finetune_steps=settings.finetune_steps,
-        distill_steps=3 * settings.finetune_steps,
-        seconds=settings.trial_timeout,
-        size_limit=untrained_limit(int(settings.budget)) if settings.budget else None,
-    )
-
-
-def untrained_limit(budget: int) -> int:
-    """Bytes above which a plan, written before training, is not trained. Fine-tuning moves
-    an artifact's size only through its entropy-coded streams and its header (the structure
-    and bit widths are fixed by the plan), by a few percent, so a plan 10 % over the budget
-    stays over it."""
-    return budget + budget // 10
-
-
-@dataclass(frozen=True, eq=False)
-class WorkerInputs:
-    """What the driver sends each Ray worker through Ray's object store, so that a worker
-    reads nothing from the driver's disk: the baseline's weights and measured figures, the
-    search-space preset, and the methods the driver's plugins provide (each with its
-    distribution and version). The task and the settings travel by name."""
-
-    #: the baseline's cache name (task and cache key): which baseline these weights are
-    key: str
-    bytes: int
-    val_accuracy: float
-    test_accuracy: float | None
-    #: method name -> its distribution, as ``autoshrink-ternary==0.1.0``
-    methods: dict[str, str]
-    preset: Preset = field(repr=False)
-    state: dict[str, torch.Tensor] = field(repr=False)
-
-    @classmethod
-    def of(cls, setup: SearchSetup) -> WorkerInputs:
-        baseline, registry = setup.baseline, setup.registry
-        return cls(
-            key=baseline.path.name, bytes=baseline.bytes, val_accuracy=baseline.val_accuracy,
-            test_accuracy=baseline.test_accuracy,
-            methods={name: str(registry.origins.get(name)) for name in registry.methods},
-            preset=load_preset(setup.settings.space),
-            state={k: v.detach().cpu() for k, v in baseline.model.state_dict().items()},
-        )
-
-
-_WORKER_SETUPS: dict[tuple[str, str], SearchSetup] = {}
-
-
-def worker_setup(settings_json: str, inputs: WorkerInputs) -> SearchSetup:
-    """A Ray worker's setup, cached per process: plugins, task and data loaded here, the
-    baseline and the preset as the driver sent them (no baseline is read, trained or cached
-    on this machine). Raises UsageError naming what this machine could not load."""
-    cached = _WORKER_SETUPS.get((settings_json, inputs.key))
-    if cached is not None:
-        return cached
-    settings = Settings.model_validate_json(settings_json)
-    here = f"worker on {socket.gethostname()}"
-    try:
-        registry = load_registry(strict=settings.strict_plugins)
-    except Exception as exc:
-        raise UsageError(f"{here} cannot load its plugins: {first_line(exc)}") from exc
-    differ = [
-        f"`{name}` (driver: {origin}, here: {registry.origins.get(name, 'none')})"
-        for name, origin in inputs.methods.items()
-        if str(registry.origins.get(name)) != origin
-    ]
-    if differ:
-        why = f" ({registry.problems[0]})" if registry.problems else ""
-        raise UsageError(
-            f"{here} does not have the driver's plugins: method {', '.join(differ)}{why}; "
-            "install the same plugins on every node"
-        )
-    try:
-        registry, task, space = resolve(settings, preset=inputs.preset)
-    except Exception as exc:
-        raise UsageError(f"{here} cannot load task `{settings.task}`: {first_line(exc)}") from exc
-    try:
-        data = task.load_data(settings.data_dir)
-    except Exception as exc:
-        raise UsageError(
-            f"{here} cannot load the data of task `{task.name}`: {first_line(exc)}"
-        ) from exc
-    model = task.build_model(1.0)
-    model.load_state_dict(inputs.state)
-    baseline = Baseline(
-        task, model.eval(), Path(inputs.key), inputs.bytes, inputs.val_accuracy,
-        inputs.test_accuracy, trained=False,
-    )
-    setup = SearchSetup(settings, registry, task, data, baseline, space, trial_budget(settings))
-    _WORKER_SETUPS[(settings_json, inputs.key)] = setup
-    return setup
-
-
 class BudgetConstraint:
     """Optuna constraint: bytes over budget (> 0 means infeasible). A class, not a closure,
     so samplers holding it can be pickled (Ray Tune checkpoints its searcher)."""
@@ -233,22 +66,16 @@ class BudgetConstraint:
         return [trial.values[0] - self.budget] if trial.values else [0.0]
 
 
-def make_sampler(settings: Settings) -> optuna.samplers.BaseSampler:
+def make_sampler(options: SearchOptions) -> optuna.samplers.BaseSampler:
     """The sampler ``--sampler`` names, seeded, with the budget as its constraint."""
-    assert settings.budget is not None
-    constraint = BudgetConstraint(int(settings.budget))
-    if settings.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=settings.seed, constraints_func=constraint)
-    if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
+    constraint = BudgetConstraint(options.budget)
+    if options.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=options.seed, constraints_func=constraint)
+    if options.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=options.seed)
     return optuna.samplers.NSGAIISampler(
-        seed=settings.seed, constraints_func=constraint, population_size=16
+        seed=options.seed, constraints_func=constraint, population_size=16
     )
-
-
-def storage_address(folder: StudyFolder, settings: Settings) -> str:
-    """Where the study's trials are recorded (see :mod:`autoshrink.studies.storage`)."""
-    return address_of(settings.storage, folder.journal)
 
 
 def recorded_metric(study: optuna.Study) -> Metric:
@@ -274,29 +101,29 @@ def check_metric(study: optuna.Study, task: Task) -> None:
 
 
 def open_study(
-    folder: StudyFolder, settings: Settings, identity: Identity, *, create: bool,
+    folder: StudyFolder, options: SearchOptions, identity: Identity, *, create: bool,
     task: Task | None = None,
 ) -> optuna.Study:
     """The study's Optuna object on its storage (created, or loaded to resume). ``task``'s
     metric sets the second objective's direction of a new study (and is recorded); a loaded
     study must have been searched with the same metric."""
     metric = task.judged_by if task is not None else Metric()
-    storage = open_storage(storage_address(folder, settings))
+    storage = open_storage(options.storage)
     names = optuna.get_all_study_names(storage)
+    where = folder.journal if is_journal(options.storage) else display(options.storage)
     if create and identity.name in names:
         raise UsageError(
-            f"study `{identity.name}` already exists in {display(settings.storage)}; continue "
+            f"study `{identity.name}` already exists in {where}; continue "
             f"it with `autoshrink resume`, or choose another `--study` name"
         )
     if not create and identity.name not in names:
         raise UsageError(
-            f"{display(settings.storage) if settings.storage else folder.journal} holds no "
-            f"study `{identity.name}`; was the database moved or emptied?"
+            f"{where} holds no study `{identity.name}`; was the database moved or emptied?"
         )
     study = optuna.create_study(
         study_name=identity.name,
         storage=storage,
-        sampler=make_sampler(settings),
+        sampler=make_sampler(options),
         directions=["minimize", metric.direction],
         load_if_exists=not create,
     )
@@ -351,15 +178,6 @@ def finished(study: optuna.Study) -> int:
     )
 
 
-def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -> None:
-    """Record the study's identity, settings and command line, so that it can be resumed
-    and reproduced (its folder exists already: creating it is how a search claims a name)."""
-    folder.identity.write_text(json.dumps({"name": identity.name, "id": identity.id}) + "\n")
-    folder.settings.write_text(settings.model_dump_json(indent=2))
-    command = ["autoshrink", *(display(word) for word in sys.argv[1:])]
-    (folder.root / "command.txt").write_text(shlex.join(command) + "\n")
-
-
 def trial_summary(trial: FrozenTrial) -> dict:
     """A finished trial as the reports show it."""
     return {
@@ -382,8 +200,7 @@ def load_study_readonly(folder: StudyFolder) -> optuna.Study:
     which appends a create-study record to the journal on every call; a report, which may be
     regenerated often and while a search writes the same journal, only reads.
     """
-    settings = folder.load_settings()
-    address = storage_address(folder, settings)
+    address = address_of(folder.recorded_storage(), folder.journal)
     if is_journal(address):
         if not folder.journal.is_file():
             raise UsageError(
