@@ -113,6 +113,7 @@ def search_options(settings: Settings, folder: StudyFolder) -> SearchOptions:
         ray_address=settings.ray_address,
         max_retries=settings.max_retries,
         timeout=settings.timeout,
+        stop_early=settings.stop_early,
         retrain_epochs=settings.retrain_epochs,
         retrain_top=settings.retrain_top,
         tune_trials=settings.tune_trials,
@@ -256,7 +257,7 @@ def _run(
                 k: v
                 for k, v in settings.model_dump(exclude_unset=True).items()
                 if k in {"trials", "timeout", "workers", "backend", "ray_address",
-                         "retrain_epochs", "retrain_top"}
+                         "retrain_epochs", "retrain_top", "stop_early"}
             }
         )
         if settings.storage is None:

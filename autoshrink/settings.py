@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_retries: int = Field(default=1, ge=0)
     finetune_steps: int = Field(default=300, ge=0)
     trial_timeout: float = Field(default=300.0, gt=0)
+    # Stop a trial at its checkpoint when two no larger trials were ahead of it there (see
+    # autoshrink/studies/early_stop.py).
+    stop_early: bool = False
     strict_plugins: bool = False
     # Compile the recommended model with TVM after a search. Off by default: tuning takes
     # minutes, and the default search (and CI) must stay fast.

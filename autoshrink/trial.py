@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from autoshrink.registry import Registry
     from autoshrink.tasks import Task, TaskData
 
-__all__ = ["TrialBudget", "TrialOutcome", "run_trial"]
+__all__ = ["Checkpoint", "TrialBudget", "TrialOutcome", "run_trial"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class TrialOutcome:
     trained: bool = True
 
 
+#: ``checkpoint(bytes, validation metric)``: see :func:`run_trial`.
+Checkpoint = Callable[[int, float], None]
+
+
 def _deadline_check(deadline: float, limit: float) -> Callable[[int, float], None]:
     def check(step: int, loss: float) -> None:
         if time.monotonic() > deadline:
@@ -72,10 +76,16 @@ def run_trial(
     artifact: Path,
     budget: TrialBudget,
     seed: int,
+    checkpoint: Checkpoint | None = None,
 ) -> TrialOutcome:
     """Build ``plan`` from the baseline (or a distilled student), fine-tune it, measure it on
     validation data and write its artifact. Fine-tuning minimises the task's loss, or the
-    distillation method's own. Raises on any failure; the caller records it."""
+    distillation method's own. Raises on any failure; the caller records it.
+
+    ``checkpoint`` (with a ``size_limit``, which has the plan's bytes measured before
+    training) is called once, when the compressed form is complete (the structure
+    fine-tuned, the value stage applied): ``checkpoint(bytes, validation metric)``. It may
+    raise to stop the trial there, saving the rest of the fine-tune."""
     start = time.monotonic()
     check = _deadline_check(start + budget.seconds, budget.seconds)
     torch.manual_seed(seed)
@@ -87,6 +97,7 @@ def run_trial(
         loss_fn = _distillation_loss(student, teacher)
         model = task.build_model(width)
     pipeline = resolve_plan(plan, model, registry)
+    size: int | None = None
     if budget.size_limit is not None:
         untrained = apply_structure(model, pipeline)
         apply_values(untrained, pipeline)
@@ -121,6 +132,8 @@ def run_trial(
     for phase, steps in enumerate((structure_steps, budget.finetune_steps - structure_steps)):
         if phase == 1:
             apply_values(compressed, pipeline)
+            if checkpoint is not None and size is not None:
+                checkpoint(size, evaluate(compressed, data.val, task.metric))
         if steps:
             fit(
                 compressed,

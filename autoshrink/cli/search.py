@@ -108,6 +108,14 @@ def search_command(
     finetune_steps: Annotated[
         int | None, typer.Option("--finetune-steps", help="Fine-tune minibatches per trial.")
     ] = None,
+    stop_early: Annotated[
+        bool | None,
+        typer.Option(
+            "--stop-early/--no-stop-early",
+            help="Stop a trial once its compressed form is complete (60% into its fine-tune) "
+            "when two no larger trials were ahead of it at that point.",
+        ),
+    ] = None,
     compile_best: Annotated[
         bool | None,
         typer.Option(
@@ -161,6 +169,7 @@ def search_command(
         ray_address=ray_address,
         max_retries=max_retries,
         finetune_steps=finetune_steps,
+        stop_early=stop_early,
         compile=compile_best,
         compile_front=compile_front,
         tune_trials=tune_trials,

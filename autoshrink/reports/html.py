@@ -121,6 +121,8 @@ def _trial_card(row: dict[str, Any], summary: dict[str, Any]) -> str:
         facts.append(_e(row["untrained"]))
     if row.get("failure"):
         facts.append(f'<span class="reason">{_e(row["failure"])}</span>')
+    if row.get("stopped"):
+        facts.append(f'<span class="reason">{_e(row["stopped"])}</span>')
     plan = row.get("plan") or {}
     rows = [[_e(name), _e(choice_text(layer.get("structure"))),
              _e(choice_text(layer.get("value")))]
@@ -139,6 +141,7 @@ LEGEND = [
     ('<circle cx="8" cy="8" r="4.5" class="point feasible"/>', "within budget, dominated"),
     ('<path d="M8 2L14 8L8 14L2 8Z" class="point over"/>', "over budget"),
     ('<path d="M3 3L13 13M3 13L13 3" class="failed-point"/>', "failed (no size)"),
+    ('<path d="M8 3L13 12L3 12Z" class="point stopped"/>', "stopped early (where it stood)"),
     ('<rect x="2" y="2" width="12" height="12" class="baseline-mark"/>', "baseline (float32)"),
     ('<line x1="8" x2="8" y1="0" y2="16" class="budget"/>', "budget"),
 ]
@@ -161,6 +164,8 @@ def _header(summary: dict[str, Any]) -> str:
         ("over_budget", f"{counts['over_budget']} over budget"),
         ("failed", f"{counts['failed']} failed"),
     ]
+    if counts.get("pruned"):
+        chips.append(("stopped", f"{counts['pruned']} stopped early"))
     if counts["running"]:
         chips.append(("running", f"{counts['running']} running"))
     banner = ""
@@ -283,6 +288,12 @@ def _history_section(summary: dict[str, Any]) -> str:
         rows = [[_link(t["trial"]), f'<span class="reason">{_e(t["failure"] or "unknown")}'
                  "</span>"] for t in failed]
         parts.append(f"<h3>Failed trials ({len(failed)})</h3>" + _table(["trial", "reason"], rows))
+    stopped = [t for t in summary["trials"] if t["state"] == "pruned"]
+    if stopped:
+        rows = [[_link(t["trial"]), f'<span class="reason">{_e(t.get("stopped") or "")}</span>']
+                for t in stopped]
+        parts.append(f"<h3>Trials stopped early ({len(stopped)})</h3>"
+                     + _table(["trial", "why"], rows))
     if over:
         budget = summary["budget_bytes"]
         rows = [[_link(t["trial"]), f"{t['bytes']:,}", f"{t['bytes'] - budget:,}",

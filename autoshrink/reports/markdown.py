@@ -25,7 +25,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         f"Task `{summary['task']}`, budget {size_text(summary['budget_bytes'])}. "
         f"Trials: {counts['complete']} complete ({counts['over_budget']} over budget), "
-        f"{counts['failed']} failed, {counts['running']} running.",
+        f"{counts['failed']} failed, {counts.get('pruned', 0)} stopped early, "
+        f"{counts['running']} running.",
         "",
         f"Metric: `{metric.name}`, {metric.direction}d ({metric.better_word}).",
         "",
@@ -119,6 +120,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## Failed trials", "", "| trial | reason |", "|---:|---|"]
         for t in failed:
             lines.append(f"| {t['trial']} | {_md_cell(t['failure'] or 'unknown')} |")
+    stopped = [t for t in summary["trials"] if t["state"] == "pruned"]
+    if stopped:
+        lines += ["", "## Trials stopped early", "", "| trial | why |", "|---:|---|"]
+        for t in stopped:
+            lines.append(f"| {t['trial']} | {_md_cell(t.get('stopped') or 'unknown')} |")
     lines += [
         "",
         "## Reproduce",

@@ -185,6 +185,9 @@ def _marker(kind: str, x: float, y: float, trial: int) -> str:
         d = f"M{_num(x)} {_num(y - 6)}L{_num(x + 6)} {_num(y)}L{_num(x)} {_num(y + 6)}" \
             f"L{_num(x - 6)} {_num(y)}Z"
         return el("path", {"d": d, "class": "point over", **common})
+    if kind == "stopped":  # a small triangle: where the trial stood when it stopped
+        d = f"M{_num(x)} {_num(y - 5)}L{_num(x + 5)} {_num(y + 4)}L{_num(x - 5)} {_num(y + 4)}Z"
+        return el("path", {"d": d, "class": "point stopped", **common})
     radius = {"best": 8.0, "front": 6.0}.get(kind, 5.0)
     return el("circle", {"cx": x, "cy": y, "r": radius, "class": f"point {kind}", **common})
 
@@ -262,7 +265,7 @@ def pareto_chart(data: dict[str, Any], width: int = 860, height: int = 470) -> s
     )
     parts.append(text(bx - 10, by + 4, "baseline", "mark-label", text_anchor="end"))
     # Draw dominated marks first so the front's marks sit on top of them.
-    order = {"over_budget": 0, "feasible": 1, "front": 2, "best": 3}
+    order = {"stopped": -1, "over_budget": 0, "feasible": 1, "front": 2, "best": 3}
     for point in sorted(points, key=lambda p: order[p["kind"]]):
         px, py = x(point["bytes"]), y(point["val_accuracy"])
         parts.append(trial_link(point["trial"], title(point["label"]),

@@ -124,9 +124,12 @@ def _front_numbers(summary: dict[str, Any]) -> set[int]:
 def trial_kind(row: dict[str, Any], summary: dict[str, Any]) -> str:
     """How the plot shows a trial: ``best`` (the recommended model), ``front`` (feasible and
     Pareto-optimal), ``feasible`` (within budget, dominated), ``over_budget``, ``failed``
-    or ``running`` (also any other unfinished state: no size yet)."""
+    ``stopped`` (stopped early, at its checkpoint) or ``running`` (also any other unfinished
+    state: no size yet)."""
     if row["state"] == "fail":
         return "failed"
+    if row["state"] == "pruned":
+        return "stopped"
     if row["state"] != "complete" or row["bytes"] is None:
         return "running"
     if row["trial"] == summary["best"]:
@@ -142,6 +145,7 @@ KIND_TEXT = {
     "feasible": "within budget, dominated",
     "over_budget": "over budget",
     "failed": "failed",
+    "stopped": "stopped early",
     "running": "running",
 }
 
@@ -152,6 +156,8 @@ def trial_label(row: dict[str, Any], summary: dict[str, Any]) -> str:
     head = f"trial {row['trial']}: {KIND_TEXT[kind]}"
     if kind == "failed":
         head += f": {row.get('failure') or 'unknown reason'}"
+    elif kind == "stopped":
+        head += f": {row.get('stopped') or 'no reason recorded'}"
     elif kind == "running":
         head = f"trial {row['trial']}: {row['state']}"
     else:
@@ -182,6 +188,12 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
         entry = {"trial": row["trial"], "kind": kind, "label": trial_label(row, summary)}
         if kind == "failed":
             failed.append({**entry, "state": "fail", "failure": row.get("failure")})
+        elif kind == "stopped":
+            point = row.get("checkpoint")
+            if point:  # drawn where it stopped: its size and its figure at the checkpoint
+                points.append({**entry, "bytes": point[0], "val_accuracy": point[1]})
+            else:
+                running.append({**entry, "state": row["state"]})
         elif kind == "running":
             running.append({**entry, "state": row["state"]})
         else:

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autoshrink.errors import AutoshrinkError
+from autoshrink.studies.early_stop import EarlyStop, TrialStopped, study_checkpoint
 from autoshrink.studies.folder import StudyFolder
 from autoshrink.studies.setup import SearchSetup
 from autoshrink.studies.study import (
@@ -34,14 +35,19 @@ class Objective:
     def __init__(self, setup: SearchSetup, folder: StudyFolder) -> None:
         self.setup, self.folder = setup, folder
         self.stopped_by: StorageFull | None = None
+        self.early = EarlyStop(setup.task.judged_by) if setup.options.stop_early else None
 
     def __call__(self, trial: optuna.Trial) -> tuple[int, float]:
         setup = self.setup
         plan = setup.space.sample(trial)
         trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
         path = self.folder.artifact(trial.number)
+        checkpoint = study_checkpoint(self.early, trial) if self.early else None
         try:
-            outcome = setup.run(plan, path, trial.number)
+            outcome = setup.run(plan, path, trial.number, checkpoint)
+        except TrialStopped as exc:
+            path.unlink(missing_ok=True)
+            raise optuna.TrialPruned(str(exc)) from None
         except KeyboardInterrupt:
             trial.set_user_attr(FAILURE, f"{INTERRUPTED} (Ctrl-C)")
             trial.study.enqueue_trial(trial.params)  # tried again on resume

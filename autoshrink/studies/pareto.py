@@ -27,9 +27,11 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
 - ``best``: trial number of the recommended model (the best validation metric in its
   direction within the budget; ties go to the smaller file), or null when no trial fit;
   ``best_artifact`` names ``best.safetensors`` when that file is a copy of it
-- ``trials``: every trial with ``state`` (complete / fail / running), ``bytes``,
-  ``val_accuracy``, ``feasible`` and ``failure`` (the reason a trial failed)
-- ``counts``: ``complete``, ``failed``, ``over_budget``, ``running``
+- ``trials``: every trial with ``state`` (complete / fail / pruned / running), ``bytes``,
+  ``val_accuracy``, ``feasible``, ``failure`` (the reason a trial failed), and for a trial
+  stopped early (pruned) ``stopped`` (why) and ``checkpoint`` (its bytes and validation
+  metric where it stopped)
+- ``counts``: ``complete``, ``failed``, ``over_budget``, ``running``, ``pruned``
 - ``settings``, ``command`` and ``versions``: what reproduces the run
 """
 
@@ -90,24 +92,21 @@ class TrialRow(BaseModel):
     failure: str | None
     untrained: str | None
     plan: dict[str, Any] | None
-    feasible: bool
+    #: why a pruned trial stopped early, and its ``[bytes, validation metric]`` there
+    stopped: str | None = None
+    checkpoint: list[float] | None = None
+    feasible: bool | None = None
 
 
-class Member(BaseModel):
-    """One member of the front. ``retrained``, ``search``, ``latency`` and ``bundle_bytes``
-    are there only when the member was retrained or compiled."""
+class Member(TrialRow):
+    """One member of the front (complete, so with figures). ``retrained``, ``search``,
+    ``latency`` and ``bundle_bytes`` are there only when the member was retrained or
+    compiled."""
 
-    trial: int
-    state: str
     bytes: int
-    ratio: float
     val_accuracy: float
+    ratio: float
     test_accuracy: float | None
-    artifact: str | None
-    seconds: float | None
-    failure: str | None
-    untrained: str | None
-    plan: dict[str, Any] | None
     layers: dict[str, Any]
     retrained: dict[str, Any] | None = None
     search: dict[str, Any] | None = None
@@ -120,6 +119,8 @@ class Counts(BaseModel):
     failed: int = 0
     over_budget: int = 0
     running: int = 0
+    #: stopped early (see :mod:`autoshrink.studies.early_stop`)
+    pruned: int = 0
 
 
 class Outcome(BaseModel):
@@ -320,7 +321,7 @@ def collect(
         members.append(row)
     best = metric.best(members, lambda r: r["val_accuracy"], lambda r: r["bytes"])
     trials = []
-    counts = {"complete": 0, "failed": 0, "over_budget": 0, "running": 0}
+    counts = {"complete": 0, "failed": 0, "over_budget": 0, "running": 0, "pruned": 0}
     for trial in study.get_trials(deepcopy=False):
         row = trial_summary(trial)
         row["feasible"] = row["bytes"] is not None and row["bytes"] <= budget
@@ -334,6 +335,8 @@ def collect(
             counts["failed"] += 1
         elif trial.state == TrialState.RUNNING:
             counts["running"] += 1
+        elif trial.state == TrialState.PRUNED:
+            counts["pruned"] += 1
     command = folder.root / "command.txt"
     return Outcome(
         study=folder.name,

@@ -17,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from autoshrink.studies.early_stop import STOPPED
 from autoshrink.studies.study import FAILURE, finished, recorded_metric
 
 __all__ = ["SearchProgress", "TrainingBar"]
@@ -71,13 +72,14 @@ class SearchProgress:
     def status(self) -> str:
         trials = self.study.get_trials(deepcopy=False)
         failed = sum(t.state == TrialState.FAIL for t in trials)
+        stopped = sum(t.state == TrialState.PRUNED for t in trials)
         feasible = [
             t
             for t in trials
             if t.state == TrialState.COMPLETE and t.values and t.values[0] <= self.budget
         ]
         best = self.metric.best(feasible, lambda t: t.values[1], lambda t: t.values[0])
-        text = f"failed {failed}"
+        text = f"failed {failed}" + (f" | stopped early {stopped}" if stopped else "")
         if best is not None:
             text += (
                 f" | best in budget: {self.metric.text(best.values[1])} at "
@@ -93,6 +95,11 @@ class SearchProgress:
                       or [""])[0]
             self.progress.console.print(
                 f"trial {trial.number} failed: {reason[:300]}", highlight=False
+            )
+        elif trial.state == TrialState.PRUNED:
+            self.progress.console.print(
+                f"trial {trial.number} {str(trial.user_attrs.get(STOPPED, 'stopped early'))[:300]}",
+                highlight=False,
             )
         self.progress.update(self.bar, advance=1, status=self.status())
 

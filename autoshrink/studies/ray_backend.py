@@ -38,6 +38,13 @@ from ray.tune.search.optuna import OptunaSearch
 from autoshrink.errors import UsageError, first_line
 from autoshrink.files import write_atomic
 from autoshrink.space import Space
+from autoshrink.studies.early_stop import (
+    CHECKPOINT,
+    STOPPED,
+    EarlyStop,
+    TrialStopped,
+    checkpoints,
+)
 from autoshrink.studies.setup import SearchOptions, SearchSetup, WorkerInputs, worker_setup
 from autoshrink.studies.storage import JOURNAL, is_journal, open_storage
 from autoshrink.studies.study import (
@@ -113,18 +120,45 @@ def _reachable(address: str) -> None:
         ) from exc
 
 
+class Checkpoints:
+    """A Ray actor holding the search's checkpoints, so that workers on any node judge their
+    trials by the same rule and record (see :mod:`autoshrink.studies.early_stop`)."""
+
+    def __init__(self, rule: EarlyStop, earlier: list[tuple[int, float]]) -> None:
+        self.rule, self.points = rule, list(earlier)
+
+    def judge(self, size: int, value: float) -> str | None:
+        reason = self.rule.reason(size, value, self.points)
+        self.points.append((size, value))
+        return reason
+
+
 def _trainable(options: SearchOptions, threads: int) -> Callable[..., None]:
-    def trainable(config: dict, inputs: WorkerInputs) -> None:
+    def trainable(config: dict, inputs: WorkerInputs, board: Any) -> None:
+        import ray
         from ray import tune
 
         torch.set_num_threads(threads)
         number = int(config[NUMBER])
+        point: list[float] = []
+
+        def checkpoint(size: int, value: float) -> None:
+            point[:] = [size, value]
+            reason = ray.get(board.judge.remote(size, value))
+            if reason is not None:
+                raise TrialStopped(reason)
+
         with tempfile.TemporaryDirectory(prefix="autoshrink-trial-") as scratch:
             try:
                 setup = worker_setup(options, inputs)
                 plan = setup.plan_of({k: v for k, v in config.items() if k != NUMBER})
-                outcome = setup.run(plan, Path(scratch) / "artifact.safetensors", number)
+                outcome = setup.run(plan, Path(scratch) / "artifact.safetensors", number,
+                                    checkpoint if board is not None else None)
                 payload = outcome.artifact.read_bytes()
+            except TrialStopped as exc:  # pruned: no figures, the reason and where it stood
+                stop = {STOPPED: str(exc), CHECKPOINT: point}
+                tune.report({"bytes": None, "val_accuracy": None, OUTCOME: stop})
+                return
             except Exception as exc:
                 # Reported as no figures and a reason (see TrialEvents): raised, it would be
                 # a Tune failure, and Tune would run the trial again.
@@ -134,7 +168,8 @@ def _trainable(options: SearchOptions, threads: int) -> Callable[..., None]:
         tune.report({
             "bytes": outcome.bytes,
             "val_accuracy": outcome.val_accuracy,
-            OUTCOME: {"artifact": payload, "seconds": outcome.seconds, "trained": outcome.trained},
+            OUTCOME: {"artifact": payload, "seconds": outcome.seconds, "trained": outcome.trained,
+                      CHECKPOINT: point or None},
         })
 
     return trainable
@@ -176,9 +211,13 @@ def search_on_ray(
     )
     # In the object store once; each worker gets it from there, not from any disk.
     inputs = ray.put(WorkerInputs.of(setup))
+    board = None
+    if options.stop_early:
+        earlier = checkpoints(study.get_trials(deepcopy=False))
+        board = ray.remote(Checkpoints).remote(EarlyStop(setup.task.judged_by), earlier)
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(_trainable(options, per_trial), inputs=inputs),
+            tune.with_parameters(_trainable(options, per_trial), inputs=inputs, board=board),
             {"cpu": per_trial},
         ),
         tune_config=tune.TuneConfig(
@@ -242,7 +281,9 @@ class StudySearch(OptunaSearch):
                     FAILURE, f"{WORKER_LOST}: its Ray worker died during the trial "
                     "(no retry left; see --max-retries)"
                 )
-            if not result or any(result.get(key) is None for key in self.metric):
+            if result and result.get(STOPPED):  # no figures and no error: Optuna's PRUNED
+                result, error = None, False
+            elif not result or any(result.get(key) is None for key in self.metric):
                 result, error = None, True
         super().on_trial_complete(trial_id, result=result, error=error)
 
@@ -278,6 +319,11 @@ class TrialEvents(Callback):
         if sent is None:
             return
         number = int(trial.config[NUMBER])
+        if STOPPED in sent:
+            self._record(number, {STOPPED: sent[STOPPED], CHECKPOINT: sent[CHECKPOINT]})
+            result["bytes"] = result["val_accuracy"] = None
+            result[STOPPED] = True  # for StudySearch, which reads this result next
+            return
         failure = sent.get(FAILURE) or self._store(number, sent, result)
         if failure is not None:
             self._record(number, {FAILURE: failure})
@@ -304,7 +350,10 @@ class TrialEvents(Callback):
             size, float(result["val_accuracy"]), path, float(sent["seconds"]),
             trained=bool(sent["trained"]),
         )
-        self._record(number, outcome_attrs(outcome, self.folder))
+        attrs = outcome_attrs(outcome, self.folder)
+        if sent.get(CHECKPOINT):
+            attrs[CHECKPOINT] = sent[CHECKPOINT]
+        self._record(number, attrs)
         return None
 
     def _record(self, number: int, attrs: dict[str, Any]) -> None:

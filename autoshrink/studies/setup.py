@@ -24,7 +24,7 @@ from autoshrink.plan import Plan
 from autoshrink.registry import Registry, load_registry
 from autoshrink.space import Preset, Space, build_space, load_preset
 from autoshrink.tasks import Task, TaskData, resolve_task
-from autoshrink.trial import TrialBudget, TrialOutcome, run_trial
+from autoshrink.trial import Checkpoint, TrialBudget, TrialOutcome, run_trial
 
 __all__ = [
     "Provided", "SearchOptions", "SearchSetup", "WorkerInputs", "prepare", "resolve",
@@ -55,6 +55,8 @@ class SearchOptions:
     max_retries: int = 1
     #: seconds the whole search may run (``None``: no limit)
     timeout: float | None = None
+    #: stop hopeless trials at their checkpoint (see :mod:`autoshrink.studies.early_stop`)
+    stop_early: bool = False
     retrain_epochs: float = 0.0
     retrain_top: int = 0
     tune_trials: int = 0
@@ -84,13 +86,16 @@ class SearchSetup:
         """The plan a trial's parameters describe (define-by-run replayed on fixed values)."""
         return self.space.sample(optuna.trial.FixedTrial(params))
 
-    def run(self, plan: Plan, artifact: Path, number: int) -> TrialOutcome:
+    def run(
+        self, plan: Plan, artifact: Path, number: int, checkpoint: Checkpoint | None = None
+    ) -> TrialOutcome:
         """Trial ``number``: ``plan`` built, trained and measured with this search's task,
-        data, baseline and budget, its artifact written to ``artifact`` (every backend)."""
+        data, baseline and budget, its artifact written to ``artifact`` (every backend);
+        ``checkpoint`` as :func:`autoshrink.trial.run_trial` takes it."""
         return run_trial(
             plan, task=self.task, data=self.data, baseline=self.baseline,
             registry=self.registry, artifact=artifact, budget=self.trial_budget,
-            seed=self.options.seed + number,
+            seed=self.options.seed + number, checkpoint=checkpoint,
         )
 
 

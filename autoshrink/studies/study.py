@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoshrink.errors import UsageError
 from autoshrink.metric import Metric
+from autoshrink.studies.early_stop import CHECKPOINT, STOPPED
 from autoshrink.studies.folder import Identity, StudyFolder, study_identity
 from autoshrink.studies.journal import JournalError, check_journal
 from autoshrink.studies.setup import SearchOptions
@@ -190,6 +191,8 @@ def trial_summary(trial: FrozenTrial) -> dict:
         "failure": trial.user_attrs.get(FAILURE),
         "untrained": trial.user_attrs.get(UNTRAINED),
         "plan": trial.user_attrs.get(PLAN),
+        "stopped": trial.user_attrs.get(STOPPED),
+        "checkpoint": trial.user_attrs.get(CHECKPOINT),
     }
 
 
