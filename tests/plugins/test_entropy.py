@@ -13,12 +13,11 @@ from hypothesis import strategies as st
 
 from autoshrink.methods import MethodConfig
 from autoshrink.testing import EncodingMethodTests
-from autoshrink_plugins.entropy import (
+from autoshrink_plugins.entropy import Entropy, _varint
+from autoshrink_plugins.huffman import (
     MAX_CODE_BITS,
-    Entropy,
     _huffman_lengths,
     _package_merge_lengths,
-    _varint,
     huffman_code_lengths,
 )
 
