@@ -287,7 +287,7 @@ def test_search_help_says_compile_is_off_by_default() -> None:
 def test_search_compile_front_times_every_member_in_the_report(tmp_path: Path) -> None:
     done = run_cli(
         "search", "--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB",
-        "--trials", "4", "--seed", "3", "--out", str(tmp_path), "--study", "c",
+        "--trials", "2", "--seed", "3", "--out", str(tmp_path), "--study", "c",
         "--compile-front", "--tune-trials", "4", "--retrain-epochs", "0",
     )
     assert done.returncode == 0, done.stderr[-3000:]
