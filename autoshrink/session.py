@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import humanize
+import optuna
 from rich.console import Console
 
 from autoshrink.budget import fit_start, smallest_artifact
@@ -32,7 +33,6 @@ from autoshrink.studies.local import run_trials
 from autoshrink.studies.lock import StudyBusyError, StudyLock
 from autoshrink.studies.pareto import (
     Facts,
-    Outcome,
     collect,
     facts_of,
     keep_front_only,
@@ -183,7 +183,7 @@ def check_budget(options: SearchOptions, console: Console, provided: Provided | 
 def check_ray(settings: Settings) -> None:
     """Start or join the Ray cluster now, so a bad address fails before any training."""
     if settings.backend == "ray":
-        from autoshrink.studies.ray_backend import connect
+        from autoshrink.studies.ray_cluster import connect
 
         connect(settings.ray_address, settings.workers)
 
@@ -330,15 +330,16 @@ def _run(
 
 
 def _finish(
-    study: Any, folder: StudyFolder, setup: SearchSetup, facts: Facts
+    study: optuna.Study, folder: StudyFolder, setup: SearchSetup, facts: Facts
 ) -> dict[str, Any]:
     """A finished search's outcome: test figures measured, the folder cleaned (artifacts
     off the front deleted, the recommended one copied) and the report written."""
     measure_tests(study, folder, setup)
     keep_front_only(folder, study, collect(study, folder, facts, setup.options))
-    outcome: Outcome = collect(study, folder, facts, setup.options)
-    write_report(folder.root, outcome.as_json())
-    return outcome.as_json()
+    # Collected again: the artifacts off the front are gone and the copy of the best is made.
+    summary = collect(study, folder, facts, setup.options).as_json()
+    write_report(folder.root, summary)
+    return summary
 
 
 def regenerate(folder: StudyFolder, provided: Provided | None = None) -> dict[str, Any]:

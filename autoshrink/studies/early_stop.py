@@ -22,8 +22,9 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from autoshrink.metric import Metric
+from autoshrink.trial import Checkpoint
 
-__all__ = ["CHECKPOINT", "STOPPED", "EarlyStop", "TrialStopped", "checkpoints"]
+__all__ = ["CHECKPOINT", "STOPPED", "Checkpoints", "EarlyStop", "TrialStopped", "checkpoints"]
 
 #: The trial user attribute holding ``[bytes, validation metric]`` at its checkpoint.
 CHECKPOINT = "checkpoint"
@@ -64,6 +65,19 @@ class EarlyStop:
         )
 
 
+class Checkpoints:
+    """The checkpoints of a search in one place, judged by one rule: on Ray, an actor
+    (``ray.remote(Checkpoints)``), so that workers on any node share them."""
+
+    def __init__(self, rule: EarlyStop, earlier: list[tuple[int, float]]) -> None:
+        self.rule, self.points = rule, list(earlier)
+
+    def judge(self, size: int, value: float) -> str | None:
+        reason = self.rule.reason(size, value, self.points)
+        self.points.append((size, value))
+        return reason
+
+
 def checkpoints(trials: Iterable[FrozenTrial], but: int | None = None) -> list[tuple[int, float]]:
     """The recorded checkpoints of ``trials`` (except trial number ``but``)."""
     found = []
@@ -74,7 +88,7 @@ def checkpoints(trials: Iterable[FrozenTrial], but: int | None = None) -> list[t
     return found
 
 
-def study_checkpoint(rule: EarlyStop, trial: optuna.Trial):
+def study_checkpoint(rule: EarlyStop, trial: optuna.Trial) -> Checkpoint:
     """The checkpoint of a trial run in this process: records its figures on the trial and
     raises :class:`TrialStopped` when the rule stops it."""
 

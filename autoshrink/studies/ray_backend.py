@@ -20,7 +20,6 @@ trial of its own, "interrupted (worker lost ...)": like a Ctrl-C, it does not co
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,16 +34,18 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from autoshrink.errors import UsageError, first_line
+from autoshrink.errors import first_line
 from autoshrink.files import write_atomic
 from autoshrink.space import Space
 from autoshrink.studies.early_stop import (
     CHECKPOINT,
     STOPPED,
+    Checkpoints,
     EarlyStop,
     TrialStopped,
     checkpoints,
 )
+from autoshrink.studies.ray_cluster import connect
 from autoshrink.studies.setup import SearchOptions, SearchSetup, WorkerInputs, worker_setup
 from autoshrink.studies.storage import JOURNAL, is_journal, open_storage
 from autoshrink.studies.study import (
@@ -57,7 +58,7 @@ from autoshrink.studies.study import (
 )
 from autoshrink.trial import TrialOutcome
 
-__all__ = ["connect", "search_on_ray"]
+__all__ = ["search_on_ray"]
 
 NUMBER = "optuna_trial"
 #: The result key of what a worker sends back beside the figures: the artifact's bytes, the
@@ -69,70 +70,6 @@ WORKER_LOST = "worker lost"
 # Ray Tune asks for trials one by one (`study.ask`), which Optuna's heartbeats do not cover;
 # a resume fails such trials left running (the study lock makes them dead ones).
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-# A joined cluster's nodes keep their own environment (their paths are their own): the driver
-# passes on only the plugins it was told to refuse. A local cluster inherits the driver's.
-_FORWARDED_ENV = ("AUTOSHRINK_BLOCK_PLUGINS",)
-
-
-def connect(address: str | None, workers: int) -> None:
-    """Join the cluster at ``--ray-address`` (``auto`` finds a running one), or start a local
-    one sized by ``--workers``. Raises UsageError, in one line, when it cannot."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
-    env["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    options: dict[str, Any] = {
-        "include_dashboard": False,
-        "log_to_driver": False,
-        "runtime_env": {"env_vars": env},
-        "configure_logging": False,
-    }
-    if address and address != "auto":
-        _reachable(address)
-    try:
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=max(workers, os.cpu_count() or 1), **options)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "a local cluster"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
-            f"`--ray-address` {where}: cannot connect ({first}); start a cluster with "
-            "`ray start --head`, or leave the option out to start a local one"
-        ) from exc
-
-
-def _reachable(address: str) -> None:
-    """Fail fast on an address nothing listens at (Ray itself retries for minutes)."""
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            f"`--ray-address` {address}: nothing answers there ({exc}); start a cluster with "
-            "`ray start --head`, or leave the option out to start a local one"
-        ) from exc
-
-
-class Checkpoints:
-    """A Ray actor holding the search's checkpoints, so that workers on any node judge their
-    trials by the same rule and record (see :mod:`autoshrink.studies.early_stop`)."""
-
-    def __init__(self, rule: EarlyStop, earlier: list[tuple[int, float]]) -> None:
-        self.rule, self.points = rule, list(earlier)
-
-    def judge(self, size: int, value: float) -> str | None:
-        reason = self.rule.reason(size, value, self.points)
-        self.points.append((size, value))
-        return reason
-
-
 def _trainable(options: SearchOptions, threads: int) -> Callable[..., None]:
     def trainable(config: dict, inputs: WorkerInputs, board: Any) -> None:
         import ray
