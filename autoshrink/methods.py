@@ -85,6 +85,12 @@ class LoweredValue:
 
     arrays: dict[str, np.ndarray]
     element: Callable[[Mapping[str, Any], Any], Any]
+    #: Optional: when element ``i`` is ``table[codes[i]]`` (``codes`` one integer per
+    #: element, flat and row-major; ``table`` float32), the two as arrays. The compiler may
+    #: then compute the layer with a table-lookup kernel (:mod:`autoshrink.compiler.vector`)
+    #: that stores the codes in its own layout, instead of ``element``.
+    table: np.ndarray | None = None
+    codes: np.ndarray | None = None
 
 
 @dataclass
@@ -99,6 +105,10 @@ class LoweredLayer:
 
     arrays: dict[str, np.ndarray]
     compute: Callable[[Any, Mapping[str, Any], Mapping[str, Callable[[Any], Any]]], Any]
+    #: Optional: the payload that is the layer's weight as it is (a Linear's ``(out, in)``,
+    #: row-major), the bias, if any, being ``arrays["bias"]``. The compiler may then compute
+    #: the layer from that payload's table and codes (see ``LoweredValue.table``).
+    weight: str | None = None
 
 
 class Method(ABC):

@@ -197,9 +197,12 @@ class Quantization(ValueMethod):
         from autoshrink.compiler.kernels import padded, unpack
 
         bits = config.bits
+        count = int(np.prod(shape, dtype=np.int64))
         return LoweredValue(
             arrays={"codebook": arrays["codebook"], "indices": padded(arrays["indices"], bits)},
             element=lambda t, i: t["codebook"][unpack(t["indices"], bits, i)],
+            table=arrays["codebook"],
+            codes=unpack_bits(arrays["indices"], bits, count),
         )
 
 

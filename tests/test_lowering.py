@@ -21,8 +21,10 @@ from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.compiler import compile_artifact
 from autoshrink.compiler.build import fuse
 from autoshrink.compiler.lowering import KernelCall, compressed_kernels, to_relax_lowered
+from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs
 from autoshrink.compiler.target import resolve_target
+from autoshrink.compiler.vector import pack_codes, table_entries, table_linear
 from autoshrink.compress import compress, replace_module
 from autoshrink.header import read_header
 from autoshrink.hookspecs import hookimpl
@@ -63,7 +65,10 @@ def methods(ternary):
     return load_registry(extra_plugins=[ternary])
 
 
-def _compile(tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int):
+def _compile(
+    tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int,
+    table_lookup: bool = False,
+):
     """Write an artifact, lower every layer, build untuned; returns outputs of TVM and torch
     on one batch, the lowering notes and the kernels' forms."""
     task = registry.tasks[task_name]
@@ -75,7 +80,7 @@ def _compile(tmp_path: Path, registry, task_name: str, plan: Plan, width: float,
     header, blobs = read_header(path)
     templates = compressible_layers(task.build_model(width), registry)
     notes: list[str] = []
-    kernels = compressed_kernels(header, blobs, registry, templates, notes)
+    kernels = compressed_kernels(header, blobs, registry, templates, notes, table_lookup)
     _, outputs = _layer_inputs(reference, list(kernels), task.example_input(1))
     stubbed = copy.deepcopy(reference)
     for name, kernel in kernels.items():
@@ -109,6 +114,53 @@ def test_linear_pairs_compile_to_compressed_kernels(methods, tmp_path, structure
     if value != "float32":
         dense_bytes = 64 * 128 * 4
         assert kernels["fc1"].bytes < dense_bytes
+
+
+@pytest.mark.parametrize(
+    ("value", "batch"),
+    [("kmeans3", 1), ("kmeans5", 8), ("binary", 3), ("ternary", 2), ("kmeans8", 1)],
+)
+def test_codebook_layers_get_the_table_lookup_kernel(methods, tmp_path, value, batch) -> None:
+    """On a CPU with AVX-512, a dense Linear whose weights are codes into at most 32 values
+    computes with the written-out table-lookup kernel (8-bit codes keep the TE kernel), and
+    gives what PyTorch gives; elsewhere every layer keeps the TE kernel."""
+    method, config = {**VALUES, "kmeans5": ("quantization", {"bits": 5})}[value]
+    layer = LayerPlan(value=Choice(method=method, config=config))
+    plan = Plan(layers={name: layer for name in ("fc1", "fc2", "out")})
+    lookup = "avx512f" in cpu_flags()
+    got, want, notes, kernels = _compile(
+        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=lookup
+    )
+    written = {name for name, kernel in kernels.items() if kernel.written is not None}
+    assert written == ({"fc1", "fc2", "out"} if lookup and value != "kmeans8" else set())
+    assert all("table lookup" in kernels[name].methods for name in written)
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
+@pytest.mark.parametrize(
+    ("batch", "rows", "columns", "size"),
+    [(1, 40, 37, 16), (6, 17, 64, 3), (64, 33, 50, 32), (5, 16, 9, 2), (2, 21, 70, 20)],
+)
+def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size) -> None:
+    """Every tiling the kernel uses (batch tiles of 8, 2 and 1, partial sums), rows and
+    columns that do not fill a group or a word, and each table width, against numpy."""
+    rng = np.random.default_rng(size)
+    codes = rng.integers(0, size, (rows, columns))
+    table = np.zeros(table_entries(size), np.float32)
+    table[:size] = rng.standard_normal(size)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    x = rng.standard_normal((batch, columns)).astype(np.float32)
+    target = resolve_target("cpu", 2)
+    kernel = table_linear(batch, columns, rows, size).with_attr("global_symbol", "main")
+    library = tvm.compile(tvm.IRModule({"main": kernel}), target=target.tvm)
+    arrays = [
+        tvm.runtime.tensor(a)
+        for a in (x, bias, table, pack_codes(codes, size), np.zeros((batch, rows), np.float32))
+    ]
+    library["main"](*arrays)
+    np.testing.assert_allclose(arrays[-1].numpy(), x @ table[codes].T + bias, atol=1e-4)
 
 
 def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:

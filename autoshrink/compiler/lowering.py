@@ -31,8 +31,9 @@ from tvm import relax
 from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import dense_layer, supports
+from autoshrink.compiler.vector import MAX_REGISTER_TABLE, pack_codes, table_entries, table_linear
 from autoshrink.header import Header
-from autoshrink.methods import LayerCode, LoweredValue
+from autoshrink.methods import LayerCode, LoweredLayer, LoweredValue
 from autoshrink.pipeline import layer_step
 
 if TYPE_CHECKING:
@@ -52,8 +53,11 @@ class LayerKernel:
     form: str  # "compressed" or "dense"
     methods: str  # "pruning + quantization", for the notes
     arrays: dict[str, np.ndarray]
-    compute: Callable[[Any, dict[str, Any]], Any]  # (x, tensors by array name) -> y
+    compute: Callable[[Any, dict[str, Any]], Any] | None  # (x, tensors by array name) -> y
     constants: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: A written-out kernel instead of ``compute``: batch -> (PrimFunc taking x, the arrays in
+    #: name order and y; the output's shape without the batch)
+    written: Callable[[int], tuple[Any, tuple[int, ...]]] | None = None
 
     @property
     def bytes(self) -> int:
@@ -69,11 +73,20 @@ class LayerKernel:
     def emit(self, builder: Any, x: Any, batch: int) -> Any:
         """Emit ``call_tir`` of this kernel on ``x`` (a Relax expression) into ``builder``."""
         names = sorted(self.arrays)
+        label = re.sub(r"\W", "_", self.layer)
+        if self.written is not None:
+            kernel, shape = self.written(batch)
+            function = builder.add_func(
+                kernel.with_attr("op_pattern", _OPAQUE), f"{label}_{self.form}_b{batch}"
+            )
+            return builder.emit(relax.call_tir(
+                function, [x, *self.relax_constants()],
+                relax.TensorType((batch, *shape), "float32"),
+            ))
 
         def compute(x: Any, *tensors: Any) -> Any:
             return self.compute(x, dict(zip(names, tensors, strict=True)))
 
-        label = re.sub(r"\W", "_", self.layer)
         return builder.emit_te(
             compute,
             x,
@@ -100,9 +113,11 @@ def compressed_kernels(
     registry: Registry,
     templates: dict[str, nn.Module],
     notes: list[str],
+    table_lookup: bool = False,
 ) -> dict[str, LayerKernel]:
     """The compressed kernel of each layer whose structure method can lower it; one note
-    per layer that cannot."""
+    per layer that cannot. With ``table_lookup`` (a CPU with AVX-512), a Linear whose weight
+    is codes into a table of up to 32 values gets the written-out table-lookup kernel."""
     kernels: dict[str, LayerKernel] = {}
     for name, info in header.layers.items():
         step = layer_step(name, templates[name], header.plan.layer(name), registry)
@@ -118,6 +133,10 @@ def compressed_kernels(
         layer = step.structure.lower(code, step.module, step.structure_config)
         if layer is None:
             notes.append(f"{name}: `{step.structure.name}` has no compressed kernel for it; dense")
+            continue
+        lookup = _table_kernel(name, step, layer, payloads) if table_lookup else None
+        if lookup is not None:
+            kernels[name] = lookup
             continue
         arrays = dict(layer.arrays)
         for payload, lowered in payloads.items():
@@ -136,6 +155,44 @@ def compressed_kernels(
             compute=compute,
         )
     return kernels
+
+
+def _table_kernel(
+    name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue]
+) -> LayerKernel | None:
+    """The table-lookup kernel of a Linear whose weight is a payload of codes into a table
+    of at most :data:`~autoshrink.compiler.vector.MAX_REGISTER_TABLE` values, else ``None``."""
+    lowered = payloads.get(layer.weight) if layer.weight else None
+    template = step.module
+    if (
+        not isinstance(template, nn.Linear)
+        or lowered is None
+        or lowered.table is None
+        or lowered.codes is None
+        or not 0 < lowered.table.size <= MAX_REGISTER_TABLE
+    ):
+        return None
+    size = int(lowered.table.size)
+    table = np.zeros(table_entries(size), np.float32)
+    table[:size] = lowered.table
+    bias = layer.arrays.get("bias")
+    codes = np.asarray(lowered.codes).reshape(template.out_features, template.in_features)
+    arrays = {
+        "bias": np.zeros(template.out_features, np.float32) if bias is None else bias,
+        "table": table,
+        "words": pack_codes(codes, size),
+    }
+    return LayerKernel(
+        layer=name,
+        form="compressed",
+        methods=f"{step.methods}, table lookup",
+        arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
+        compute=None,
+        written=lambda batch: (
+            table_linear(batch, template.in_features, template.out_features, size),
+            (template.out_features,),
+        ),
+    )
 
 
 def dense_kernel(name: str, layer: nn.Module) -> LayerKernel | None:

@@ -56,6 +56,11 @@ def cpu_model() -> str:
     )
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``avx512f``, ``fma``, ...) as the OS reports them."""
+    return set((_field(_cpuinfo(), "flags") or _field(_lscpu(), "Flags") or "").split())
+
+
 @dataclass(frozen=True)
 class Peak:
     """Theoretical fp32 peak: cores x clock x FLOPs per cycle of the widest FMA units."""
@@ -86,7 +91,7 @@ def cpu_peak(cores: int) -> Peak:
     instructions as two 256-bit halves, so its true peak is the AVX2 figure; that is noted.
     """
     info, lscpu = _cpuinfo(), _lscpu()
-    flags = set((_field(info, "flags") or _field(lscpu, "Flags") or "").split())
+    flags = cpu_flags()
     mhz = None
     for text, name in ((lscpu, "CPU max MHz"), (lscpu, "CPU MHz"), (info, "cpu MHz")):
         value = _field(text, name)

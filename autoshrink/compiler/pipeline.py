@@ -45,7 +45,7 @@ from autoshrink.compiler.lowering import (
     dense_kernel,
     to_relax_lowered,
 )
-from autoshrink.compiler.machine import available_cores, cpu_model
+from autoshrink.compiler.machine import available_cores, cpu_flags, cpu_model
 from autoshrink.compiler.target import Target, load_tensor_intrinsics, resolve_target
 from autoshrink.compiler.timing import TvmEngine, measure, model_flops, prepare_peers, thread_count
 from autoshrink.compiler.tuning import tune
@@ -204,7 +204,10 @@ def compile_artifact(
     reference = artifact.model.eval()
     dense = densify(reference, task.example_input(1), templates, notes, keep_cheaper=False)
     inputs, outputs = _layer_inputs(reference, list(templates), task.example_input(1))
-    compressed = compressed_kernels(header, blobs, registry, templates, notes)
+    compressed = compressed_kernels(
+        header, blobs, registry, templates, notes,
+        table_lookup=chosen.kind == "cpu" and "avx512f" in cpu_flags(),
+    )
     options = {}
     for name in templates:
         forms = [k for k in (compressed.get(name), dense_kernel(name, dense.get_submodule(name)))

@@ -130,6 +130,12 @@ def _quiet_meta_schedule() -> Iterator[None]:
             root.addHandler(handler)
 
 
+def _scheduled(mod: Any) -> bool:
+    """Whether the (one-function) module's function says it is scheduled already."""
+    function = next(iter(mod.functions.values()))
+    return bool(function.attrs and function.attrs.get("tirx.is_scheduled", False))
+
+
 def _reduces(mod: Any) -> bool:
     """Whether the (one-function) module has a block with a reduction axis."""
     from tvm.s_tir import Schedule
@@ -189,7 +195,14 @@ def tune(
     # compile would tune them again. MetaSchedule cannot count the FLOPs of a kernel with
     # let-bound expressions (the hashed layers' in-kernel hash): on the CPU those run as TVM's
     # plain loops (DLight's CPU rules fail on their gathers), so they are slow.
-    tasks = [t for t in found if _reduces(t.dispatched[0]) and _countable(t.dispatched[0])]
+    # Written-out kernels (the table lookups of autoshrink.compiler.vector) are scheduled
+    # already.
+    tasks = [
+        t for t in found
+        if not _scheduled(t.dispatched[0])
+        and _reduces(t.dispatched[0])
+        and _countable(t.dispatched[0])
+    ]
     summary: dict[str, Any] = {"trials": 0, "seconds": 0.0, "tasks": len(tasks), "reused": 0}
     if not tasks or trials <= 0:
         return summary

@@ -56,11 +56,7 @@ class Ternary(ValueMethod):
     def decode(
         self, arrays: dict[str, np.ndarray], meta: dict[str, Any], shape: tuple, config: Any
     ) -> torch.Tensor:
-        count = int(np.prod(shape))
-        packed = arrays["codes"]
-        if packed.size != -(-count // 4):
-            raise ValueError(f"{-(-count // 4)} packed bytes expected, got {packed.size}")
-        codes = np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:count]
+        codes = unpack(arrays["codes"], int(np.prod(shape)))
         signs = np.where(codes == 1, 1.0, np.where(codes == 2, -1.0, 0.0))
         scale = np.float32(meta["scale"])
         return torch.from_numpy((signs * scale).astype(np.float32).reshape(shape))
@@ -70,14 +66,24 @@ class Ternary(ValueMethod):
         self, arrays: dict[str, np.ndarray], meta: dict[str, Any], shape: tuple, config: Any
     ) -> LoweredValue:
         # The compiled form keeps the 2-bit codes; the kernel decodes each as it multiplies.
-        from autoshrink.compiler.kernels import unpack
+        from autoshrink.compiler.kernels import unpack as unpack_in_kernel
 
         scale = np.float32(meta["scale"])
         levels = np.array([0.0, scale, -scale, 0.0], dtype=np.float32)  # by 2-bit code
         return LoweredValue(
             arrays={"codes": arrays["codes"], "levels": levels},
-            element=lambda t, i: t["levels"][unpack(t["codes"], 2, i)],
+            element=lambda t, i: t["levels"][unpack_in_kernel(t["codes"], 2, i)],
+            # Every weight is levels[code]: the compiler may use its table-lookup kernel.
+            table=levels,
+            codes=unpack(arrays["codes"], int(np.prod(shape))),
         )
+
+
+def unpack(packed: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` 2-bit codes of ``packed`` (four a byte, lowest bits first)."""
+    if packed.size != -(-count // 4):
+        raise ValueError(f"{-(-count // 4)} packed bytes expected, got {packed.size}")
+    return np.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:count]
 
 
 @hookimpl

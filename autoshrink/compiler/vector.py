@@ -1,0 +1,158 @@
+"""Table-lookup kernels: a Linear whose weights are codes into a table of at most 16 values
+(k-means or uniform codebooks of 4 bits or fewer, ternary codes), on CPUs with AVX-512.
+
+MetaSchedule cannot find these: the lookup of 16 weights at once is one ``vpermps`` whose
+table sits in a register, which no loop schedule of a gather turns into. So the kernel is
+written out, and the per-layer choice (:mod:`autoshrink.compiler.choice`) times it against
+the tuned dense kernel like any other form.
+
+Layout of the codes (what the bundle stores for such a layer): output rows in groups of 16,
+one per vector lane; columns in chunks of ``32 // bits``. Word ``(g, c, l)`` (int32) holds,
+at bits ``s * bits``, the code of row ``16 g + l`` and column ``c * (32 // bits) + s``. Rows
+and columns past the layer's are padded with code 0 and never stored to the output.
+
+The kernel is an outer product per chunk: the 16 weights of one column for 16 rows are looked
+up once and multiplied into ``tile`` batch rows' accumulators (``x`` broadcast), so for a
+batch the lookups cost little beside the multiplications, and at batch 1 four partial sums
+keep the multipliers busy. The weight never exists in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+__all__ = [
+    "LANES",
+    "MAX_REGISTER_TABLE",
+    "MAX_TABLE",
+    "pack_codes",
+    "table_entries",
+    "table_linear",
+]
+
+#: float32 lanes of a 512-bit register: the rows a group holds.
+LANES = 16
+#: Largest table: codes of up to 8 bits.
+MAX_TABLE = 256
+#: Largest table looked up in registers (``vpermps``, ``vpermi2ps``). Larger ones are
+#: gathered from memory, which on the CPUs measured is slower than the dense kernel.
+MAX_REGISTER_TABLE = 32
+
+
+def _bits(table_size: int) -> int:
+    """Code width for a table of ``table_size`` entries (1 to 8 bits)."""
+    return max(1, int(table_size - 1).bit_length())
+
+
+def table_entries(table_size: int) -> int:
+    """Entries the kernel's table holds (the codebook padded with zeros): 16 for one
+    register, 32 for two, 256 in memory."""
+    return 16 if table_size <= 16 else 32 if table_size <= 32 else MAX_TABLE
+
+
+def _lookup(table_size: int):
+    """``(table, word, s) -> float32x16``: the 16 weights whose codes sit at position ``s``
+    of ``word``. Up to 16 entries: one ``vpermps`` from a register; up to 32: ``vpermi2ps``
+    from two; more: a gather from the table in memory (L1-resident)."""
+    bits = _bits(table_size)
+    shift = lambda s: T.broadcast(s * bits, LANES)  # noqa: E731
+    mask = T.broadcast(T.int32((1 << bits) - 1), LANES)
+    lanes = lambda start: tirx.Ramp(start, 1, LANES)  # noqa: E731
+    if table_size <= 16:
+        return lambda table, word, s: tirx.call_llvm_pure_intrin(
+            "float32x16", "llvm.x86.avx512.permvar.sf.512", table[lanes(0)],
+            (word >> shift(s)) & mask,
+        )
+    if table_size <= 32:
+        return lambda table, word, s: tirx.call_llvm_pure_intrin(
+            "float32x16", "llvm.x86.avx512.vpermi2var.ps.512", table[lanes(0)],
+            (word >> shift(s)) & mask, table[lanes(16)],
+        )
+    return lambda table, word, s: tirx.call_llvm_pure_intrin(
+        "float32x16", "llvm.x86.avx512.mask.gather.dps.512",
+        T.broadcast(T.float32(0), LANES), tirx.address_of(table[0]),
+        (word >> shift(s)) & mask, T.broadcast(T.bool(True), LANES), T.int32(4),
+    )
+
+
+def pack_codes(codes: np.ndarray, table_size: int) -> np.ndarray:
+    """``codes`` (rows, columns) of a table of ``table_size`` entries in the kernel's layout:
+    int32 words of shape (row groups, column chunks, 16)."""
+    bits = _bits(table_size)
+    per = 32 // bits
+    rows, columns = codes.shape
+    groups, chunks = -(-rows // LANES), -(-columns // per)
+    padded = np.zeros((groups * LANES, chunks * per), np.uint32)
+    padded[:rows, :columns] = codes
+    # (groups, lanes, chunks, per) -> (groups, chunks, lanes, per)
+    blocks = padded.reshape(groups, LANES, chunks, per).transpose(0, 2, 1, 3)
+    shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
+    words = np.bitwise_or.reduce(blocks << shifts, axis=-1).astype(np.uint32)
+    return np.ascontiguousarray(words.view(np.int32))
+
+
+def table_linear(batch: int, in_features: int, out_features: int, table_size: int) -> Any:
+    """The kernel ``y = x @ table[codes].T + bias`` for ``x`` of shape (batch, in), as a
+    scheduled PrimFunc taking ``(x, bias, table, words, y)``: ``bias`` has ``out_features``
+    entries (zeros when the layer has none), ``table`` :func:`table_entries` (the codebook
+    padded with zeros), ``words`` is :func:`pack_codes` of the codes."""
+    bits = _bits(table_size)
+    per = 32 // bits
+    full, tail = divmod(in_features, per)
+    chunks = full + (1 if tail else 0)
+    groups = -(-out_features // LANES)
+    tile = next(t for t in (8, 4, 2, 1) if batch % t == 0)
+    partials = max(1, 4 // tile)  # independent sums per batch row, so the FMAs overlap
+    accumulators = tile * partials
+    lookup = _lookup(table_size)
+    entries = table_entries(table_size)
+    last = chunks - 1
+    n, k, b = out_features, in_features, batch
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((b, k), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        table: T.Buffer((entries,), "float32"),
+        words: T.Buffer((groups, chunks, LANES), "int32"),
+        y: T.Buffer((b, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for g in T.parallel(groups):
+            acc = T.alloc_buffer((accumulators * LANES,), "float32", scope="local")
+            for outer in range(b // tile):
+                for a in T.unroll(accumulators):
+                    acc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                for c in range(full):
+                    word = words[g, c, T.ramp(0, 1, LANES)]
+                    for s in T.unroll(per):
+                        w = lookup(table, word, s)
+                        for t in T.unroll(tile):
+                            slot = (t * partials + s % partials) * LANES
+                            acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
+                                T.broadcast(x[outer * tile + t, c * per + s], LANES) * w
+                            )
+                for s in T.unroll(tail):
+                    word = words[g, last, T.ramp(0, 1, LANES)]
+                    w = lookup(table, word, s)
+                    for t in T.unroll(tile):
+                        slot = (t * partials + s % partials) * LANES
+                        acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
+                            T.broadcast(x[outer * tile + t, full * per + s], LANES) * w
+                        )
+                for t in T.unroll(tile):
+                    for lane in range(LANES):
+                        if g * LANES + lane < n:
+                            y[outer * tile + t, g * LANES + lane] = bias[g * LANES + lane]
+                            for p in T.unroll(partials):
+                                y[outer * tile + t, g * LANES + lane] = (
+                                    y[outer * tile + t, g * LANES + lane]
+                                    + acc[(t * partials + p) * LANES + lane]
+                                )
+
+    return kernel
+
