@@ -105,10 +105,12 @@ class LoweredLayer:
 
     arrays: dict[str, np.ndarray]
     compute: Callable[[Any, Mapping[str, Any], Mapping[str, Callable[[Any], Any]]], Any]
-    #: Optional: the payload that is the layer's weight as it is (a Linear's ``(out, in)``,
-    #: row-major), the bias, if any, being ``arrays["bias"]``. The compiler may then compute
-    #: the layer from that payload's table and codes (see ``LoweredValue.table``).
-    weight: str | None = None
+    #: Optional, for a Linear: the payloads that are, in order, the weights of the matrix
+    #: products the layer is (each ``(out, in)``, row-major: ``("weight",)`` for a dense
+    #: layer, ``("v", "u")`` for a low-rank one), the bias, if any, being ``arrays["bias"]``
+    #: after the last. The compiler may then compute the layer from those payloads' tables
+    #: and codes (see ``LoweredValue.table``).
+    weights: tuple[str, ...] = ()
 
 
 class Method(ABC):

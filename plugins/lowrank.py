@@ -254,7 +254,11 @@ class LowRank(StructureMethod):
             return conv2d(hidden, lambda o, j, r, s: u(o * rank + j), out, (1, 1),
                           bias=t.get("bias"))
 
-        return LoweredLayer(arrays=bias_arrays(code), compute=compute)
+        return LoweredLayer(
+            arrays=bias_arrays(code),
+            compute=compute,
+            weights=("v", "u") if isinstance(template, nn.Linear) else (),
+        )
 
 
 @hookimpl

@@ -117,22 +117,33 @@ def test_linear_pairs_compile_to_compressed_kernels(methods, tmp_path, structure
 
 
 @pytest.mark.parametrize(
-    ("value", "batch"),
-    [("kmeans3", 1), ("kmeans5", 8), ("binary", 3), ("ternary", 2), ("kmeans8", 1)],
+    ("structure", "value", "batch"),
+    [
+        ("dense", "kmeans3", 1), ("dense", "kmeans5", 8), ("dense", "binary", 3),
+        ("dense", "ternary", 2), ("dense", "kmeans8", 1), ("lowrank", "kmeans3", 2),
+        ("lowrank", "float16", 1),
+    ],
 )
-def test_codebook_layers_get_the_table_lookup_kernel(methods, tmp_path, value, batch) -> None:
-    """On a CPU with AVX-512, a dense Linear whose weights are codes into at most 32 values
-    computes with the written-out table-lookup kernel (8-bit codes keep the TE kernel), and
-    gives what PyTorch gives; elsewhere every layer keeps the TE kernel."""
+def test_codebook_layers_get_the_table_lookup_kernel(
+    methods, tmp_path, structure, value, batch
+) -> None:
+    """On a CPU with AVX-512, a Linear whose weights (or both low-rank factors) are codes
+    into at most 32 values computes with the written-out table-lookup kernels (8-bit codes
+    and float values keep the TE kernel), and gives what PyTorch gives; elsewhere every
+    layer keeps the TE kernel."""
     method, config = {**VALUES, "kmeans5": ("quantization", {"bits": 5})}[value]
-    layer = LayerPlan(value=Choice(method=method, config=config))
+    layer = LayerPlan(
+        structure=Choice(method=structure, config=STRUCTURES[structure]),
+        value=Choice(method=method, config=config),
+    )
     plan = Plan(layers={name: layer for name in ("fc1", "fc2", "out")})
     lookup = "avx512f" in cpu_flags()
     got, want, notes, kernels = _compile(
         tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=lookup
     )
     written = {name for name, kernel in kernels.items() if kernel.written is not None}
-    assert written == ({"fc1", "fc2", "out"} if lookup and value != "kmeans8" else set())
+    tables = lookup and value not in ("kmeans8", "float16")
+    assert written == ({"fc1", "fc2", "out"} if tables else set())
     assert all("table lookup" in kernels[name].methods for name in written)
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
     assert (got.argmax(1) == want.argmax(1)).all()

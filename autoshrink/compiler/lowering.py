@@ -55,9 +55,9 @@ class LayerKernel:
     arrays: dict[str, np.ndarray]
     compute: Callable[[Any, dict[str, Any]], Any] | None  # (x, tensors by array name) -> y
     constants: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: A written-out kernel instead of ``compute``: batch -> (PrimFunc taking x, the arrays in
-    #: name order and y; the output's shape without the batch)
-    written: Callable[[int], tuple[Any, tuple[int, ...]]] | None = None
+    #: Written-out kernels instead of ``compute``, applied in turn: batch -> a list of
+    #: (PrimFunc taking its input, the arrays named and its output; output features; names)
+    written: Callable[[int], list[tuple[Any, int, list[str]]]] | None = None
 
     @property
     def bytes(self) -> int:
@@ -75,14 +75,17 @@ class LayerKernel:
         names = sorted(self.arrays)
         label = re.sub(r"\W", "_", self.layer)
         if self.written is not None:
-            kernel, shape = self.written(batch)
-            function = builder.add_func(
-                kernel.with_attr("op_pattern", _OPAQUE), f"{label}_{self.form}_b{batch}"
-            )
-            return builder.emit(relax.call_tir(
-                function, [x, *self.relax_constants()],
-                relax.TensorType((batch, *shape), "float32"),
-            ))
+            self.relax_constants()
+            for step, (kernel, features, reads) in enumerate(self.written(batch)):
+                function = builder.add_func(
+                    kernel.with_attr("op_pattern", _OPAQUE),
+                    f"{label}_{self.form}{step}_b{batch}",
+                )
+                x = builder.emit(relax.call_tir(
+                    function, [x, *(self.constants[name] for name in reads)],
+                    relax.TensorType((batch, features), "float32"),
+                ))
+            return x
 
         def compute(x: Any, *tensors: Any) -> Any:
             return self.compute(x, dict(zip(names, tensors, strict=True)))
@@ -160,38 +163,52 @@ def compressed_kernels(
 def _table_kernel(
     name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue]
 ) -> LayerKernel | None:
-    """The table-lookup kernel of a Linear whose weight is a payload of codes into a table
-    of at most :data:`~autoshrink.compiler.vector.MAX_REGISTER_TABLE` values, else ``None``."""
-    lowered = payloads.get(layer.weight) if layer.weight else None
+    """The table-lookup kernels of a Linear made of matrix products whose weights are
+    payloads of codes into tables of at most
+    :data:`~autoshrink.compiler.vector.MAX_REGISTER_TABLE` values, else ``None``."""
     template = step.module
-    if (
-        not isinstance(template, nn.Linear)
-        or lowered is None
-        or lowered.table is None
-        or lowered.codes is None
-        or not 0 < lowered.table.size <= MAX_REGISTER_TABLE
+    chain = [payloads.get(weight) for weight in layer.weights]
+    if not isinstance(template, nn.Linear) or not chain or not all(
+        lowered is not None
+        and lowered.table is not None
+        and lowered.codes is not None
+        and 0 < lowered.table.size <= MAX_REGISTER_TABLE
+        for lowered in chain
     ):
         return None
-    size = int(lowered.table.size)
-    table = np.zeros(table_entries(size), np.float32)
-    table[:size] = lowered.table
-    bias = layer.arrays.get("bias")
-    codes = np.asarray(lowered.codes).reshape(template.out_features, template.in_features)
-    arrays = {
-        "bias": np.zeros(template.out_features, np.float32) if bias is None else bias,
-        "table": table,
-        "words": pack_codes(codes, size),
-    }
+    arrays: dict[str, np.ndarray] = {}
+    stages: list[tuple[int, int, int]] = []  # (in, out, table size)
+    features = template.in_features
+    for index, lowered in enumerate(chain):
+        size = int(lowered.table.size)
+        outputs, rest = divmod(int(lowered.codes.size), features)
+        if rest or not outputs:
+            return None
+        table = np.zeros(table_entries(size), np.float32)
+        table[:size] = lowered.table
+        arrays[f"{index}.table"] = table
+        arrays[f"{index}.words"] = pack_codes(lowered.codes.reshape(outputs, features), size)
+        arrays[f"{index}.bias"] = np.zeros(outputs, np.float32)
+        stages.append((features, outputs, size))
+        features = outputs
+    if features != template.out_features:
+        return None
+    if layer.arrays.get("bias") is not None:
+        arrays[f"{len(chain) - 1}.bias"] = layer.arrays["bias"]
+
+    def written(batch: int) -> list[tuple[Any, int, list[str]]]:
+        return [
+            (table_linear(batch, *stage), stage[1], [f"{i}.bias", f"{i}.table", f"{i}.words"])
+            for i, stage in enumerate(stages)
+        ]
+
     return LayerKernel(
         layer=name,
         form="compressed",
         methods=f"{step.methods}, table lookup",
         arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
         compute=None,
-        written=lambda batch: (
-            table_linear(batch, template.in_features, template.out_features, size),
-            (template.out_features,),
-        ),
+        written=written,
     )
 
 
