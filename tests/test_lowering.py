@@ -128,9 +128,8 @@ def test_codebook_layers_get_the_table_lookup_kernel(
     methods, tmp_path, structure, value, batch
 ) -> None:
     """On a CPU with AVX-512, a Linear whose weights (or both low-rank factors) are codes
-    into at most 32 values computes with the written-out table-lookup kernels (8-bit codes
-    and float values keep the TE kernel), and gives what PyTorch gives; elsewhere every
-    layer keeps the TE kernel."""
+    into a table computes with the written-out table-lookup kernels (float values keep the
+    TE kernel), and gives what PyTorch gives; elsewhere every layer keeps the TE kernel."""
     method, config = {**VALUES, "kmeans5": ("quantization", {"bits": 5})}[value]
     layer = LayerPlan(
         structure=Choice(method=structure, config=STRUCTURES[structure]),
@@ -142,7 +141,7 @@ def test_codebook_layers_get_the_table_lookup_kernel(
         tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=lookup
     )
     written = {name for name, kernel in kernels.items() if kernel.written is not None}
-    tables = lookup and value not in ("kmeans8", "float16")
+    tables = lookup and value != "float16"
     assert written == ({"fc1", "fc2", "out"} if tables else set())
     assert all("table lookup" in kernels[name].methods for name in written)
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
@@ -152,11 +151,15 @@ def test_codebook_layers_get_the_table_lookup_kernel(
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
 @pytest.mark.parametrize(
     ("batch", "rows", "columns", "size"),
-    [(1, 40, 37, 16), (6, 17, 64, 3), (64, 33, 50, 32), (5, 16, 9, 2), (2, 21, 70, 20)],
+    [
+        (1, 40, 37, 16), (6, 17, 64, 3), (64, 33, 50, 32), (5, 16, 9, 2), (2, 21, 70, 20),
+        (1, 18, 30, 256), (16, 35, 19, 100),
+    ],
 )
 def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size) -> None:
     """Every tiling the kernel uses (batch tiles of 8, 2 and 1, partial sums), rows and
-    columns that do not fill a group or a word, and each table width, against numpy."""
+    columns that do not fill a group or a word, each table width, and tables gathered from
+    memory directly and through the scratch block, against numpy."""
     rng = np.random.default_rng(size)
     codes = rng.integers(0, size, (rows, columns))
     table = np.zeros(table_entries(size), np.float32)

@@ -31,7 +31,7 @@ from tvm import relax
 from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import dense_layer, supports
-from autoshrink.compiler.vector import MAX_REGISTER_TABLE, pack_codes, table_entries, table_linear
+from autoshrink.compiler.vector import MAX_TABLE, pack_codes, table_entries, table_linear
 from autoshrink.header import Header
 from autoshrink.methods import LayerCode, LoweredLayer, LoweredValue
 from autoshrink.pipeline import layer_step
@@ -119,8 +119,8 @@ def compressed_kernels(
     table_lookup: bool = False,
 ) -> dict[str, LayerKernel]:
     """The compressed kernel of each layer whose structure method can lower it; one note
-    per layer that cannot. With ``table_lookup`` (a CPU with AVX-512), a Linear whose weight
-    is codes into a table of up to 32 values gets the written-out table-lookup kernel."""
+    per layer that cannot. With ``table_lookup`` (a CPU with AVX-512), a Linear whose weights
+    are codes into a table (up to 8 bits) gets the written-out table-lookup kernel."""
     kernels: dict[str, LayerKernel] = {}
     for name, info in header.layers.items():
         step = layer_step(name, templates[name], header.plan.layer(name), registry)
@@ -164,15 +164,15 @@ def _table_kernel(
     name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue]
 ) -> LayerKernel | None:
     """The table-lookup kernels of a Linear made of matrix products whose weights are
-    payloads of codes into tables of at most
-    :data:`~autoshrink.compiler.vector.MAX_REGISTER_TABLE` values, else ``None``."""
+    payloads of codes into tables of at most :data:`~autoshrink.compiler.vector.MAX_TABLE`
+    values, else ``None``."""
     template = step.module
     chain = [payloads.get(weight) for weight in layer.weights]
     if not isinstance(template, nn.Linear) or not chain or not all(
         lowered is not None
         and lowered.table is not None
         and lowered.codes is not None
-        and 0 < lowered.table.size <= MAX_REGISTER_TABLE
+        and 0 < lowered.table.size <= MAX_TABLE
         for lowered in chain
     ):
         return None
