@@ -41,6 +41,8 @@ MAX_TABLE = 256
 #: Largest table looked up in registers (``vpermps``, ``vpermi2ps``). Larger ones are
 #: gathered from memory (``vgatherdps``), once per weight.
 MAX_REGISTER_TABLE = 32
+#: Multiply-adds below which a kernel runs on one thread.
+PARALLEL_WORK = 1 << 17
 
 
 def _bits(table_size: int) -> int:
@@ -115,6 +117,8 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
     # A table in memory is gathered from once per weight: into a scratch column block of the
     # row group, which every batch tile then reads (a vector load instead of a gather).
     once = table_size > MAX_REGISTER_TABLE and b > tile
+    # A small product runs on one thread: waking the pool costs more than it saves.
+    parts = groups if n * k * b >= PARALLEL_WORK else 1
     scratch_size = chunks * per * LANES if once else LANES
 
     def fetch(table: Any, scratch: Any, word: Any, column: Any, s: Any) -> Any:
@@ -131,42 +135,44 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
         y: T.Buffer((b, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for g in T.parallel(groups):
-            acc = T.alloc_buffer((accumulators * LANES,), "float32", scope="local")
-            scratch = T.alloc_buffer((scratch_size,), "float32")
-            for c in range(chunks if once else 0):
-                word = words[g, c, T.ramp(0, 1, LANES)]
-                for s in T.unroll(per):
-                    scratch[T.ramp((c * per + s) * LANES, 1, LANES)] = lookup(table, word, s)
-            for outer in range(b // tile):
-                for a in T.unroll(accumulators):
-                    acc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-                for c in range(full):
+        for part in T.parallel(parts):
+            for member in range(groups // parts):
+                g = T.meta_var(part * (groups // parts) + member)
+                acc = T.alloc_buffer((accumulators * LANES,), "float32", scope="local")
+                scratch = T.alloc_buffer((scratch_size,), "float32")
+                for c in range(chunks if once else 0):
                     word = words[g, c, T.ramp(0, 1, LANES)]
                     for s in T.unroll(per):
-                        w = fetch(table, scratch, word, c * per + s, s)
+                        scratch[T.ramp((c * per + s) * LANES, 1, LANES)] = lookup(table, word, s)
+                for outer in range(b // tile):
+                    for a in T.unroll(accumulators):
+                        acc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    for c in range(full):
+                        word = words[g, c, T.ramp(0, 1, LANES)]
+                        for s in T.unroll(per):
+                            w = fetch(table, scratch, word, c * per + s, s)
+                            for t in T.unroll(tile):
+                                slot = (t * partials + s % partials) * LANES
+                                acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
+                                    T.broadcast(x[outer * tile + t, c * per + s], LANES) * w
+                                )
+                    for s in T.unroll(tail):
+                        word = words[g, last, T.ramp(0, 1, LANES)]
+                        w = fetch(table, scratch, word, full * per + s, s)
                         for t in T.unroll(tile):
                             slot = (t * partials + s % partials) * LANES
                             acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
-                                T.broadcast(x[outer * tile + t, c * per + s], LANES) * w
+                                T.broadcast(x[outer * tile + t, full * per + s], LANES) * w
                             )
-                for s in T.unroll(tail):
-                    word = words[g, last, T.ramp(0, 1, LANES)]
-                    w = fetch(table, scratch, word, full * per + s, s)
                     for t in T.unroll(tile):
-                        slot = (t * partials + s % partials) * LANES
-                        acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
-                            T.broadcast(x[outer * tile + t, full * per + s], LANES) * w
-                        )
-                for t in T.unroll(tile):
-                    for lane in range(LANES):
-                        if g * LANES + lane < n:
-                            y[outer * tile + t, g * LANES + lane] = bias[g * LANES + lane]
-                            for p in T.unroll(partials):
-                                y[outer * tile + t, g * LANES + lane] = (
-                                    y[outer * tile + t, g * LANES + lane]
-                                    + acc[(t * partials + p) * LANES + lane]
-                                )
+                        for lane in range(LANES):
+                            if g * LANES + lane < n:
+                                y[outer * tile + t, g * LANES + lane] = bias[g * LANES + lane]
+                                for p in T.unroll(partials):
+                                    y[outer * tile + t, g * LANES + lane] = (
+                                        y[outer * tile + t, g * LANES + lane]
+                                        + acc[(t * partials + p) * LANES + lane]
+                                    )
 
     return kernel
 
