@@ -142,6 +142,9 @@ def main() -> None:
         budget=args.budget,
         finetune_steps=args.finetune_steps,
         retrain_epochs=0,
+        # Trials take seconds; the long limit keeps a benchmark that was paused (to time
+        # something else on the same cores) from failing the trial that was running.
+        trial_timeout=3600.0,
         out=args.out,
     )
     runs = runs_asked(args, args.out)
