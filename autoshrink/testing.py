@@ -310,6 +310,14 @@ class ValueMethodTests(MethodTests):
                 return  # no compiled form: the compiler reads the decoded float32 values
             restored = self.method.decode(arrays, meta, shape, config).reshape(-1).numpy()
             assert np.array_equal(evaluate_lowering(lowered, restored.size), restored), values
+            if lowered.table is not None or lowered.codes is not None:
+                # The table-lookup kernel computes with table[codes], not with `element`.
+                assert lowered.table is not None and lowered.codes is not None, (
+                    "a lowering gives `table` and `codes` together, or neither"
+                )
+                codes = np.asarray(lowered.codes).reshape(-1)
+                assert codes.size == restored.size and codes.min(initial=0) >= 0, values
+                assert np.array_equal(np.asarray(lowered.table, np.float32)[codes], restored)
 
     def test_decode_rejects_wrong_shape(self) -> None:
         config = self.method.config(self.configs[0])

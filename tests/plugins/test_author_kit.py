@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -114,6 +115,25 @@ def test_structure_kit_catches_payloads_stored_without_the_value_stage() -> None
         kit.test_encode_stores_what_the_value_stage_leaves()
     good = type("Kit", (StructureMethodTests,), {"method": Hashing()})()
     good.test_encode_stores_what_the_value_stage_leaves()
+
+
+class _ShiftedTable(Quantization):
+    """Names a table its codes do not index as ``decode`` does: what the value kit must
+    catch, since the table-lookup kernel computes with ``table[codes]``."""
+
+    def lower(self, arrays, meta, shape, config):
+        lowered = super().lower(arrays, meta, shape, config)
+        lowered.table = np.roll(lowered.table, 1)
+        return lowered
+
+
+def test_value_kit_checks_the_table_a_lowering_names() -> None:
+    configs = [{"bits": 3, "mode": "kmeans"}]
+    kit = type("Kit", (ValueMethodTests,), {"method": _ShiftedTable(), "configs": configs})()
+    with pytest.raises(AssertionError):
+        kit.test_lowering_reads_what_decode_gives()
+    good = type("Kit", (ValueMethodTests,), {"method": Quantization(), "configs": configs})()
+    good.test_lowering_reads_what_decode_gives()
 
 
 def test_structure_helpers_check_what_decode_reads() -> None:
