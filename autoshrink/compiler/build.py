@@ -12,7 +12,7 @@ from tvm import relax
 
 from autoshrink.compiler.target import Target
 
-__all__ = ["build_tuned", "entry", "fuse", "to_relax"]
+__all__ = ["build_tuned", "entry", "fuse", "parallel_loops", "to_relax"]
 
 
 def entry(batch: int) -> str:
@@ -56,6 +56,45 @@ def fuse(mod: Any, target: Target, prepack: bool) -> Any:
 
 
 
+def parallel_loops(mod: Any, threads: int) -> Any:
+    """``mod`` with each kernel no schedule was applied to (the elementwise and data-movement
+    kernels between the layers: batch norm, activations, reshapes) made one loop nest with
+    its outer loops run in parallel, instead of TVM's serial loops over every element. A
+    kernel the schedule cannot take stays as it was."""
+    from tvm import tirx
+    from tvm.s_tir import Schedule
+
+    functions = {}
+    for var, function in mod.functions.items():
+        if isinstance(function, tirx.PrimFunc) and not (
+            function.attrs and function.attrs.get("tirx.is_scheduled", False)
+        ):
+            try:
+                function = _parallel(Schedule(function), threads)
+            except (RuntimeError, ValueError):  # TVM's errors (ScheduleError, ...) included
+                pass
+        functions[var] = function
+    return tvm.IRModule(functions, attrs=mod.attrs)
+
+
+def _parallel(schedule: Any, threads: int) -> Any:
+    """One block's loops, the outer ones fused until there is work for every thread (and
+    some to spare), run in parallel; its other blocks inlined into it first."""
+    *inner, last = schedule.get_child_blocks(schedule.get_sblock("root"))
+    for block in inner:
+        schedule.compute_inline(block)
+    loops = schedule.get_loops(last)
+    if not loops:
+        return schedule.mod["main"]
+    count, spread = 0, 1
+    while count < len(loops) and spread < 8 * threads:
+        spread *= int(schedule.get(loops[count]).extent)
+        count += 1
+    outer = schedule.fuse(*loops[:count]) if count > 1 else loops[0]
+    schedule.parallel(outer)
+    return schedule.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any:
     """Compile the fused module with the database's best schedules (DLight's defaults for
     unscheduled GPU kernels); packed weight layouts are folded into the constants."""
@@ -75,6 +114,8 @@ def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any
             # constant at compile time: the library stores the packed weights.
             mod = relax.transform.SplitLayoutRewritePreproc()(mod)
             mod = relax.transform.FoldConstant()(mod)
+        if target.kind == "cpu":
+            mod = parallel_loops(mod, int(target.tvm.attrs["num-cores"]))
         if target.kind == "cuda":
             mod = dlight.ApplyDefaultSchedule(
                 dlight.gpu.Matmul(),
