@@ -126,6 +126,15 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
             return scratch[tirx.Ramp(column * LANES, 1, LANES)]
         return lookup(table, word, s)
 
+    @T.macro
+    def multiply_in(acc, x, w, outer, column, s):
+        # the looked-up weights of one column times that column of every row of a batch tile
+        for t in T.unroll(tile):
+            slot = (t * partials + s % partials) * LANES
+            acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
+                T.broadcast(x[outer * tile + t, column], LANES) * w
+            )
+
     @T.prim_func(private=True)
     def kernel(
         x: T.Buffer((b, k), "float32"),
@@ -150,20 +159,12 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
                     for c in range(full):
                         word = words[g, c, T.ramp(0, 1, LANES)]
                         for s in T.unroll(per):
-                            w = fetch(table, scratch, word, c * per + s, s)
-                            for t in T.unroll(tile):
-                                slot = (t * partials + s % partials) * LANES
-                                acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
-                                    T.broadcast(x[outer * tile + t, c * per + s], LANES) * w
-                                )
+                            multiply_in(acc, x, fetch(table, scratch, word, c * per + s, s),
+                                        outer, c * per + s, s)
                     for s in T.unroll(tail):
                         word = words[g, last, T.ramp(0, 1, LANES)]
-                        w = fetch(table, scratch, word, full * per + s, s)
-                        for t in T.unroll(tile):
-                            slot = (t * partials + s % partials) * LANES
-                            acc[T.ramp(slot, 1, LANES)] = acc[T.ramp(slot, 1, LANES)] + (
-                                T.broadcast(x[outer * tile + t, full * per + s], LANES) * w
-                            )
+                        multiply_in(acc, x, fetch(table, scratch, word, full * per + s, s),
+                                    outer, full * per + s, s)
                     for t in T.unroll(tile):
                         for lane in range(LANES):
                             if g * LANES + lane < n:
