@@ -158,7 +158,7 @@ def test_codebook_layers_get_the_table_lookup_kernel(
 )
 def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size) -> None:
     """Every tiling the kernel uses (batch tiles of 8, 2 and 1, partial sums), rows and
-    columns that do not fill a group or a word, each table width, and tables gathered from
+    columns that do not fill a group or a word, each table width, and tables read from
     memory directly and through the scratch block, against numpy."""
     rng = np.random.default_rng(size)
     codes = rng.integers(0, size, (rows, columns))

@@ -38,8 +38,8 @@ __all__ = [
 LANES = 16
 #: Largest table: codes of up to 8 bits.
 MAX_TABLE = 256
-#: Largest table looked up in registers (``vpermps``, ``vpermi2ps``). Larger ones are
-#: gathered from memory (``vgatherdps``), once per weight.
+#: Largest table looked up in registers (``vpermps``, ``vpermi2ps``). Larger ones are read
+#: from memory, once per weight.
 MAX_REGISTER_TABLE = 32
 #: Multiply-adds below which a kernel runs on one thread.
 PARALLEL_WORK = 1 << 17
@@ -59,7 +59,7 @@ def table_entries(table_size: int) -> int:
 def _lookup(table_size: int):
     """``(table, word, s) -> float32x16``: the 16 weights whose codes sit at position ``s``
     of ``word``. Up to 16 entries: one ``vpermps`` from a register; up to 32: ``vpermi2ps``
-    from two; more: a gather from the table in memory (L1-resident)."""
+    from two; more: one load per weight from the table in memory (L1-resident)."""
     bits = _bits(table_size)
     shift = lambda s: T.broadcast(s * bits, LANES)  # noqa: E731
     mask = T.broadcast(T.int32((1 << bits) - 1), LANES)
@@ -74,11 +74,8 @@ def _lookup(table_size: int):
             "float32x16", "llvm.x86.avx512.vpermi2var.ps.512", table[lanes(0)],
             (word >> shift(s)) & mask, table[lanes(16)],
         )
-    return lambda table, word, s: tirx.call_llvm_pure_intrin(
-        "float32x16", "llvm.x86.avx512.mask.gather.dps.512",
-        T.broadcast(T.float32(0), LANES), tirx.address_of(table[0]),
-        (word >> shift(s)) & mask, T.broadcast(T.bool(True), LANES), T.int32(4),
-    )
+    # A vector index: TVM emits one load per lane, 15 % faster here than ``vgatherdps``.
+    return lambda table, word, s: table[(word >> shift(s)) & mask]
 
 
 def pack_codes(codes: np.ndarray, table_size: int) -> np.ndarray:
@@ -114,8 +111,8 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
     entries = table_entries(table_size)
     last = chunks - 1
     n, k, b = out_features, in_features, batch
-    # A table in memory is gathered from once per weight: into a scratch column block of the
-    # row group, which every batch tile then reads (a vector load instead of a gather).
+    # A table in memory is read once per weight: into a scratch column block of the row
+    # group, which every batch tile then reads (one vector load instead of 16 lookups).
     once = table_size > MAX_REGISTER_TABLE and b > tile
     # A small product runs on one thread: waking the pool costs more than it saves.
     parts = groups if n * k * b >= PARALLEL_WORK else 1
