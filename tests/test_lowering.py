@@ -24,7 +24,12 @@ from autoshrink.compiler.lowering import KernelCall, compressed_kernels, to_rela
 from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs
 from autoshrink.compiler.target import resolve_target
-from autoshrink.compiler.vector import pack_codes, table_entries, table_linear
+from autoshrink.compiler.vector import (
+    pack_codes,
+    sparse_table_linear,
+    table_entries,
+    table_linear,
+)
 from autoshrink.compress import compress, replace_module
 from autoshrink.header import read_header
 from autoshrink.hookspecs import hookimpl
@@ -121,15 +126,16 @@ def test_linear_pairs_compile_to_compressed_kernels(methods, tmp_path, structure
     [
         ("dense", "kmeans3", 1), ("dense", "kmeans5", 8), ("dense", "binary", 3),
         ("dense", "ternary", 2), ("dense", "kmeans8", 1), ("lowrank", "kmeans3", 2),
-        ("lowrank", "float16", 1),
+        ("lowrank", "float16", 1), ("pruning", "kmeans5", 16), ("pruning", "binary", 1),
     ],
 )
 def test_codebook_layers_get_the_table_lookup_kernel(
     methods, tmp_path, structure, value, batch
 ) -> None:
-    """On a CPU with AVX-512, a Linear whose weights (or both low-rank factors) are codes
-    into a table computes with the written-out table-lookup kernels (float values keep the
-    TE kernel), and gives what PyTorch gives; elsewhere every layer keeps the TE kernel."""
+    """On a CPU with AVX-512, a Linear whose weights (both low-rank factors, the survivors
+    of a pruned layer) are codes into a table computes with the written-out table-lookup
+    kernels (float values keep the TE kernel), and gives what PyTorch gives; elsewhere every
+    layer keeps the TE kernel."""
     method, config = {**VALUES, "kmeans5": ("quantization", {"bits": 5})}[value]
     layer = LayerPlan(
         structure=Choice(method=structure, config=STRUCTURES[structure]),
@@ -175,6 +181,37 @@ def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size) 
     ]
     library["main"](*arrays)
     np.testing.assert_allclose(arrays[-1].numpy(), x @ table[codes].T + bias, atol=1e-4)
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
+@pytest.mark.parametrize(("batch", "size"), [(1, 32), (32, 5), (16, 200), (3, 2)])
+def test_the_sparse_table_lookup_kernel_computes_the_layer(batch, size) -> None:
+    """Rows of survivors (an empty one among them), one lane per batch row (batches of 16)
+    or one sum per row (others), against numpy."""
+    rng = np.random.default_rng(batch)
+    rows, columns = 37, 300
+    keep = rng.random((rows, columns)) < 0.2
+    keep[5] = False
+    codes = rng.integers(0, size, (rows, columns))
+    table = np.zeros(table_entries(size), np.float32)
+    table[:size] = rng.standard_normal(size)
+    row_of, column = np.nonzero(keep)
+    starts = np.searchsorted(row_of, np.arange(rows + 1)).astype(np.int32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    x = rng.standard_normal((batch, columns)).astype(np.float32)
+    kernel = sparse_table_linear(batch, columns, rows, size, "uint16")
+    target = resolve_target("cpu", 2)
+    library = tvm.compile(
+        tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target.tvm
+    )
+    stored = codes[row_of, column].astype(np.uint8), column.astype(np.uint16), starts, table
+    arrays = [
+        tvm.runtime.tensor(a)
+        for a in (x, bias, *stored, np.zeros((batch, rows), np.float32))
+    ]
+    library["main"](*arrays)
+    weight = np.where(keep, table[codes], 0)
+    np.testing.assert_allclose(arrays[-1].numpy(), x @ weight.T + bias, atol=1e-4)
 
 
 def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:

@@ -31,7 +31,13 @@ from tvm import relax
 from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import dense_layer, supports
-from autoshrink.compiler.vector import MAX_TABLE, pack_codes, table_entries, table_linear
+from autoshrink.compiler.vector import (
+    MAX_TABLE,
+    pack_codes,
+    sparse_table_linear,
+    table_entries,
+    table_linear,
+)
 from autoshrink.header import Header
 from autoshrink.methods import LayerCode, LoweredLayer, LoweredValue
 from autoshrink.pipeline import layer_step
@@ -137,7 +143,11 @@ def compressed_kernels(
         if layer is None:
             notes.append(f"{name}: `{step.structure.name}` has no compressed kernel for it; dense")
             continue
-        lookup = _table_kernel(name, step, layer, payloads) if table_lookup else None
+        lookup = None
+        if table_lookup:
+            lookup = _table_kernel(name, step, layer, payloads) or _sparse_kernel(
+                name, step, layer, payloads
+            )
         if lookup is not None:
             kernels[name] = lookup
             continue
@@ -209,6 +219,46 @@ def _table_kernel(
         arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
         compute=None,
         written=written,
+    )
+
+
+def _sparse_kernel(
+    name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue]
+) -> LayerKernel | None:
+    """The sparse table-lookup kernel of a Linear stored as rows of survivors whose values
+    are codes into a table (one byte a survivor in the bundle), else ``None``."""
+    template = step.module
+    lowered = payloads.get(layer.rows[2]) if layer.rows else None
+    if (
+        not isinstance(template, nn.Linear)
+        or lowered is None
+        or lowered.table is None
+        or lowered.codes is None
+        or not 0 < lowered.table.size <= MAX_TABLE
+    ):
+        return None
+    columns, starts = (layer.arrays[key] for key in layer.rows[:2])
+    size, out, features = int(lowered.table.size), template.out_features, template.in_features
+    table = np.zeros(table_entries(size), np.float32)
+    table[:size] = lowered.table
+    bias = layer.arrays.get("bias")
+    arrays = {
+        "bias": np.zeros(out, np.float32) if bias is None else bias,
+        "codes": np.asarray(lowered.codes, np.uint8),
+        "columns": columns,
+        "starts": np.asarray(starts, np.int32),
+        "table": table,
+    }
+    dtype = str(columns.dtype)
+    return LayerKernel(
+        layer=name,
+        form="compressed",
+        methods=f"{step.methods}, sparse table lookup",
+        arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
+        compute=None,
+        written=lambda batch: [
+            (sparse_table_linear(batch, features, out, size, dtype), out, sorted(arrays))
+        ],
     )
 
 

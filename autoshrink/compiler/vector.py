@@ -30,6 +30,7 @@ __all__ = [
     "MAX_REGISTER_TABLE",
     "MAX_TABLE",
     "pack_codes",
+    "sparse_table_linear",
     "table_entries",
     "table_linear",
 ]
@@ -174,3 +175,66 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
 
     return kernel
 
+
+
+def sparse_table_linear(
+    batch: int, in_features: int, out_features: int, table_size: int, column_dtype: str
+) -> Any:
+    """The kernel ``y = x @ W.T + bias`` for a weight stored as CSR rows whose values are
+    codes into a table: a scheduled PrimFunc taking ``(x, bias, codes, columns, starts,
+    table, y)``, with ``codes`` (uint8) and ``columns`` one per stored value and ``starts``
+    (int32) where each of the ``out_features`` rows starts (and where the last ends).
+
+    Only stored values are touched. At batch 1 each is one multiply-add with its input; for
+    a batch that is a multiple of 16 the input is first transposed, so that each stored value
+    multiplies 16 batch rows at once (one vector load of the transposed input)."""
+    n, k, b = out_features, in_features, batch
+    entries = table_entries(table_size)
+    vectors = b // LANES if b % LANES == 0 else 0  # batch vectors of 16 rows
+    scalars = 0 if vectors else b
+    transposed = k * b if vectors else 1
+    transpose_columns = k if vectors else 0
+    parts = n if n * k * b >= PARALLEL_WORK else 1
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((b, k), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        codes: T.handle,
+        columns: T.handle,
+        starts: T.Buffer((n + 1,), "int32"),
+        table: T.Buffer((entries,), "float32"),
+        y: T.Buffer((b, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        count = T.int32()
+        code = T.match_buffer(codes, (count,), "uint8")
+        column = T.match_buffer(columns, (count,), column_dtype)
+        xt = T.alloc_buffer((transposed,), "float32")
+        for c in T.parallel(transpose_columns):
+            for r in range(b):
+                xt[c * b + r] = x[r, c]
+        for part in T.parallel(parts):
+            for member in range(n // parts):
+                o = T.meta_var(part * (n // parts) + member)
+                acc = T.alloc_buffer((max(1, vectors) * LANES,), "float32", scope="local")
+                for v in T.unroll(vectors):
+                    acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                for j in T.serial(starts[o], starts[o + 1]):
+                    for v in T.unroll(vectors):
+                        acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + (
+                            T.broadcast(table[T.Cast("int32", code[j])], LANES)
+                            * xt[T.ramp(T.Cast("int32", column[j]) * b + v * LANES, 1, LANES)]
+                        )
+                for r in range(vectors * LANES):
+                    y[r, o] = acc[r] + bias[o]
+                for r in range(scalars):
+                    total = T.alloc_buffer((1,), "float32", scope="local")
+                    total[0] = T.float32(0)
+                    for j in T.serial(starts[o], starts[o + 1]):
+                        total[0] = total[0] + table[T.Cast("int32", code[j])] * x[
+                            r, T.Cast("int32", column[j])
+                        ]
+                    y[r, o] = total[0] + bias[o]
+
+    return kernel
