@@ -178,13 +178,7 @@ def _table_kernel(
     values, else ``None``."""
     template = step.module
     chain = [payloads.get(weight) for weight in layer.weights]
-    if not isinstance(template, nn.Linear) or not chain or not all(
-        lowered is not None
-        and lowered.table is not None
-        and lowered.codes is not None
-        and 0 < lowered.table.size <= MAX_TABLE
-        for lowered in chain
-    ):
+    if not isinstance(template, nn.Linear) or not chain or not all(map(_tabled, chain)):
         return None
     arrays: dict[str, np.ndarray] = {}
     stages: list[tuple[int, int, int]] = []  # (in, out, table size)
@@ -194,9 +188,7 @@ def _table_kernel(
         outputs, rest = divmod(int(lowered.codes.size), features)
         if rest or not outputs:
             return None
-        table = np.zeros(table_entries(size), np.float32)
-        table[:size] = lowered.table
-        arrays[f"{index}.table"] = table
+        arrays[f"{index}.table"] = _kernel_table(lowered)
         arrays[f"{index}.words"] = pack_codes(lowered.codes.reshape(outputs, features), size)
         arrays[f"{index}.bias"] = np.zeros(outputs, np.float32)
         stages.append((features, outputs, size))
@@ -212,14 +204,7 @@ def _table_kernel(
             for i, stage in enumerate(stages)
         ]
 
-    return LayerKernel(
-        layer=name,
-        form="compressed",
-        methods=f"{step.methods}, table lookup",
-        arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
-        compute=None,
-        written=written,
-    )
+    return _written_kernel(name, f"{step.methods}, table lookup", arrays, written)
 
 
 def _sparse_kernel(
@@ -229,36 +214,54 @@ def _sparse_kernel(
     are codes into a table (one byte a survivor in the bundle), else ``None``."""
     template = step.module
     lowered = payloads.get(layer.rows[2]) if layer.rows else None
-    if (
-        not isinstance(template, nn.Linear)
-        or lowered is None
-        or lowered.table is None
-        or lowered.codes is None
-        or not 0 < lowered.table.size <= MAX_TABLE
-    ):
+    if not isinstance(template, nn.Linear) or not _tabled(lowered):
         return None
     columns, starts = (layer.arrays[key] for key in layer.rows[:2])
     size, out, features = int(lowered.table.size), template.out_features, template.in_features
-    table = np.zeros(table_entries(size), np.float32)
-    table[:size] = lowered.table
     bias = layer.arrays.get("bias")
     arrays = {
         "bias": np.zeros(out, np.float32) if bias is None else bias,
         "codes": np.asarray(lowered.codes, np.uint8),
         "columns": columns,
         "starts": np.asarray(starts, np.int32),
-        "table": table,
+        "table": _kernel_table(lowered),
     }
     dtype = str(columns.dtype)
+    return _written_kernel(
+        name, f"{step.methods}, sparse table lookup", arrays,
+        lambda batch: [
+            (sparse_table_linear(batch, features, out, size, dtype), out, sorted(arrays))
+        ],
+    )
+
+
+def _tabled(lowered: LoweredValue | None) -> bool:
+    """Whether a payload is codes into a table the kernels take (at most ``MAX_TABLE``)."""
+    return (
+        lowered is not None
+        and lowered.table is not None
+        and lowered.codes is not None
+        and 0 < lowered.table.size <= MAX_TABLE
+    )
+
+
+def _kernel_table(lowered: LoweredValue) -> np.ndarray:
+    """A payload's table as the kernels read it: float32, padded with zeros."""
+    table = np.zeros(table_entries(int(lowered.table.size)), np.float32)
+    table[: lowered.table.size] = lowered.table
+    return table
+
+
+def _written_kernel(
+    name: str, methods: str, arrays: dict[str, np.ndarray], written: Callable
+) -> LayerKernel:
     return LayerKernel(
         layer=name,
         form="compressed",
-        methods=f"{step.methods}, sparse table lookup",
+        methods=methods,
         arrays={k: np.ascontiguousarray(v) for k, v in arrays.items()},
         compute=None,
-        written=lambda batch: [
-            (sparse_table_linear(batch, features, out, size, dtype), out, sorted(arrays))
-        ],
+        written=written,
     )
 
 
