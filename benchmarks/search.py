@@ -9,8 +9,8 @@ against the strongest single methods, and what stopping hopeless trials early sa
 Every search is a real study run through the product's own path with the same trial count,
 fine-tune steps and budget, and no retraining (the samplers are compared on what they find,
 not on what retraining adds). Runs are recorded one by one in ``OUT/results.json``: run the
-same command again and the finished runs are read back, not searched again, so a long
-benchmark can be stopped and continued.
+same command again and the finished runs are read back, not searched again, and a
+run cut short is resumed, so a long benchmark can be stopped and continued.
 
 Figures per search:
 - hypervolume (moocore) of the feasible complete trials in (log10 bytes, -validation accuracy)
@@ -156,8 +156,12 @@ def main() -> None:
         settings = load_settings(**base, **extra, seed=seed, study=study)
         load_before = os.getloadavg()[1]
         start = time.monotonic()
-        outcome = run_search(settings, console, resume=False)
+        # a run cut short (the benchmark stopped mid-search) continues where it was; its
+        # minutes then count only the rest, and the record says so
+        resumed = (args.out / study).is_dir()
+        outcome = run_search(settings, console, resume=resumed)
         result = measure(outcome.summary, int(settings.budget))
+        result["resumed"] = resumed
         result["minutes"] = (time.monotonic() - start) / 60
         result["load"] = (load_before + os.getloadavg()[1]) / 2
         done[key] = result
