@@ -1,20 +1,22 @@
-"""Table-lookup kernels: a Linear whose weights are codes into a table of at most 16 values
-(k-means or uniform codebooks of 4 bits or fewer, ternary codes), on CPUs with AVX-512.
+"""Table-lookup kernels for CPUs with AVX-512: a Linear whose weights are codes into a table
+(k-means or uniform codebooks, ternary codes), dense or pruned to rows of survivors.
 
 MetaSchedule cannot find these: the lookup of 16 weights at once is one ``vpermps`` whose
-table sits in a register, which no loop schedule of a gather turns into. So the kernel is
-written out, and the per-layer choice (:mod:`autoshrink.compiler.choice`) times it against
-the tuned dense kernel like any other form.
+table sits in a register (``vpermi2ps`` for 32 entries), which no loop schedule of a gather
+turns into. So the kernels are written out, and the per-layer choice
+(:mod:`autoshrink.compiler.choice`) times them against the tuned dense kernel like any other
+form. Tables of up to 256 entries (8-bit codes) are read from memory, one load per weight.
 
-Layout of the codes (what the bundle stores for such a layer): output rows in groups of 16,
-one per vector lane; columns in chunks of ``32 // bits``. Word ``(g, c, l)`` (int32) holds,
-at bits ``s * bits``, the code of row ``16 g + l`` and column ``c * (32 // bits) + s``. Rows
-and columns past the layer's are padded with code 0 and never stored to the output.
+Layout of the codes of a dense layer (what the bundle stores for it): output rows in groups
+of 16, one per vector lane; columns in chunks of ``32 // bits``. Word ``(g, c, l)`` (int32)
+holds, at bits ``s * bits``, the code of row ``16 g + l`` and column ``c * (32 // bits) + s``.
+Rows and columns past the layer's are padded with code 0 and never stored to the output.
 
-The kernel is an outer product per chunk: the 16 weights of one column for 16 rows are looked
-up once and multiplied into ``tile`` batch rows' accumulators (``x`` broadcast), so for a
-batch the lookups cost little beside the multiplications, and at batch 1 four partial sums
-keep the multipliers busy. The weight never exists in memory.
+The dense kernel is an outer product per chunk: the 16 weights of one column for 16 rows are
+looked up once and multiplied into ``tile`` batch rows' accumulators (``x`` broadcast), so for
+a batch the lookups cost little beside the multiplications, and at batch 1 four partial sums
+keep the multipliers busy. The weight never exists in memory. The sparse kernel
+(:func:`sparse_table_linear`) touches stored survivors only.
 """
 
 from __future__ import annotations
