@@ -12,7 +12,7 @@ from tvm import relax
 
 from autoshrink.compiler.target import Target
 
-__all__ = ["build_tuned", "entry", "fuse", "parallel_loops", "to_relax"]
+__all__ = ["build_tuned", "entry", "fuse", "is_scheduled", "parallel_loops", "to_relax"]
 
 
 def entry(batch: int) -> str:
@@ -56,6 +56,11 @@ def fuse(mod: Any, target: Target, prepack: bool) -> Any:
 
 
 
+def is_scheduled(function: Any) -> bool:
+    """Whether a PrimFunc says it is scheduled already (tuned, or written out by hand)."""
+    return bool(function.attrs and function.attrs.get("tirx.is_scheduled", False))
+
+
 def parallel_loops(mod: Any, threads: int) -> Any:
     """``mod`` with each kernel no schedule was applied to (the elementwise and data-movement
     kernels between the layers: batch norm, activations, reshapes) made one loop nest with
@@ -66,9 +71,7 @@ def parallel_loops(mod: Any, threads: int) -> Any:
 
     functions = {}
     for var, function in mod.functions.items():
-        if isinstance(function, tirx.PrimFunc) and not (
-            function.attrs and function.attrs.get("tirx.is_scheduled", False)
-        ):
+        if isinstance(function, tirx.PrimFunc) and not is_scheduled(function):
             try:
                 function = _parallel(Schedule(function), threads)
             except (RuntimeError, ValueError):  # TVM's errors (ScheduleError, ...) included

@@ -81,14 +81,14 @@ class LayerKernel:
         names = sorted(self.arrays)
         label = re.sub(r"\W", "_", self.layer)
         if self.written is not None:
-            self.relax_constants()
+            constants = dict(zip(names, self.relax_constants(), strict=True))
             for step, (kernel, features, reads) in enumerate(self.written(batch)):
                 function = builder.add_func(
                     kernel.with_attr("op_pattern", _OPAQUE),
                     f"{label}_{self.form}{step}_b{batch}",
                 )
                 x = builder.emit(relax.call_tir(
-                    function, [x, *(self.constants[name] for name in reads)],
+                    function, [x, *(constants[name] for name in reads)],
                     relax.TensorType((batch, features), "float32"),
                 ))
             return x

@@ -16,6 +16,7 @@ import tvm
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from autoshrink.compiler.build import is_scheduled
 from autoshrink.compiler.target import Target
 
 __all__ = ["tune"]
@@ -130,12 +131,6 @@ def _quiet_meta_schedule() -> Iterator[None]:
             root.addHandler(handler)
 
 
-def _scheduled(mod: Any) -> bool:
-    """Whether the (one-function) module's function says it is scheduled already."""
-    function = next(iter(mod.functions.values()))
-    return bool(function.attrs and function.attrs.get("tirx.is_scheduled", False))
-
-
 def _reduces(mod: Any) -> bool:
     """Whether the (one-function) module has a block with a reduction axis."""
     from tvm.s_tir import Schedule
@@ -199,7 +194,7 @@ def tune(
     # already.
     tasks = [
         t for t in found
-        if not _scheduled(t.dispatched[0])
+        if not is_scheduled(next(iter(t.dispatched[0].functions.values())))
         and _reduces(t.dispatched[0])
         and _countable(t.dispatched[0])
     ]

@@ -21,6 +21,7 @@ keep the multipliers busy. The weight never exists in memory. The sparse kernel
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,7 @@ def pack_codes(codes: np.ndarray, table_size: int) -> np.ndarray:
     return np.ascontiguousarray(words.view(np.int32))
 
 
+@functools.cache  # a compile emits each kernel more than once (choice, then the model)
 def table_linear(batch: int, in_features: int, out_features: int, table_size: int) -> Any:
     """The kernel ``y = x @ table[codes].T + bias`` for ``x`` of shape (batch, in), as a
     scheduled PrimFunc taking ``(x, bias, table, words, y)``: ``bias`` has ``out_features``
@@ -179,6 +181,7 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
 
 
 
+@functools.cache
 def sparse_table_linear(
     batch: int, in_features: int, out_features: int, table_size: int, column_dtype: str
 ) -> Any:
