@@ -25,6 +25,7 @@ from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs
 from autoshrink.compiler.target import resolve_target
 from autoshrink.compiler.vector import (
+    kernel_table,
     pack_codes,
     sparse_table_linear,
     table_entries,
@@ -73,6 +74,7 @@ def methods(ternary):
 def _compile(
     tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int,
     table_lookup: bool = False,
+    vbmi: bool = False,
 ):
     """Write an artifact, lower every layer, build untuned; returns outputs of TVM and torch
     on one batch, the lowering notes and the kernels' forms."""
@@ -85,7 +87,7 @@ def _compile(
     header, blobs = read_header(path)
     templates = compressible_layers(task.build_model(width), registry)
     notes: list[str] = []
-    kernels = compressed_kernels(header, blobs, registry, templates, notes, table_lookup)
+    kernels = compressed_kernels(header, blobs, registry, templates, notes, table_lookup, vbmi)
     _, outputs = _layer_inputs(reference, list(kernels), task.example_input(1))
     stubbed = copy.deepcopy(reference)
     for name, kernel in kernels.items():
@@ -125,7 +127,8 @@ def test_linear_pairs_compile_to_compressed_kernels(methods, tmp_path, structure
     ("structure", "value", "batch"),
     [
         ("dense", "kmeans3", 1), ("dense", "kmeans5", 8), ("dense", "binary", 3),
-        ("dense", "ternary", 2), ("dense", "kmeans8", 1), ("lowrank", "kmeans3", 2),
+        ("dense", "ternary", 2), ("dense", "kmeans8", 1), ("dense", "kmeans8", 16),
+        ("lowrank", "kmeans3", 2),
         ("lowrank", "float16", 1), ("pruning", "kmeans5", 16), ("pruning", "binary", 1),
     ],
 )
@@ -135,7 +138,7 @@ def test_codebook_layers_get_the_table_lookup_kernel(
     """On a CPU with AVX-512, a Linear whose weights (both low-rank factors, the survivors
     of a pruned layer) are codes into a table computes with the written-out table-lookup
     kernels (float values keep the TE kernel), and gives what PyTorch gives; elsewhere every
-    layer keeps the TE kernel."""
+    layer keeps the TE kernel. Tables of 8-bit codes are byte planes where the CPU has VBMI."""
     method, config = {**VALUES, "kmeans5": ("quantization", {"bits": 5})}[value]
     layer = LayerPlan(
         structure=Choice(method=structure, config=STRUCTURES[structure]),
@@ -143,8 +146,9 @@ def test_codebook_layers_get_the_table_lookup_kernel(
     )
     plan = Plan(layers={name: layer for name in ("fc1", "fc2", "out")})
     lookup = "avx512f" in cpu_flags()
+    vbmi = lookup and "avx512vbmi" in cpu_flags()
     got, want, notes, kernels = _compile(
-        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=lookup
+        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=lookup, vbmi=vbmi
     )
     written = {name for name, kernel in kernels.items() if kernel.written is not None}
     tables = lookup and value != "float16"
@@ -156,28 +160,32 @@ def test_codebook_layers_get_the_table_lookup_kernel(
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
 @pytest.mark.parametrize(
-    ("batch", "rows", "columns", "size"),
+    ("batch", "rows", "columns", "size", "vbmi"),
     [
-        (1, 40, 37, 16), (6, 17, 64, 3), (64, 33, 50, 32), (5, 16, 9, 2), (2, 21, 70, 20),
-        (1, 18, 30, 256), (16, 35, 19, 100),
+        (1, 40, 37, 16, False), (6, 17, 64, 3, False), (64, 33, 50, 32, False),
+        (5, 16, 9, 2, False), (2, 21, 70, 20, False), (1, 18, 30, 256, False),
+        (16, 35, 19, 100, False), (1, 18, 30, 256, True), (3, 17, 9, 33, True),
+        (16, 35, 19, 100, True), (64, 40, 66, 256, True),
     ],
 )
-def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size) -> None:
+def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size, vbmi) -> None:
     """Every tiling the kernel uses (batch tiles of 8, 2 and 1, partial sums), rows and
-    columns that do not fill a group or a word, each table width, and tables read from
-    memory directly and through the scratch block, against numpy."""
+    columns that do not fill a group or a word, each table width, and tables of more than
+    32 entries read from memory and looked up as byte planes, directly and through the
+    scratch block, against numpy."""
+    if vbmi and "avx512vbmi" not in cpu_flags():
+        pytest.skip("byte-plane lookups need AVX-512 VBMI")
     rng = np.random.default_rng(size)
     codes = rng.integers(0, size, (rows, columns))
-    table = np.zeros(table_entries(size), np.float32)
-    table[:size] = rng.standard_normal(size)
+    table = rng.standard_normal(size).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     x = rng.standard_normal((batch, columns)).astype(np.float32)
     target = resolve_target("cpu", 2)
-    kernel = table_linear(batch, columns, rows, size).with_attr("global_symbol", "main")
+    kernel = table_linear(batch, columns, rows, size, vbmi).with_attr("global_symbol", "main")
     library = tvm.compile(tvm.IRModule({"main": kernel}), target=target.tvm)
+    stored = kernel_table(table, vbmi), pack_codes(codes, size, vbmi)
     arrays = [
-        tvm.runtime.tensor(a)
-        for a in (x, bias, table, pack_codes(codes, size), np.zeros((batch, rows), np.float32))
+        tvm.runtime.tensor(a) for a in (x, bias, *stored, np.zeros((batch, rows), np.float32))
     ]
     library["main"](*arrays)
     np.testing.assert_allclose(arrays[-1].numpy(), x @ table[codes].T + bias, atol=1e-4)

@@ -33,9 +33,9 @@ from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import dense_layer, supports
 from autoshrink.compiler.vector import (
     MAX_TABLE,
+    kernel_table,
     pack_codes,
     sparse_table_linear,
-    table_entries,
     table_linear,
 )
 from autoshrink.header import Header
@@ -123,10 +123,13 @@ def compressed_kernels(
     templates: dict[str, nn.Module],
     notes: list[str],
     table_lookup: bool = False,
+    vbmi: bool = False,
 ) -> dict[str, LayerKernel]:
     """The compressed kernel of each layer whose structure method can lower it; one note
     per layer that cannot. With ``table_lookup`` (a CPU with AVX-512), a Linear whose weights
-    are codes into a table (up to 8 bits) gets the written-out table-lookup kernel."""
+    are codes into a table (up to 8 bits) gets the written-out table-lookup kernel; with
+    ``vbmi`` too (AVX-512 VBMI) its tables of more than 32 entries are looked up in
+    registers as byte planes."""
     kernels: dict[str, LayerKernel] = {}
     for name, info in header.layers.items():
         step = layer_step(name, templates[name], header.plan.layer(name), registry)
@@ -145,7 +148,7 @@ def compressed_kernels(
             continue
         lookup = None
         if table_lookup:
-            lookup = _table_kernel(name, step, layer, payloads) or _sparse_kernel(
+            lookup = _table_kernel(name, step, layer, payloads, vbmi) or _sparse_kernel(
                 name, step, layer, payloads
             )
         if lookup is not None:
@@ -171,7 +174,7 @@ def compressed_kernels(
 
 
 def _table_kernel(
-    name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue]
+    name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue], vbmi: bool
 ) -> LayerKernel | None:
     """The table-lookup kernels of a Linear made of matrix products whose weights are
     payloads of codes into tables of at most :data:`~autoshrink.compiler.vector.MAX_TABLE`
@@ -188,8 +191,10 @@ def _table_kernel(
         outputs, rest = divmod(int(lowered.codes.size), features)
         if rest or not outputs:
             return None
-        arrays[f"{index}.table"] = _kernel_table(lowered)
-        arrays[f"{index}.words"] = pack_codes(lowered.codes.reshape(outputs, features), size)
+        arrays[f"{index}.table"] = kernel_table(lowered.table, vbmi)
+        arrays[f"{index}.words"] = pack_codes(
+            lowered.codes.reshape(outputs, features), size, vbmi
+        )
         arrays[f"{index}.bias"] = np.zeros(outputs, np.float32)
         stages.append((features, outputs, size))
         features = outputs
@@ -200,7 +205,7 @@ def _table_kernel(
 
     def written(batch: int) -> list[tuple[Any, int, list[str]]]:
         return [
-            (table_linear(batch, *stage), stage[1], [f"{i}.bias", f"{i}.table", f"{i}.words"])
+            (table_linear(batch, *stage, vbmi), stage[1], [f"{i}.bias", f"{i}.table", f"{i}.words"])
             for i, stage in enumerate(stages)
         ]
 
@@ -224,7 +229,7 @@ def _sparse_kernel(
         "codes": np.asarray(lowered.codes, np.uint8),
         "columns": columns,
         "starts": np.asarray(starts, np.int32),
-        "table": _kernel_table(lowered),
+        "table": kernel_table(lowered.table),
     }
     dtype = str(columns.dtype)
     return _written_kernel(
@@ -243,13 +248,6 @@ def _tabled(lowered: LoweredValue | None) -> bool:
         and lowered.codes is not None
         and 0 < lowered.table.size <= MAX_TABLE
     )
-
-
-def _kernel_table(lowered: LoweredValue) -> np.ndarray:
-    """A payload's table as the kernels read it: float32, padded with zeros."""
-    table = np.zeros(table_entries(int(lowered.table.size)), np.float32)
-    table[: lowered.table.size] = lowered.table
-    return table
 
 
 def _written_kernel(

@@ -207,6 +207,7 @@ def compile_artifact(
     compressed = compressed_kernels(
         header, blobs, registry, templates, notes,
         table_lookup=chosen.kind == "cpu" and "avx512f" in cpu_flags(),
+        vbmi=chosen.kind == "cpu" and "avx512vbmi" in cpu_flags(),
     )
     options = {}
     for name in templates:

@@ -5,12 +5,17 @@ MetaSchedule cannot find these: the lookup of 16 weights at once is one ``vpermp
 table sits in a register (``vpermi2ps`` for 32 entries), which no loop schedule of a gather
 turns into. So the kernels are written out, and the per-layer choice
 (:mod:`autoshrink.compiler.choice`) times them against the tuned dense kernel like any other
-form. Tables of up to 256 entries (8-bit codes) are read from memory, one load per weight.
+form. Tables of up to 256 entries (8-bit codes) are looked up in registers too where the CPU
+has AVX-512 VBMI: the table is split into its four byte planes, each looked up 64 codes at a
+time (``vpermi2b`` twice and a blend on the top bit), and the planes are interleaved back into
+floats (``vpunpck*``). Without VBMI they are read from memory, one load per weight.
 
 Layout of the codes of a dense layer (what the bundle stores for it): output rows in groups
 of 16, one per vector lane; columns in chunks of ``32 // bits``. Word ``(g, c, l)`` (int32)
 holds, at bits ``s * bits``, the code of row ``16 g + l`` and column ``c * (32 // bits) + s``.
 Rows and columns past the layer's are padded with code 0 and never stored to the output.
+With byte planes the 64 codes of a chunk (16 rows x 4 columns) are in the order the unpacks
+give back: byte ``16 * (l // 4) + 4 * s + l % 4`` holds row lane ``l``, column ``s``.
 
 The dense kernel is an outer product per chunk: the 16 weights of one column for 16 rows are
 looked up once and multiplied into ``tile`` batch rows' accumulators (``x`` broadcast), so for
@@ -22,6 +27,7 @@ keep the multipliers busy. The weight never exists in memory. The sparse kernel
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +38,7 @@ __all__ = [
     "LANES",
     "MAX_REGISTER_TABLE",
     "MAX_TABLE",
+    "kernel_table",
     "pack_codes",
     "sparse_table_linear",
     "table_entries",
@@ -42,50 +49,130 @@ __all__ = [
 LANES = 16
 #: Largest table: codes of up to 8 bits.
 MAX_TABLE = 256
-#: Largest table looked up in registers (``vpermps``, ``vpermi2ps``). Larger ones are read
-#: from memory, once per weight.
+#: Largest table looked up in float registers (``vpermps``, ``vpermi2ps``). Larger ones are
+#: looked up as byte planes (VBMI) or read from memory, once per weight.
 MAX_REGISTER_TABLE = 32
+#: Bytes a 512-bit register holds: the codes one byte-plane lookup reads.
+BYTES = 64
 #: Multiply-adds below which a kernel runs on one thread.
 PARALLEL_WORK = 1 << 17
 
 
-def _bits(table_size: int) -> int:
-    """Code width for a table of ``table_size`` entries (1 to 8 bits)."""
-    return max(1, int(table_size - 1).bit_length())
+def _bits(table_size: int, vbmi: bool) -> int:
+    """Code width for a table of ``table_size`` entries (1 to 8 bits; a byte for byte
+    planes)."""
+    return 8 if _planes(table_size, vbmi) else max(1, int(table_size - 1).bit_length())
+
+
+def _planes(table_size: int, vbmi: bool) -> bool:
+    """Whether a table is looked up as byte planes: more than fits two float registers, on a
+    CPU with VBMI."""
+    return vbmi and table_size > MAX_REGISTER_TABLE
 
 
 def table_entries(table_size: int) -> int:
     """Entries the kernel's table holds (the codebook padded with zeros): 16 for one
-    register, 32 for two, 256 in memory."""
+    register, 32 for two, 256 for byte planes or memory."""
     return 16 if table_size <= 16 else 32 if table_size <= 32 else MAX_TABLE
 
 
-def _lookup(table_size: int):
-    """``(table, word, s) -> float32x16``: the 16 weights whose codes sit at position ``s``
-    of ``word``. Up to 16 entries: one ``vpermps`` from a register; up to 32: ``vpermi2ps``
-    from two; more: one load per weight from the table in memory (L1-resident)."""
-    bits = _bits(table_size)
-    shift = lambda s: T.broadcast(s * bits, LANES)  # noqa: E731
+def kernel_table(table: np.ndarray, vbmi: bool = False) -> np.ndarray:
+    """A codebook as :func:`table_linear` reads it: float32 padded with zeros to
+    :func:`table_entries`; as byte planes (int8, plane ``p`` holding byte ``p`` of every
+    entry) when it is looked up with VBMI."""
+    padded = np.zeros(table_entries(int(table.size)), np.float32)
+    padded[: table.size] = table
+    if not _planes(int(table.size), vbmi):
+        return padded
+    return np.ascontiguousarray(padded.view(np.int8).reshape(MAX_TABLE, 4).T).reshape(-1)
+
+
+def _lookup(table_size: int, vbmi: bool) -> Callable:
+    """``(table, word) -> [float32x16, ...]``: the weights of each column of a chunk (16 rows,
+    ``32 // bits`` columns) from its word vector. Up to 16 entries: one ``vpermps`` from a
+    register per column; up to 32: ``vpermi2ps`` from two; byte planes: eight ``vpermi2b``,
+    four blends and eight unpacks for all four columns; else one load per weight from the
+    table in memory (L1-resident)."""
+    bits = _bits(table_size, vbmi)
+    per = 32 // bits
     mask = T.broadcast(T.int32((1 << bits) - 1), LANES)
-    lanes = lambda start: tirx.Ramp(start, 1, LANES)  # noqa: E731
+
+    def codes(word: Any, s: int) -> Any:
+        return (word >> T.broadcast(s * bits, LANES)) & mask
+
+    def lanes(start: int, count: int = LANES) -> Any:
+        return tirx.Ramp(start, 1, count)
+
     if table_size <= 16:
-        return lambda table, word, s: tirx.call_llvm_pure_intrin(
-            "float32x16", "llvm.x86.avx512.permvar.sf.512", table[lanes(0)],
-            (word >> shift(s)) & mask,
-        )
+        return lambda table, word: [
+            tirx.call_llvm_pure_intrin(
+                "float32x16", "llvm.x86.avx512.permvar.sf.512", table[lanes(0)], codes(word, s)
+            )
+            for s in range(per)
+        ]
     if table_size <= 32:
-        return lambda table, word, s: tirx.call_llvm_pure_intrin(
-            "float32x16", "llvm.x86.avx512.vpermi2var.ps.512", table[lanes(0)],
-            (word >> shift(s)) & mask, table[lanes(16)],
-        )
-    # A vector index: TVM emits one load per lane, 15 % faster here than ``vgatherdps``.
-    return lambda table, word, s: table[(word >> shift(s)) & mask]
+        return lambda table, word: [
+            tirx.call_llvm_pure_intrin(
+                "float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
+                table[lanes(0)], codes(word, s), table[lanes(16)],
+            )
+            for s in range(per)
+        ]
+    if not _planes(table_size, vbmi):
+        # A vector index: TVM emits one load per lane, 15 % faster here than ``vgatherdps``.
+        return lambda table, word: [table[codes(word, s)] for s in range(per)]
+
+    def planes(table: Any, word: Any) -> list[Any]:
+        code = tirx.reinterpret(f"int8x{BYTES}", word)
+        high = code < T.broadcast(T.int8(0), BYTES)  # entries 128-255
+
+        def plane(p: int) -> Any:
+            def half(start: int) -> Any:
+                return tirx.call_llvm_pure_intrin(
+                    f"int8x{BYTES}", "llvm.x86.avx512.vpermi2var.qi.512",
+                    table[lanes(start, BYTES)], code, table[lanes(start + BYTES, BYTES)],
+                )
+
+            return tirx.Select(high, half(MAX_TABLE * p + 128), half(MAX_TABLE * p))
+
+        b0, b1, b2, b3 = (plane(p) for p in range(4))
+        low01, high01 = _unpack(b0, b1, 1, False), _unpack(b0, b1, 1, True)
+        low23, high23 = _unpack(b2, b3, 1, False), _unpack(b2, b3, 1, True)
+        pairs = ((low01, low23, False), (low01, low23, True),
+                 (high01, high23, False), (high01, high23, True))
+        return [
+            tirx.reinterpret(f"float32x{LANES}", _unpack(a, b, 2, upper)) for a, b, upper in pairs
+        ]
+
+    return planes
 
 
-def pack_codes(codes: np.ndarray, table_size: int) -> np.ndarray:
+def _unpack(a: Any, b: Any, size: int, upper: bool) -> Any:
+    """``vpunpck{l,h}{bw,wd}`` of two int8x64 vectors: in each 128-bit lane, the lower (or
+    upper) half of the elements of ``size`` bytes of ``a`` and ``b``, interleaved."""
+    per = 16 // size  # elements per 128-bit lane
+    order = []
+    for lane in range(4):
+        for i in range(per // 2):
+            element = lane * per + i + (per // 2 if upper else 0)
+            for source in (0, 1):
+                order += [source * BYTES + element * size + byte for byte in range(size)]
+    return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in order])
+
+
+def _pick(weights: list[Any], s: Any) -> Any:
+    """``weights[s]`` for an unrolled loop variable ``s`` (folded once the loop is unrolled)."""
+    chosen = weights[-1]
+    for index in range(len(weights) - 2, -1, -1):
+        chosen = tirx.Select(s == index, weights[index], chosen)
+    return chosen
+
+
+def pack_codes(codes: np.ndarray, table_size: int, vbmi: bool = False) -> np.ndarray:
     """``codes`` (rows, columns) of a table of ``table_size`` entries in the kernel's layout:
-    int32 words of shape (row groups, column chunks, 16)."""
-    bits = _bits(table_size)
+    int32 words of shape (row groups, column chunks, 16), the bytes of a chunk in the unpacks'
+    order when the table is looked up as byte planes."""
+    bits = _bits(table_size, vbmi)
     per = 32 // bits
     rows, columns = codes.shape
     groups, chunks = -(-rows // LANES), -(-columns // per)
@@ -93,18 +180,26 @@ def pack_codes(codes: np.ndarray, table_size: int) -> np.ndarray:
     padded[:rows, :columns] = codes
     # (groups, lanes, chunks, per) -> (groups, chunks, lanes, per)
     blocks = padded.reshape(groups, LANES, chunks, per).transpose(0, 2, 1, 3)
+    if _planes(table_size, vbmi):  # byte 16 (l // 4) + 4 s + l % 4 <- (lane l, column s)
+        lane, column = np.arange(LANES)[:, None], np.arange(per)[None]
+        order = (16 * (lane // 4) + 4 * column + lane % 4).ravel()
+        moved = np.empty((groups, chunks, BYTES), np.uint8)
+        moved[..., order] = blocks.reshape(groups, chunks, BYTES)
+        return np.ascontiguousarray(moved).view(np.int32)
     shifts = (np.arange(per, dtype=np.uint32) * bits).astype(np.uint32)
     words = np.bitwise_or.reduce(blocks << shifts, axis=-1).astype(np.uint32)
     return np.ascontiguousarray(words.view(np.int32))
 
 
 @functools.cache  # a compile emits each kernel more than once (choice, then the model)
-def table_linear(batch: int, in_features: int, out_features: int, table_size: int) -> Any:
+def table_linear(
+    batch: int, in_features: int, out_features: int, table_size: int, vbmi: bool = False
+) -> Any:
     """The kernel ``y = x @ table[codes].T + bias`` for ``x`` of shape (batch, in), as a
     scheduled PrimFunc taking ``(x, bias, table, words, y)``: ``bias`` has ``out_features``
-    entries (zeros when the layer has none), ``table`` :func:`table_entries` (the codebook
-    padded with zeros), ``words`` is :func:`pack_codes` of the codes."""
-    bits = _bits(table_size)
+    entries (zeros when the layer has none), ``table`` is :func:`kernel_table` of the
+    codebook, ``words`` :func:`pack_codes` of the codes (both with the same ``vbmi``)."""
+    bits = _bits(table_size, vbmi)
     per = 32 // bits
     full, tail = divmod(in_features, per)
     chunks = full + (1 if tail else 0)
@@ -112,8 +207,9 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
     tile = next(t for t in (8, 4, 2, 1) if batch % t == 0)
     partials = max(1, 4 // tile)  # independent sums per batch row, so the FMAs overlap
     accumulators = tile * partials
-    lookup = _lookup(table_size)
-    entries = table_entries(table_size)
+    lookup = _lookup(table_size, vbmi)
+    table_shape = kernel_table(np.zeros(table_size, np.float32), vbmi).shape
+    table_dtype = "int8" if _planes(table_size, vbmi) else "float32"
     last = chunks - 1
     n, k, b = out_features, in_features, batch
     # A table in memory is read once per weight: into a scratch column block of the row
@@ -126,7 +222,7 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
     def fetch(table: Any, scratch: Any, word: Any, column: Any, s: Any) -> Any:
         if once:
             return scratch[tirx.Ramp(column * LANES, 1, LANES)]
-        return lookup(table, word, s)
+        return _pick(lookup(table, word), s)
 
     @T.macro
     def multiply_in(acc, x, w, outer, column, s):
@@ -141,7 +237,7 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
     def kernel(
         x: T.Buffer((b, k), "float32"),
         bias: T.Buffer((n,), "float32"),
-        table: T.Buffer((entries,), "float32"),
+        table: T.Buffer(table_shape, table_dtype),
         words: T.Buffer((groups, chunks, LANES), "int32"),
         y: T.Buffer((b, n), "float32"),
     ):
@@ -154,7 +250,9 @@ def table_linear(batch: int, in_features: int, out_features: int, table_size: in
                 for c in range(chunks if once else 0):
                     word = words[g, c, T.ramp(0, 1, LANES)]
                     for s in T.unroll(per):
-                        scratch[T.ramp((c * per + s) * LANES, 1, LANES)] = lookup(table, word, s)
+                        scratch[T.ramp((c * per + s) * LANES, 1, LANES)] = _pick(
+                            lookup(table, word), s
+                        )
                 for outer in range(b // tile):
                     for a in T.unroll(accumulators):
                         acc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
