@@ -192,10 +192,13 @@ def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size, 
 
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
-@pytest.mark.parametrize(("batch", "size"), [(1, 32), (32, 5), (16, 200), (3, 2)])
+@pytest.mark.parametrize(
+    ("batch", "size"), [(1, 32), (32, 5), (16, 200), (3, 2), (1, 200), (8, 16), (6, 30)]
+)
 def test_the_sparse_table_lookup_kernel_computes_the_layer(batch, size) -> None:
     """Rows of survivors (an empty one among them), one lane per batch row (batches of 16)
-    or one sum per row (others), against numpy."""
+    or 16 survivors at a time for batch tiles of 8, 2 and 1 (others), with each table
+    width, against numpy."""
     rng = np.random.default_rng(batch)
     rows, columns = 37, 300
     keep = rng.random((rows, columns)) < 0.2
@@ -212,7 +215,13 @@ def test_the_sparse_table_lookup_kernel_computes_the_layer(batch, size) -> None:
     library = tvm.compile(
         tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target.tvm
     )
-    stored = codes[row_of, column].astype(np.uint8), column.astype(np.uint16), starts, table
+    padding = np.zeros(16, np.uint8)  # what the kernel's last vector of a row reads on
+    stored = (
+        np.concatenate([codes[row_of, column], padding]).astype(np.uint8),
+        np.concatenate([column, padding]).astype(np.uint16),
+        starts,
+        table,
+    )
     arrays = [
         tvm.runtime.tensor(a)
         for a in (x, bias, *stored, np.zeros((batch, rows), np.float32))

@@ -32,6 +32,7 @@ from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import dense_layer, supports
 from autoshrink.compiler.vector import (
+    LANES,
     MAX_TABLE,
     kernel_table,
     pack_codes,
@@ -224,10 +225,11 @@ def _sparse_kernel(
     columns, starts = (layer.arrays[key] for key in layer.rows[:2])
     size, out, features = int(lowered.table.size), template.out_features, template.in_features
     bias = layer.arrays.get("bias")
+    padding = np.zeros(LANES, np.uint8)  # the kernel's last vector of stored values reads on
     arrays = {
         "bias": np.zeros(out, np.float32) if bias is None else bias,
-        "codes": np.asarray(lowered.codes, np.uint8),
-        "columns": columns,
+        "codes": np.concatenate([np.asarray(lowered.codes, np.uint8), padding.astype(np.uint8)]),
+        "columns": np.concatenate([columns, padding.astype(columns.dtype)]),
         "starts": np.asarray(starts, np.int32),
         "table": kernel_table(lowered.table),
     }

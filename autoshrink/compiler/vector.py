@@ -56,6 +56,17 @@ MAX_REGISTER_TABLE = 32
 BYTES = 64
 #: Multiply-adds below which a kernel runs on one thread.
 PARALLEL_WORK = 1 << 17
+#: Most parallel tasks a kernel splits its rows into: enough to balance 16 threads, few
+#: enough that each task's scratch buffers are allocated rarely.
+TASKS = 64
+
+
+def _split(units: int, work: int) -> tuple[int, int]:
+    """``(tasks, units per task)`` for ``units`` rows (or row groups) of ``work``
+    multiply-adds in all: one task for small products, where waking the pool costs more than
+    it saves."""
+    per = -(-units // min(units, TASKS)) if work >= PARALLEL_WORK else units
+    return -(-units // per), per
 
 
 def _bits(table_size: int, vbmi: bool) -> int:
@@ -87,40 +98,39 @@ def kernel_table(table: np.ndarray, vbmi: bool = False) -> np.ndarray:
     return np.ascontiguousarray(padded.view(np.int8).reshape(MAX_TABLE, 4).T).reshape(-1)
 
 
+def _look_up(table_size: int) -> Callable:
+    """``(table, codes) -> float32x16``: the entries of 16 int32 codes. Up to 16 entries: one
+    ``vpermps`` from a register; up to 32: ``vpermi2ps`` from two; else one load per lane
+    from the table in memory (L1-resident; 15 % faster here than ``vgatherdps``)."""
+    if table_size <= 16:
+        return lambda table, codes: tirx.call_llvm_pure_intrin(
+            "float32x16", "llvm.x86.avx512.permvar.sf.512", table[_lanes(0)], codes
+        )
+    if table_size <= 32:
+        return lambda table, codes: tirx.call_llvm_pure_intrin(
+            "float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
+            table[_lanes(0)], codes, table[_lanes(16)],
+        )
+    return lambda table, codes: table[codes]
+
+
+def _lanes(start: Any, count: int = LANES) -> Any:
+    return tirx.Ramp(start, 1, count)
+
+
 def _lookup(table_size: int, vbmi: bool) -> Callable:
     """``(table, word) -> [float32x16, ...]``: the weights of each column of a chunk (16 rows,
-    ``32 // bits`` columns) from its word vector. Up to 16 entries: one ``vpermps`` from a
-    register per column; up to 32: ``vpermi2ps`` from two; byte planes: eight ``vpermi2b``,
-    four blends and eight unpacks for all four columns; else one load per weight from the
-    table in memory (L1-resident)."""
+    ``32 // bits`` columns) from its word vector: :func:`_look_up` of each column's codes, or
+    for byte planes eight ``vpermi2b``, four blends and eight unpacks for all four columns."""
     bits = _bits(table_size, vbmi)
     per = 32 // bits
     mask = T.broadcast(T.int32((1 << bits) - 1), LANES)
-
-    def codes(word: Any, s: int) -> Any:
-        return (word >> T.broadcast(s * bits, LANES)) & mask
-
-    def lanes(start: int, count: int = LANES) -> Any:
-        return tirx.Ramp(start, 1, count)
-
-    if table_size <= 16:
-        return lambda table, word: [
-            tirx.call_llvm_pure_intrin(
-                "float32x16", "llvm.x86.avx512.permvar.sf.512", table[lanes(0)], codes(word, s)
-            )
-            for s in range(per)
-        ]
-    if table_size <= 32:
-        return lambda table, word: [
-            tirx.call_llvm_pure_intrin(
-                "float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
-                table[lanes(0)], codes(word, s), table[lanes(16)],
-            )
-            for s in range(per)
-        ]
+    look_up = _look_up(table_size)
     if not _planes(table_size, vbmi):
-        # A vector index: TVM emits one load per lane, 15 % faster here than ``vgatherdps``.
-        return lambda table, word: [table[codes(word, s)] for s in range(per)]
+        return lambda table, word: [
+            look_up(table, (word >> T.broadcast(s * bits, LANES)) & mask) for s in range(per)
+        ]
+    lanes = _lanes
 
     def planes(table: Any, word: Any) -> list[Any]:
         code = tirx.reinterpret(f"int8x{BYTES}", word)
@@ -215,8 +225,7 @@ def table_linear(
     # A table in memory is read once per weight: into a scratch column block of the row
     # group, which every batch tile then reads (one vector load instead of 16 lookups).
     once = table_size > MAX_REGISTER_TABLE and b > tile
-    # A small product runs on one thread: waking the pool costs more than it saves.
-    parts = groups if n * k * b >= PARALLEL_WORK else 1
+    tasks, per_task = _split(groups, n * k * b)
     scratch_size = chunks * per * LANES if once else LANES
 
     def fetch(table: Any, scratch: Any, word: Any, column: Any, s: Any) -> Any:
@@ -242,38 +251,39 @@ def table_linear(
         y: T.Buffer((b, n), "float32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for part in T.parallel(parts):
-            for member in range(groups // parts):
-                g = T.meta_var(part * (groups // parts) + member)
-                acc = T.alloc_buffer((accumulators * LANES,), "float32", scope="local")
-                scratch = T.alloc_buffer((scratch_size,), "float32")
-                for c in range(chunks if once else 0):
-                    word = words[g, c, T.ramp(0, 1, LANES)]
-                    for s in T.unroll(per):
-                        scratch[T.ramp((c * per + s) * LANES, 1, LANES)] = _pick(
-                            lookup(table, word), s
-                        )
-                for outer in range(b // tile):
-                    for a in T.unroll(accumulators):
-                        acc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-                    for c in range(full):
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((accumulators * LANES,), "float32", scope="local")
+            scratch = T.alloc_buffer((scratch_size,), "float32")
+            for member in range(per_task):
+                g = T.meta_var(task * per_task + member)
+                if g < groups:  # the last task may hold fewer
+                    for c in range(chunks if once else 0):
                         word = words[g, c, T.ramp(0, 1, LANES)]
                         for s in T.unroll(per):
-                            multiply_in(acc, x, fetch(table, scratch, word, c * per + s, s),
-                                        outer, c * per + s, s)
-                    for s in T.unroll(tail):
-                        word = words[g, last, T.ramp(0, 1, LANES)]
-                        multiply_in(acc, x, fetch(table, scratch, word, full * per + s, s),
-                                    outer, full * per + s, s)
-                    for t in T.unroll(tile):
-                        for lane in range(LANES):
-                            if g * LANES + lane < n:
-                                y[outer * tile + t, g * LANES + lane] = bias[g * LANES + lane]
-                                for p in T.unroll(partials):
-                                    y[outer * tile + t, g * LANES + lane] = (
-                                        y[outer * tile + t, g * LANES + lane]
-                                        + acc[(t * partials + p) * LANES + lane]
-                                    )
+                            scratch[T.ramp((c * per + s) * LANES, 1, LANES)] = _pick(
+                                lookup(table, word), s
+                            )
+                    for outer in range(b // tile):
+                        for a in T.unroll(accumulators):
+                            acc[T.ramp(a * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                        for c in range(full):
+                            word = words[g, c, T.ramp(0, 1, LANES)]
+                            for s in T.unroll(per):
+                                multiply_in(acc, x, fetch(table, scratch, word, c * per + s, s),
+                                            outer, c * per + s, s)
+                        for s in T.unroll(tail):
+                            word = words[g, last, T.ramp(0, 1, LANES)]
+                            multiply_in(acc, x, fetch(table, scratch, word, full * per + s, s),
+                                        outer, full * per + s, s)
+                        for t in T.unroll(tile):
+                            for lane in range(LANES):
+                                if g * LANES + lane < n:
+                                    y[outer * tile + t, g * LANES + lane] = bias[g * LANES + lane]
+                                    for p in T.unroll(partials):
+                                        y[outer * tile + t, g * LANES + lane] = (
+                                            y[outer * tile + t, g * LANES + lane]
+                                            + acc[(t * partials + p) * LANES + lane]
+                                        )
 
     return kernel
 
@@ -285,19 +295,25 @@ def sparse_table_linear(
 ) -> Any:
     """The kernel ``y = x @ W.T + bias`` for a weight stored as CSR rows whose values are
     codes into a table: a scheduled PrimFunc taking ``(x, bias, codes, columns, starts,
-    table, y)``, with ``codes`` (uint8) and ``columns`` one per stored value and ``starts``
-    (int32) where each of the ``out_features`` rows starts (and where the last ends).
+    table, y)``, with ``codes`` (uint8) and ``columns`` one per stored value followed by
+    :data:`LANES` entries of padding (zeros), ``starts`` (int32) where each of the
+    ``out_features`` rows starts (and where the last ends), ``table`` :func:`kernel_table`.
 
-    Only stored values are touched. At batch 1 each is one multiply-add with its input; for
-    a batch that is a multiple of 16 the input is first transposed, so that each stored value
-    multiplies 16 batch rows at once (one vector load of the transposed input)."""
+    Only stored values are touched. For a batch that is a multiple of 16 the input is first
+    transposed, so that each stored value multiplies 16 batch rows at once (one vector load
+    of the transposed input). Other batches take a row's stored values 16 at a time: their
+    codes looked up as :func:`table_linear` looks them up, their inputs loaded lane by lane,
+    and the lanes past the row's end masked (the padding keeps their loads in bounds)."""
     n, k, b = out_features, in_features, batch
     entries = table_entries(table_size)
     vectors = b // LANES if b % LANES == 0 else 0  # batch vectors of 16 rows
-    scalars = 0 if vectors else b
+    tile = next(t for t in (8, 4, 2, 1) if b % t == 0)
+    tiles = 0 if vectors else b // tile  # batch tiles sharing each looked-up vector
     transposed = k * b if vectors else 1
     transpose_columns = k if vectors else 0
-    parts = n if n * k * b >= PARALLEL_WORK else 1
+    tasks, per_task = _split(n, n * k * b)
+    look_up = _look_up(table_size)
+    zero = T.broadcast(T.float32(0), LANES)
 
     @T.prim_func(private=True)
     def kernel(
@@ -313,31 +329,45 @@ def sparse_table_linear(
         count = T.int32()
         code = T.match_buffer(codes, (count,), "uint8")
         column = T.match_buffer(columns, (count,), column_dtype)
+        flat = T.decl_buffer((b * k,), "float32", data=x.data)
         xt = T.alloc_buffer((transposed,), "float32")
         for c in T.parallel(transpose_columns):
             for r in range(b):
                 xt[c * b + r] = x[r, c]
-        for part in T.parallel(parts):
-            for member in range(n // parts):
-                o = T.meta_var(part * (n // parts) + member)
-                acc = T.alloc_buffer((max(1, vectors) * LANES,), "float32", scope="local")
-                for v in T.unroll(vectors):
-                    acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-                for j in T.serial(starts[o], starts[o + 1]):
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((max(1, vectors) * LANES,), "float32", scope="local")
+            sums = T.alloc_buffer((tile * LANES,), "float32", scope="local")
+            for member in range(per_task):
+                o = T.meta_var(task * per_task + member)
+                if o < n:  # the last task may hold fewer
                     for v in T.unroll(vectors):
-                        acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + (
-                            T.broadcast(table[T.Cast("int32", code[j])], LANES)
-                            * xt[T.ramp(T.Cast("int32", column[j]) * b + v * LANES, 1, LANES)]
-                        )
-                for r in range(vectors * LANES):
-                    y[r, o] = acc[r] + bias[o]
-                for r in range(scalars):
-                    total = T.alloc_buffer((1,), "float32", scope="local")
-                    total[0] = T.float32(0)
+                        acc[_lanes(v * LANES)] = zero
                     for j in T.serial(starts[o], starts[o + 1]):
-                        total[0] = total[0] + table[T.Cast("int32", code[j])] * x[
-                            r, T.Cast("int32", column[j])
-                        ]
-                    y[r, o] = total[0] + bias[o]
+                        for v in T.unroll(vectors):
+                            acc[_lanes(v * LANES)] = acc[_lanes(v * LANES)] + (
+                                T.broadcast(table[T.Cast("int32", code[j])], LANES)
+                                * xt[_lanes(T.Cast("int32", column[j]) * b + v * LANES)]
+                            )
+                    for r in range(vectors * LANES):
+                        y[r, o] = acc[r] + bias[o]
+                    for outer in range(tiles):
+                        for t in T.unroll(tile):
+                            sums[_lanes(t * LANES)] = zero
+                        for v in range((starts[o + 1] - starts[o] + LANES - 1) // LANES):
+                            j = T.meta_var(_lanes(starts[o] + v * LANES))
+                            inside = T.meta_var(j < T.broadcast(starts[o + 1], LANES))
+                            w = T.meta_var(look_up(table, T.Cast("int32x16", code[j])))
+                            at = T.meta_var(T.Cast("int32x16", column[j]))
+                            for t in T.unroll(tile):
+                                row = T.meta_var(T.broadcast((outer * tile + t) * k, LANES))
+                                sums[_lanes(t * LANES)] = sums[_lanes(t * LANES)] + T.Select(
+                                    inside, w * flat[row + at], zero
+                                )
+                        for t in T.unroll(tile):
+                            y[outer * tile + t, o] = bias[o]
+                            for lane in range(LANES):
+                                y[outer * tile + t, o] = (
+                                    y[outer * tile + t, o] + sums[t * LANES + lane]
+                                )
 
     return kernel
