@@ -100,16 +100,15 @@ class Place:
 
 
 class LocalCluster:
-    """A head without CPUs (trials run only on worker nodes) and worker nodes added one by
-    one, each started from its own :class:`Place` with the spy plugin installed."""
+    """Worker nodes added one by one to a head without CPUs (trials run only on worker
+    nodes), each started from its own :class:`Place` with the spy plugin installed."""
 
-    def __init__(self, tmp_path: Path, site: Path, marks: Path) -> None:
-        self.tmp_path, self.site, self.marks = tmp_path, site, marks
-        self.cluster = ray_cluster_utils.Cluster(
-            initialize_head=True,
-            head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH},
-        )
+    def __init__(
+        self, head: ray_cluster_utils.Cluster, tmp_path: Path, site: Path, marks: Path
+    ) -> None:
+        self.cluster, self.tmp_path, self.site, self.marks = head, tmp_path, site, marks
         self.places: list[Place] = []
+        self.nodes: list[object] = []
 
     @property
     def address(self) -> str:
@@ -126,23 +125,52 @@ class LocalCluster:
             node = self.cluster.add_node(num_cpus=cpus, env_vars=env)
         finally:
             os.chdir(here)
+        self.nodes.append(node)
         return node, place
 
-    def shutdown(self) -> None:
-        self.cluster.shutdown()
+    def remove_workers(self) -> None:
+        """Remove this test's worker nodes (those still there) and wait until the head
+        counts only itself, so the next test starts from the head alone."""
+        for node in self.nodes:
+            if node in self.cluster.worker_nodes:
+                self.cluster.remove_node(node)
+        self.cluster.wait_for_nodes()
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[ray_cluster_utils.Cluster]:
+    """One head for the module's tests (each adds and removes its own worker nodes)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("RAY_ADDRESS", raising=False)
+        made = ray_cluster_utils.Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "_system_config": FAST_HEALTH},
+        )
+        try:
+            yield made
+        finally:
+            made.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spy_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("spy")
+    return install_plugin(write_plugin(root / "p", "autoshrink-spy", SPY), root / "site")
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
+def cluster(
+    head: ray_cluster_utils.Cluster, spy_site: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[LocalCluster]:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    site = install_plugin(write_plugin(tmp_path / "p", "autoshrink-spy", SPY), tmp_path / "site")
     marks = tmp_path / "marks"
     marks.mkdir()
-    made = LocalCluster(tmp_path, site, marks)
+    made = LocalCluster(head, tmp_path, spy_site, marks)
     try:
         yield made
     finally:
-        made.shutdown()
+        made.remove_workers()
 
 
 def workers_seen(marks: Path) -> list[dict]:

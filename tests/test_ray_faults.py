@@ -63,12 +63,22 @@ def _no_inherited_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
+def installed(factory: pytest.TempPathFactory, name: str, code: str) -> Path:
+    """The plugin ``code`` installed as the distribution ``name`` (once for the module: the
+    tests that use it only read it); returns its site folder."""
+    root = factory.mktemp(name)
+    return install_plugin(write_plugin(root / "p", name, code), root / "site")
+
+
+@pytest.fixture(scope="module")
+def killing_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return installed(tmp_path_factory, "autoshrink-killing", KILLING)
+
+
 @pytest.mark.parametrize("retries", [1, 0])
 def test_a_lost_worker_fails_its_attempt_and_the_search_goes_on(
-    tmp_path: Path, retries: int
+    tmp_path: Path, killing_site: Path, retries: int
 ) -> None:
-    site = install_plugin(write_plugin(tmp_path / "p", "autoshrink-killing", KILLING),
-                          tmp_path / "site")
     preset = tmp_path / "killing.toml"
     preset.write_text('[layers.Linear]\nstructure = ["killing"]\n'
                       'value = ["float", "quantization"]\nmodel = ["none"]\nencoding = ["none"]\n')
@@ -79,7 +89,7 @@ def test_a_lost_worker_fails_its_attempt_and_the_search_goes_on(
         "--trials", "3", "--retrain-epochs", "0", "--space", str(preset), "--sampler", "random",
         "--backend", "ray", "--workers", "1", "--max-retries", str(retries),
         "--out", str(tmp_path / "r"), "--study", "lost",
-        env={"PYTHONPATH": str(site), "KILLING_PLUGIN_DIR": str(marks)},
+        env={"PYTHONPATH": str(killing_site), "KILLING_PLUGIN_DIR": str(marks)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (marks / "killed").is_file()  # a Ray worker did kill itself
@@ -128,7 +138,8 @@ def test_max_retries_is_a_setting(tmp_path: Path) -> None:
 
 # A plugin that a Ray worker cannot import (as on a node where it is not installed), and a
 # task whose data a Ray worker cannot find (as on a node without the files); the driver has
-# both.
+# both. No trial of the task trains (no worker loads its data), so the driver trains its
+# baseline (its own, not digits-mlp's cached one) for one epoch only.
 BLIND = '''
 import os
 from functools import partial
@@ -171,16 +182,19 @@ def register_methods(register):
 def register_tasks(register):
     register(Task(name="blind-digits", build_model=partial(mlp, 64, (128, 64), 10),
                   load_data=load, input_shape=(64,),
-                  training=TrainingSettings(epochs=40, batch_size=64, lr=2e-3)))
+                  training=TrainingSettings(epochs=1, batch_size=64, lr=2e-3)))
 '''
+
+
+@pytest.fixture(scope="module")
+def blind_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return installed(tmp_path_factory, "autoshrink-blind", BLIND)
 
 
 @pytest.mark.parametrize("missing", ["plugin", "data"])
 def test_a_worker_without_a_plugin_or_the_data_fails_its_trials_in_one_line(
-    tmp_path: Path, missing: str
+    tmp_path: Path, blind_site: Path, missing: str
 ) -> None:
-    site = install_plugin(write_plugin(tmp_path / "p", "autoshrink-blind", BLIND),
-                          tmp_path / "site")
     preset = tmp_path / "blind.toml"
     preset.write_text('[layers.Linear]\nstructure = ["blind"]\nvalue = ["float"]\n'
                       'model = ["none"]\nencoding = ["none"]\n')
@@ -189,7 +203,7 @@ def test_a_worker_without_a_plugin_or_the_data_fails_its_trials_in_one_line(
         "--finetune-steps", "20", "--budget", "100kB", "--trials", "2", "--retrain-epochs", "0",
         "--space", str(preset), "--backend", "ray", "--workers", "1",
         "--out", str(tmp_path / "r"), "--study", "blind",
-        env={"PYTHONPATH": str(site), "BLIND": missing},
+        env={"PYTHONPATH": str(blind_site), "BLIND": missing},
     )
     pareto = json.loads((tmp_path / "r" / "blind" / "pareto.json").read_text())
     failures = [t["failure"] for t in pareto["trials"]]
