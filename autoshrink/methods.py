@@ -111,11 +111,12 @@ class LoweredLayer:
     #: after the last. The compiler may then compute the layer from those payloads' tables
     #: and codes (see ``LoweredValue.table``).
     weights: tuple[str, ...] = ()
-    #: Optional, for a Linear whose weight is stored as rows of survivors (CSR): the names of
-    #: the array of each survivor's column, the array of where each row starts (``out + 1``
-    #: entries, int32) and the payload of the survivors' values, the bias, if any, being
-    #: ``arrays["bias"]``. The compiler may then compute the layer from that payload's table
-    #: and codes with a sparse kernel of its own.
+    #: Optional, for a Linear or Conv2d whose weight is stored as rows of survivors (CSR), a
+    #: row per output (channel) over the flattened rest of the weight (``c * kh * kw + dy *
+    #: kw + dx`` for a convolution): the names of the array of each survivor's column, the
+    #: array of where each row starts (``out + 1`` entries, int32) and the payload of the
+    #: survivors' values, the bias, if any, being ``arrays["bias"]``. The compiler may then
+    #: compute the layer from that payload's table and codes with a sparse kernel of its own.
     rows: tuple[str, str, str] | None = None
 
 

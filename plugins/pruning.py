@@ -361,7 +361,7 @@ class Pruning(StructureMethod):
             compute=lambda x, t, p: sparse_layer(
                 x, template, p["survivors"], t["columns"], t["starts"], width, t.get("bias")
             ),
-            rows=("columns", "starts", "survivors") if isinstance(template, nn.Linear) else None,
+            rows=("columns", "starts", "survivors"),
         )
 
 

@@ -27,6 +27,7 @@ from autoshrink.compiler.target import resolve_target
 from autoshrink.compiler.vector import (
     kernel_table,
     pack_codes,
+    sparse_table_conv2d,
     sparse_table_linear,
     table_entries,
     table_linear,
@@ -245,6 +246,71 @@ def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
     got, want, notes, kernels = _compile(tmp_path, methods, "fashion-mnist-cnn", plan, 0.25, 2)
     assert {"conv1", "conv2", "fc1"} <= set(kernels), notes
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(methods, tmp_path, batch) -> None:
+    """Pruned convolutions whose survivors are codes compute with the written-out sparse
+    convolution (one image's taps and channels in parallel, or images in parallel) and give
+    what PyTorch gives."""
+    layer = LayerPlan(
+        structure=Choice(method="pruning", config={"threshold": 0.5}),
+        value=Choice(method="quantization", config={"bits": 5}),
+    )
+    plan = Plan(layers={"conv1": layer, "conv2": layer})
+    got, want, notes, kernels = _compile(
+        tmp_path, methods, "fashion-mnist-cnn", plan, 0.25, batch, table_lookup=True
+    )
+    for name in ("conv1", "conv2"):
+        assert kernels[name].written is not None, notes
+        assert "sparse table lookup" in kernels[name].methods
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
+@pytest.mark.parametrize(
+    ("batch", "image", "out", "geometry", "size"),
+    [
+        (1, (3, 9, 7), 5, ((3, 3), (1, 1), (1, 1), (1, 1)), 32),
+        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200),
+        (3, (2, 5, 5), 33, ((1, 1), (1, 1), (0, 0), (1, 1)), 5),
+    ],
+)
+def test_the_sparse_convolution_computes_the_layer(batch, image, out, geometry, size) -> None:
+    """Stride, padding and dilation per axis, output planes that do not fill a vector, one
+    image and several, against PyTorch's convolution."""
+    rng = np.random.default_rng(size)
+    (kh, kw), stride, padding, dilation = geometry
+    taps = image[0] * kh * kw
+    keep = rng.random((out, taps)) < 0.3
+    keep[1] = False
+    codes = rng.integers(0, size, (out, taps))
+    table = rng.standard_normal(size).astype(np.float32)
+    row_of, column = np.nonzero(keep)
+    padding_entries = np.zeros(16, np.uint8)
+    stored = (
+        np.concatenate([codes[row_of, column], padding_entries]).astype(np.uint8),
+        np.concatenate([column, padding_entries]).astype(np.uint16),
+        np.searchsorted(row_of, np.arange(out + 1)).astype(np.int32),
+        kernel_table(table),
+    )
+    x = rng.standard_normal((batch, *image)).astype(np.float32)
+    bias = rng.standard_normal(out).astype(np.float32)
+    weight = np.where(keep, table[codes], 0).reshape(out, image[0], kh, kw).astype(np.float32)
+    want = torch.nn.functional.conv2d(
+        torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias),
+        stride, padding, dilation,
+    ).numpy()
+    kernel = sparse_table_conv2d(batch, image, out, geometry, size, "uint16")
+    library = tvm.compile(
+        tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
+        target=resolve_target("cpu", 2).tvm,
+    )
+    arrays = [tvm.runtime.tensor(a) for a in (x, bias, *stored, np.zeros_like(want))]
+    library["main"](*arrays)
+    np.testing.assert_allclose(arrays[-1].numpy(), want, atol=1e-4)
 
 
 def test_a_value_method_without_lowering_gives_float32_values(ternary, tmp_path) -> None:

@@ -20,6 +20,7 @@ from tvm import te, tirx
 
 __all__ = [
     "conv2d",
+    "conv_geometry",
     "dense_layer",
     "index_dtype",
     "linear",
@@ -221,7 +222,8 @@ def supports(template: Any) -> bool:
     )
 
 
-def _geometry(conv: Any) -> dict[str, tuple[int, int]]:
+def conv_geometry(conv: Any) -> dict[str, tuple[int, int]]:
+    """A Conv2d's kernel size, stride, padding and dilation, in that order."""
     return {
         "kernel": tuple(conv.kernel_size),
         "stride": tuple(conv.stride),
@@ -250,7 +252,7 @@ def dense_layer(
         template.out_channels,
         bias=bias,
         name=name,
-        **_geometry(template),
+        **conv_geometry(template),
     )
 
 
@@ -289,7 +291,7 @@ def sparse_layer(
 
         y = te.compute((batch, template.out_features), row, name=name)
         return _with_bias(y, bias, f"{name}_bias")
-    geometry = _geometry(template)
+    geometry = conv_geometry(template)
     (kh, kw), (sh, sw), (dh, dw) = geometry["kernel"], geometry["stride"], geometry["dilation"]
     source, (batch, _, out_h, out_w) = _padded_input(x, **geometry)
 

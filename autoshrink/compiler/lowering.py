@@ -30,12 +30,14 @@ from tvm import relax
 
 from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
-from autoshrink.compiler.kernels import dense_layer, supports
+from autoshrink.compiler.kernels import conv_geometry, dense_layer, supports
 from autoshrink.compiler.vector import (
     LANES,
     MAX_TABLE,
+    conv_output,
     kernel_table,
     pack_codes,
+    sparse_table_conv2d,
     sparse_table_linear,
     table_linear,
 )
@@ -62,9 +64,12 @@ class LayerKernel:
     arrays: dict[str, np.ndarray]
     compute: Callable[[Any, dict[str, Any]], Any] | None  # (x, tensors by array name) -> y
     constants: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: Written-out kernels instead of ``compute``, applied in turn: batch -> a list of
-    #: (PrimFunc taking its input, the arrays named and its output; output features; names)
-    written: Callable[[int], list[tuple[Any, int, list[str]]]] | None = None
+    #: Written-out kernels instead of ``compute``, applied in turn: the layer's input shape
+    #: (batch first) -> a list of (PrimFunc taking its input, the arrays named and its
+    #: output; the output's shape past the batch; names)
+    written: Callable[[tuple[int, ...]], list[tuple[Any, tuple[int, ...], list[str]]]] | None = (
+        None
+    )
 
     @property
     def bytes(self) -> int:
@@ -83,14 +88,15 @@ class LayerKernel:
         label = re.sub(r"\W", "_", self.layer)
         if self.written is not None:
             constants = dict(zip(names, self.relax_constants(), strict=True))
-            for step, (kernel, features, reads) in enumerate(self.written(batch)):
+            given = tuple(int(size) for size in x.ty.shape.values)
+            for step, (kernel, shape, reads) in enumerate(self.written(given)):
                 function = builder.add_func(
                     kernel.with_attr("op_pattern", _OPAQUE),
                     f"{label}_{self.form}{step}_b{batch}",
                 )
                 x = builder.emit(relax.call_tir(
                     function, [x, *(constants[name] for name in reads)],
-                    relax.TensorType((batch, features), "float32"),
+                    relax.TensorType((batch, *shape), "float32"),
                 ))
             return x
 
@@ -204,9 +210,10 @@ def _table_kernel(
     if layer.arrays.get("bias") is not None:
         arrays[f"{len(chain) - 1}.bias"] = layer.arrays["bias"]
 
-    def written(batch: int) -> list[tuple[Any, int, list[str]]]:
+    def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
         return [
-            (table_linear(batch, *stage, vbmi), stage[1], [f"{i}.bias", f"{i}.table", f"{i}.words"])
+            (table_linear(shape[0], *stage, vbmi), stage[1:2],
+             [f"{i}.bias", f"{i}.table", f"{i}.words"])
             for i, stage in enumerate(stages)
         ]
 
@@ -216,14 +223,16 @@ def _table_kernel(
 def _sparse_kernel(
     name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue]
 ) -> LayerKernel | None:
-    """The sparse table-lookup kernel of a Linear stored as rows of survivors whose values
-    are codes into a table (one byte a survivor in the bundle), else ``None``."""
+    """The sparse table-lookup kernel of a Linear or (ungrouped, zero-padded) Conv2d stored
+    as rows of survivors whose values are codes into a table (one byte a survivor in the
+    bundle), else ``None``."""
     template = step.module
     lowered = payloads.get(layer.rows[2]) if layer.rows else None
-    if not isinstance(template, nn.Linear) or not _tabled(lowered):
+    if not _tabled(lowered) or not (isinstance(template, nn.Linear) or supports(template)):
         return None
     columns, starts = (layer.arrays[key] for key in layer.rows[:2])
-    size, out, features = int(lowered.table.size), template.out_features, template.in_features
+    size = int(lowered.table.size)
+    out = int(template.weight.shape[0])
     bias = layer.arrays.get("bias")
     padding = np.zeros(LANES, np.uint8)  # the kernel's last vector of stored values reads on
     arrays = {
@@ -234,12 +243,16 @@ def _sparse_kernel(
         "table": kernel_table(lowered.table),
     }
     dtype = str(columns.dtype)
-    return _written_kernel(
-        name, f"{step.methods}, sparse table lookup", arrays,
-        lambda batch: [
-            (sparse_table_linear(batch, features, out, size, dtype), out, sorted(arrays))
-        ],
-    )
+
+    def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
+        if isinstance(template, nn.Linear):
+            kernel = sparse_table_linear(shape[0], shape[1], out, size, dtype)
+            return [(kernel, (out,), sorted(arrays))]
+        geometry = tuple(conv_geometry(template).values())
+        kernel = sparse_table_conv2d(shape[0], shape[1:], out, geometry, size, dtype)
+        return [(kernel, (out, *conv_output(*shape[2:], geometry)), sorted(arrays))]
+
+    return _written_kernel(name, f"{step.methods}, sparse table lookup", arrays, written)
 
 
 def _tabled(lowered: LoweredValue | None) -> bool:

@@ -1,5 +1,6 @@
 """Table-lookup kernels for CPUs with AVX-512: a Linear whose weights are codes into a table
-(k-means or uniform codebooks, ternary codes), dense or pruned to rows of survivors.
+(k-means or uniform codebooks, ternary codes), dense or pruned to rows of survivors, and a
+pruned convolution of such codes.
 
 MetaSchedule cannot find these: the lookup of 16 weights at once is one ``vpermps`` whose
 table sits in a register (``vpermi2ps`` for 32 entries), which no loop schedule of a gather
@@ -20,8 +21,8 @@ give back: byte ``16 * (l // 4) + 4 * s + l % 4`` holds row lane ``l``, column `
 The dense kernel is an outer product per chunk: the 16 weights of one column for 16 rows are
 looked up once and multiplied into ``tile`` batch rows' accumulators (``x`` broadcast), so for
 a batch the lookups cost little beside the multiplications, and at batch 1 four partial sums
-keep the multipliers busy. The weight never exists in memory. The sparse kernel
-(:func:`sparse_table_linear`) touches stored survivors only.
+keep the multipliers busy. The weight never exists in memory. The sparse kernels
+(:func:`sparse_table_linear`, :func:`sparse_table_conv2d`) touch stored survivors only.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ __all__ = [
     "LANES",
     "MAX_REGISTER_TABLE",
     "MAX_TABLE",
+    "conv_output",
     "kernel_table",
     "pack_codes",
+    "sparse_table_conv2d",
     "sparse_table_linear",
     "table_entries",
     "table_linear",
@@ -369,5 +372,105 @@ def sparse_table_linear(
                                 y[outer * tile + t, o] = (
                                     y[outer * tile + t, o] + sums[t * LANES + lane]
                                 )
+
+    return kernel
+
+
+def conv_output(height: int, width: int, geometry: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The output plane of a convolution of ``geometry`` ((kh, kw), stride, padding,
+    dilation) over a ``height`` x ``width`` plane."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (
+        width + 2 * pw - dw * (kw - 1) - 1
+    ) // sw + 1
+
+
+@functools.cache
+def sparse_table_conv2d(
+    batch: int,
+    image: tuple[int, int, int],
+    out_channels: int,
+    geometry: tuple[tuple[int, int], ...],
+    table_size: int,
+    column_dtype: str,
+) -> Any:
+    """The kernel of an ungrouped, zero-padded Conv2d whose weight is stored as CSR rows (one
+    per output channel, columns ``c * kh * kw + dy * kw + dx``) of codes into a table: a
+    scheduled PrimFunc taking ``(x, bias, codes, columns, starts, table, y)`` as
+    :func:`sparse_table_linear` does, for ``x`` of shape (batch, *image) (channels, height,
+    width) and ``geometry`` ((kh, kw), stride, padding, dilation).
+
+    Each image is unfolded once into a scratch block of columns (one per kernel tap, its
+    output positions padded to a multiple of 16), so that each stored value multiplies 16
+    output positions at once, in registers that hold the whole output plane of a channel.
+    Batches run images in parallel; one image runs its taps, then its channels, in parallel.
+    """
+    channels, height, width = image
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    oh, ow = conv_output(height, width, geometry)
+    positions = oh * ow
+    vectors = -(-positions // LANES)
+    padded = vectors * LANES
+    taps, n, b = channels * kh * kw, out_channels, batch
+    entries = table_entries(table_size)
+    images = b if b > 1 else 0  # a batch: one task per image
+    single = 1 if b == 1 else 0  # one image: its taps, then its channels, in parallel
+    tasks, per_task = _split(n, n * taps * positions if single else 0)
+    shared_size = taps * padded if single else 1
+    zero = T.broadcast(T.float32(0), LANES)
+
+    @T.macro
+    def unfold(x, cols, i, tap):
+        c, k = tap // (kh * kw), tap % (kh * kw)
+        for p in range(padded):
+            row = T.meta_var((p // ow) * sh + (k // kw) * dh - ph)
+            column = T.meta_var((p % ow) * sw + (k % kw) * dw - pw)
+            inside = T.meta_var(
+                (p < positions) & (row >= 0) & (row < height) & (column >= 0) & (column < width)
+            )
+            cols[tap * padded + p] = T.if_then_else(inside, x[i, c, row, column], T.float32(0))
+
+    @T.macro
+    def channel(cols, acc, code, column, starts, table, bias, y, i, o):
+        for v in T.unroll(vectors):
+            acc[_lanes(v * LANES)] = zero
+        for j in T.serial(starts[o], starts[o + 1]):
+            weight = T.meta_var(T.broadcast(table[T.Cast("int32", code[j])], LANES))
+            for v in T.unroll(vectors):
+                at = T.meta_var(T.Cast("int32", column[j]) * padded + v * LANES)
+                acc[_lanes(v * LANES)] = acc[_lanes(v * LANES)] + weight * cols[_lanes(at)]
+        for p in range(positions):
+            y[i, o, p // ow, p % ow] = acc[p] + bias[o]
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((b, channels, height, width), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        codes: T.handle,
+        columns: T.handle,
+        starts: T.Buffer((n + 1,), "int32"),
+        table: T.Buffer((entries,), "float32"),
+        y: T.Buffer((b, n, oh, ow), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        count = T.int32()
+        code = T.match_buffer(codes, (count,), "uint8")
+        column = T.match_buffer(columns, (count,), column_dtype)
+        for i in T.parallel(images):
+            cols = T.alloc_buffer((taps * padded,), "float32")
+            acc = T.alloc_buffer((padded,), "float32", scope="local")
+            for tap in range(taps):
+                unfold(x, cols, i, tap)
+            for o in range(n):
+                channel(cols, acc, code, column, starts, table, bias, y, i, o)
+        shared = T.alloc_buffer((shared_size,), "float32")
+        for tap in T.parallel(taps * single):
+            unfold(x, shared, 0, tap)
+        for task in T.parallel(tasks * single):
+            acc = T.alloc_buffer((padded,), "float32", scope="local")
+            for member in range(per_task):
+                if task * per_task + member < n:  # the last task may hold fewer
+                    channel(shared, acc, code, column, starts, table, bias, y, 0,
+                            task * per_task + member)
 
     return kernel
