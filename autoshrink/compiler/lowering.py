@@ -228,7 +228,7 @@ def _sparse_kernel(
     bundle), else ``None``."""
     template = step.module
     lowered = payloads.get(layer.rows[2]) if layer.rows else None
-    if not _tabled(lowered) or not (isinstance(template, nn.Linear) or supports(template)):
+    if not _tabled(lowered) or not supports(template):
         return None
     columns, starts = (layer.arrays[key] for key in layer.rows[:2])
     size = int(lowered.table.size)
@@ -237,7 +237,7 @@ def _sparse_kernel(
     padding = np.zeros(LANES, np.uint8)  # the kernel's last vector of stored values reads on
     arrays = {
         "bias": np.zeros(out, np.float32) if bias is None else bias,
-        "codes": np.concatenate([np.asarray(lowered.codes, np.uint8), padding.astype(np.uint8)]),
+        "codes": np.concatenate([np.asarray(lowered.codes, np.uint8), padding]),
         "columns": np.concatenate([columns, padding.astype(columns.dtype)]),
         "starts": np.asarray(starts, np.int32),
         "table": kernel_table(lowered.table),
