@@ -23,15 +23,9 @@ from autoshrink.compiler.build import fuse
 from autoshrink.compiler.lowering import KernelCall, compressed_kernels, to_relax_lowered
 from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs
+from autoshrink.compiler.sparse import sparse_table_conv2d, sparse_table_linear
 from autoshrink.compiler.target import resolve_target
-from autoshrink.compiler.vector import (
-    kernel_table,
-    pack_codes,
-    sparse_table_conv2d,
-    sparse_table_linear,
-    table_entries,
-    table_linear,
-)
+from autoshrink.compiler.vector import kernel_table, pack_codes, table_entries, table_linear
 from autoshrink.compress import compress, replace_module
 from autoshrink.header import read_header
 from autoshrink.hookspecs import hookimpl

@@ -31,16 +31,8 @@ from tvm import relax
 from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import conv_geometry, dense_layer, supports
-from autoshrink.compiler.vector import (
-    LANES,
-    MAX_TABLE,
-    conv_output,
-    kernel_table,
-    pack_codes,
-    sparse_table_conv2d,
-    sparse_table_linear,
-    table_linear,
-)
+from autoshrink.compiler.sparse import conv_output, sparse_table_conv2d, sparse_table_linear
+from autoshrink.compiler.vector import LANES, MAX_TABLE, kernel_table, pack_codes, table_linear
 from autoshrink.header import Header
 from autoshrink.methods import LayerCode, LoweredLayer, LoweredValue
 from autoshrink.pipeline import layer_step

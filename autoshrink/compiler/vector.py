@@ -1,6 +1,6 @@
 """Table-lookup kernels for CPUs with AVX-512: a Linear whose weights are codes into a table
-(k-means or uniform codebooks, ternary codes), dense or pruned to rows of survivors, and a
-pruned convolution of such codes.
+(k-means or uniform codebooks, ternary codes); the lookups the sparse kernels
+(:mod:`autoshrink.compiler.sparse`) share.
 
 MetaSchedule cannot find these: the lookup of 16 weights at once is one ``vpermps`` whose
 table sits in a register (``vpermi2ps`` for 32 entries), which no loop schedule of a gather
@@ -21,8 +21,7 @@ give back: byte ``16 * (l // 4) + 4 * s + l % 4`` holds row lane ``l``, column `
 The dense kernel is an outer product per chunk: the 16 weights of one column for 16 rows are
 looked up once and multiplied into ``tile`` batch rows' accumulators (``x`` broadcast), so for
 a batch the lookups cost little beside the multiplications, and at batch 1 four partial sums
-keep the multipliers busy. The weight never exists in memory. The sparse kernels
-(:func:`sparse_table_linear`, :func:`sparse_table_conv2d`) touch stored survivors only.
+keep the multipliers busy. The weight never exists in memory.
 """
 
 from __future__ import annotations
@@ -39,13 +38,13 @@ __all__ = [
     "LANES",
     "MAX_REGISTER_TABLE",
     "MAX_TABLE",
-    "conv_output",
     "kernel_table",
+    "lanes",
     "pack_codes",
-    "sparse_table_conv2d",
-    "sparse_table_linear",
+    "split_tasks",
     "table_entries",
     "table_linear",
+    "vector_lookup",
 ]
 
 #: float32 lanes of a 512-bit register: the rows a group holds.
@@ -64,7 +63,7 @@ PARALLEL_WORK = 1 << 17
 TASKS = 64
 
 
-def _split(units: int, work: int) -> tuple[int, int]:
+def split_tasks(units: int, work: int) -> tuple[int, int]:
     """``(tasks, units per task)`` for ``units`` rows (or row groups) of ``work``
     multiply-adds in all: one task for small products, where waking the pool costs more than
     it saves."""
@@ -101,35 +100,36 @@ def kernel_table(table: np.ndarray, vbmi: bool = False) -> np.ndarray:
     return np.ascontiguousarray(padded.view(np.int8).reshape(MAX_TABLE, 4).T).reshape(-1)
 
 
-def _vector_lookup(table_size: int) -> Callable:
+def vector_lookup(table_size: int) -> Callable:
     """``(table, codes) -> float32x16``: the entries of 16 int32 codes. Up to 16 entries: one
     ``vpermps`` from a register; up to 32: ``vpermi2ps`` from two; else one load per lane
     from the table in memory (L1-resident; 15 % faster here than ``vgatherdps``)."""
     if table_size <= 16:
         return lambda table, codes: tirx.call_llvm_pure_intrin(
-            "float32x16", "llvm.x86.avx512.permvar.sf.512", table[_lanes(0)], codes
+            "float32x16", "llvm.x86.avx512.permvar.sf.512", table[lanes(0)], codes
         )
     if table_size <= 32:
         return lambda table, codes: tirx.call_llvm_pure_intrin(
             "float32x16", "llvm.x86.avx512.vpermi2var.ps.512",
-            table[_lanes(0)], codes, table[_lanes(16)],
+            table[lanes(0)], codes, table[lanes(16)],
         )
     return lambda table, codes: table[codes]
 
 
-def _lanes(start: Any, count: int = LANES) -> Any:
+def lanes(start: Any, count: int = LANES) -> Any:
+    """The ``count`` consecutive indices from ``start``, as one vector index."""
     return tirx.Ramp(start, 1, count)
 
 
 def _chunk_lookup(table_size: int, vbmi: bool) -> Callable:
     """``(table, word) -> [float32x16, ...]``: the weights of each column of a chunk (16
-    rows, ``32 // bits`` columns) from its word vector: :func:`_vector_lookup` of each
+    rows, ``32 // bits`` columns) from its word vector: :func:`vector_lookup` of each
     column's codes, or for byte planes eight ``vpermi2b``, four blends and eight unpacks for
     all four columns."""
     bits = _bits(table_size, vbmi)
     per = 32 // bits
     mask = T.broadcast(T.int32((1 << bits) - 1), LANES)
-    lookup = _vector_lookup(table_size)
+    lookup = vector_lookup(table_size)
     if not _planes(table_size, vbmi):
         return lambda table, word: [
             lookup(table, (word >> T.broadcast(s * bits, LANES)) & mask) for s in range(per)
@@ -143,7 +143,7 @@ def _chunk_lookup(table_size: int, vbmi: bool) -> Callable:
             def half(start: int) -> Any:
                 return tirx.call_llvm_pure_intrin(
                     f"int8x{BYTES}", "llvm.x86.avx512.vpermi2var.qi.512",
-                    table[_lanes(start, BYTES)], code, table[_lanes(start + BYTES, BYTES)],
+                    table[lanes(start, BYTES)], code, table[lanes(start + BYTES, BYTES)],
                 )
 
             return tirx.Select(high, half(MAX_TABLE * p + 128), half(MAX_TABLE * p))
@@ -228,7 +228,7 @@ def table_linear(
     # A table in memory is read once per weight: into a scratch column block of the row
     # group, which every batch tile then reads (one vector load instead of 16 lookups).
     once = table_size > MAX_REGISTER_TABLE and b > tile
-    tasks, per_task = _split(groups, n * k * b)
+    tasks, per_task = split_tasks(groups, n * k * b)
     scratch_size = chunks * per * LANES if once else LANES
 
     def fetch(table: Any, scratch: Any, word: Any, column: Any, s: Any) -> Any:
@@ -287,190 +287,5 @@ def table_linear(
                                             y[outer * tile + t, g * LANES + lane]
                                             + acc[(t * partials + p) * LANES + lane]
                                         )
-
-    return kernel
-
-
-
-@functools.cache
-def sparse_table_linear(
-    batch: int, in_features: int, out_features: int, table_size: int, column_dtype: str
-) -> Any:
-    """The kernel ``y = x @ W.T + bias`` for a weight stored as CSR rows whose values are
-    codes into a table: a scheduled PrimFunc taking ``(x, bias, codes, columns, starts,
-    table, y)``, with ``codes`` (uint8) and ``columns`` one per stored value followed by
-    :data:`LANES` entries of padding (zeros), ``starts`` (int32) where each of the
-    ``out_features`` rows starts (and where the last ends), ``table`` :func:`kernel_table`.
-
-    Only stored values are touched. For a batch that is a multiple of 16 the input is first
-    transposed, so that each stored value multiplies 16 batch rows at once (one vector load
-    of the transposed input). Other batches take a row's stored values 16 at a time: their
-    codes looked up as :func:`table_linear` looks them up, their inputs loaded lane by lane,
-    and the lanes past the row's end masked (the padding keeps their loads in bounds)."""
-    n, k, b = out_features, in_features, batch
-    entries = table_entries(table_size)
-    vectors = b // LANES if b % LANES == 0 else 0  # batch vectors of 16 rows
-    tile = next(t for t in (8, 4, 2, 1) if b % t == 0)
-    tiles = 0 if vectors else b // tile  # batch tiles sharing each looked-up vector
-    transposed = k * b if vectors else 1
-    transpose_columns = k if vectors else 0
-    tasks, per_task = _split(n, n * k * b)
-    lookup = _vector_lookup(table_size)
-    zero = T.broadcast(T.float32(0), LANES)
-
-    @T.prim_func(private=True)
-    def kernel(
-        x: T.Buffer((b, k), "float32"),
-        bias: T.Buffer((n,), "float32"),
-        codes: T.handle,
-        columns: T.handle,
-        starts: T.Buffer((n + 1,), "int32"),
-        table: T.Buffer((entries,), "float32"),
-        y: T.Buffer((b, n), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        count = T.int32()
-        code = T.match_buffer(codes, (count,), "uint8")
-        column = T.match_buffer(columns, (count,), column_dtype)
-        flat = T.decl_buffer((b * k,), "float32", data=x.data)
-        xt = T.alloc_buffer((transposed,), "float32")
-        for c in T.parallel(transpose_columns):
-            for r in range(b):
-                xt[c * b + r] = x[r, c]
-        for task in T.parallel(tasks):
-            acc = T.alloc_buffer((max(1, vectors) * LANES,), "float32", scope="local")
-            sums = T.alloc_buffer((tile * LANES,), "float32", scope="local")
-            for member in range(per_task):
-                o = T.meta_var(task * per_task + member)
-                if o < n:  # the last task may hold fewer
-                    for v in T.unroll(vectors):
-                        acc[_lanes(v * LANES)] = zero
-                    for j in T.serial(starts[o], starts[o + 1]):
-                        for v in T.unroll(vectors):
-                            acc[_lanes(v * LANES)] = acc[_lanes(v * LANES)] + (
-                                T.broadcast(table[T.Cast("int32", code[j])], LANES)
-                                * xt[_lanes(T.Cast("int32", column[j]) * b + v * LANES)]
-                            )
-                    for r in range(vectors * LANES):
-                        y[r, o] = acc[r] + bias[o]
-                    for outer in range(tiles):
-                        for t in T.unroll(tile):
-                            sums[_lanes(t * LANES)] = zero
-                        for v in range((starts[o + 1] - starts[o] + LANES - 1) // LANES):
-                            j = T.meta_var(_lanes(starts[o] + v * LANES))
-                            inside = T.meta_var(j < T.broadcast(starts[o + 1], LANES))
-                            w = T.meta_var(lookup(table, T.Cast("int32x16", code[j])))
-                            at = T.meta_var(T.Cast("int32x16", column[j]))
-                            for t in T.unroll(tile):
-                                row = T.meta_var(T.broadcast((outer * tile + t) * k, LANES))
-                                sums[_lanes(t * LANES)] = sums[_lanes(t * LANES)] + T.Select(
-                                    inside, w * flat[row + at], zero
-                                )
-                        for t in T.unroll(tile):
-                            y[outer * tile + t, o] = bias[o]
-                            for lane in range(LANES):
-                                y[outer * tile + t, o] = (
-                                    y[outer * tile + t, o] + sums[t * LANES + lane]
-                                )
-
-    return kernel
-
-
-def conv_output(height: int, width: int, geometry: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-    """The output plane of a convolution of ``geometry`` ((kh, kw), stride, padding,
-    dilation) over a ``height`` x ``width`` plane."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
-    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (
-        width + 2 * pw - dw * (kw - 1) - 1
-    ) // sw + 1
-
-
-@functools.cache
-def sparse_table_conv2d(
-    batch: int,
-    image: tuple[int, int, int],
-    out_channels: int,
-    geometry: tuple[tuple[int, int], ...],
-    table_size: int,
-    column_dtype: str,
-) -> Any:
-    """The kernel of an ungrouped, zero-padded Conv2d whose weight is stored as CSR rows (one
-    per output channel, columns ``c * kh * kw + dy * kw + dx``) of codes into a table: a
-    scheduled PrimFunc taking ``(x, bias, codes, columns, starts, table, y)`` as
-    :func:`sparse_table_linear` does, for ``x`` of shape (batch, *image) (channels, height,
-    width) and ``geometry`` ((kh, kw), stride, padding, dilation).
-
-    Each image is unfolded once into a scratch block of columns (one per kernel tap, its
-    output positions padded to a multiple of 16), so that each stored value multiplies 16
-    output positions at once, in registers that hold the whole output plane of a channel.
-    Batches run images in parallel; one image runs its taps, then its channels, in parallel.
-    """
-    channels, height, width = image
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
-    oh, ow = conv_output(height, width, geometry)
-    positions = oh * ow
-    vectors = -(-positions // LANES)
-    padded = vectors * LANES
-    taps, n, b = channels * kh * kw, out_channels, batch
-    entries = table_entries(table_size)
-    images = b if b > 1 else 0  # a batch: one task per image
-    single = 1 if b == 1 else 0  # one image: its taps, then its channels, in parallel
-    tasks, per_task = _split(n, n * taps * positions if single else 0)
-    shared_size = taps * padded if single else 1
-    zero = T.broadcast(T.float32(0), LANES)
-
-    @T.macro
-    def unfold(x, cols, i, tap):
-        c, k = tap // (kh * kw), tap % (kh * kw)
-        for p in range(padded):
-            row = T.meta_var((p // ow) * sh + (k // kw) * dh - ph)
-            column = T.meta_var((p % ow) * sw + (k % kw) * dw - pw)
-            inside = T.meta_var(
-                (p < positions) & (row >= 0) & (row < height) & (column >= 0) & (column < width)
-            )
-            cols[tap * padded + p] = T.if_then_else(inside, x[i, c, row, column], T.float32(0))
-
-    @T.macro
-    def channel(cols, acc, code, column, starts, table, bias, y, i, o):
-        for v in T.unroll(vectors):
-            acc[_lanes(v * LANES)] = zero
-        for j in T.serial(starts[o], starts[o + 1]):
-            weight = T.meta_var(T.broadcast(table[T.Cast("int32", code[j])], LANES))
-            for v in T.unroll(vectors):
-                at = T.meta_var(T.Cast("int32", column[j]) * padded + v * LANES)
-                acc[_lanes(v * LANES)] = acc[_lanes(v * LANES)] + weight * cols[_lanes(at)]
-        for p in range(positions):
-            y[i, o, p // ow, p % ow] = acc[p] + bias[o]
-
-    @T.prim_func(private=True)
-    def kernel(
-        x: T.Buffer((b, channels, height, width), "float32"),
-        bias: T.Buffer((n,), "float32"),
-        codes: T.handle,
-        columns: T.handle,
-        starts: T.Buffer((n + 1,), "int32"),
-        table: T.Buffer((entries,), "float32"),
-        y: T.Buffer((b, n, oh, ow), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        count = T.int32()
-        code = T.match_buffer(codes, (count,), "uint8")
-        column = T.match_buffer(columns, (count,), column_dtype)
-        for i in T.parallel(images):
-            cols = T.alloc_buffer((taps * padded,), "float32")
-            acc = T.alloc_buffer((padded,), "float32", scope="local")
-            for tap in range(taps):
-                unfold(x, cols, i, tap)
-            for o in range(n):
-                channel(cols, acc, code, column, starts, table, bias, y, i, o)
-        shared = T.alloc_buffer((shared_size,), "float32")
-        for tap in T.parallel(taps * single):
-            unfold(x, shared, 0, tap)
-        for task in T.parallel(tasks * single):
-            acc = T.alloc_buffer((padded,), "float32", scope="local")
-            for member in range(per_task):
-                if task * per_task + member < n:  # the last task may hold fewer
-                    channel(shared, acc, code, column, starts, table, bias, y, 0,
-                            task * per_task + member)
 
     return kernel

@@ -1,0 +1,206 @@
+"""Sparse table-lookup kernels for CPUs with AVX-512: a Linear or a convolution pruned to rows
+of survivors (CSR, one row per output or output channel) whose values are codes into a
+table. Only stored survivors are touched; their codes are looked up as
+:mod:`autoshrink.compiler.vector` looks them up.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from tvm.script import tirx as T
+
+from autoshrink.compiler.vector import (
+    LANES,
+    lanes,
+    split_tasks,
+    table_entries,
+    vector_lookup,
+)
+
+__all__ = ["conv_output", "sparse_table_conv2d", "sparse_table_linear"]
+
+
+@functools.cache
+def sparse_table_linear(
+    batch: int, in_features: int, out_features: int, table_size: int, column_dtype: str
+) -> Any:
+    """The kernel ``y = x @ W.T + bias`` for a weight stored as CSR rows whose values are
+    codes into a table: a scheduled PrimFunc taking ``(x, bias, codes, columns, starts,
+    table, y)``, with ``codes`` (uint8) and ``columns`` one per stored value followed by
+    :data:`LANES` entries of padding (zeros), ``starts`` (int32) where each of the
+    ``out_features`` rows starts (and where the last ends), ``table`` :func:`kernel_table`.
+
+    Only stored values are touched. For a batch that is a multiple of 16 the input is first
+    transposed, so that each stored value multiplies 16 batch rows at once (one vector load
+    of the transposed input). Other batches take a row's stored values 16 at a time: their
+    codes looked up as :func:`table_linear` looks them up, their inputs loaded lane by lane,
+    and the lanes past the row's end masked (the padding keeps their loads in bounds)."""
+    n, k, b = out_features, in_features, batch
+    entries = table_entries(table_size)
+    vectors = b // LANES if b % LANES == 0 else 0  # batch vectors of 16 rows
+    tile = next(t for t in (8, 4, 2, 1) if b % t == 0)
+    tiles = 0 if vectors else b // tile  # batch tiles sharing each looked-up vector
+    transposed = k * b if vectors else 1
+    transpose_columns = k if vectors else 0
+    tasks, per_task = split_tasks(n, n * k * b)
+    lookup = vector_lookup(table_size)
+    zero = T.broadcast(T.float32(0), LANES)
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((b, k), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        codes: T.handle,
+        columns: T.handle,
+        starts: T.Buffer((n + 1,), "int32"),
+        table: T.Buffer((entries,), "float32"),
+        y: T.Buffer((b, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        count = T.int32()
+        code = T.match_buffer(codes, (count,), "uint8")
+        column = T.match_buffer(columns, (count,), column_dtype)
+        flat = T.decl_buffer((b * k,), "float32", data=x.data)
+        xt = T.alloc_buffer((transposed,), "float32")
+        for c in T.parallel(transpose_columns):
+            for r in range(b):
+                xt[c * b + r] = x[r, c]
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((max(1, vectors) * LANES,), "float32", scope="local")
+            sums = T.alloc_buffer((tile * LANES,), "float32", scope="local")
+            for member in range(per_task):
+                o = T.meta_var(task * per_task + member)
+                if o < n:  # the last task may hold fewer
+                    for v in T.unroll(vectors):
+                        acc[lanes(v * LANES)] = zero
+                    for j in T.serial(starts[o], starts[o + 1]):
+                        for v in T.unroll(vectors):
+                            acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + (
+                                T.broadcast(table[T.Cast("int32", code[j])], LANES)
+                                * xt[lanes(T.Cast("int32", column[j]) * b + v * LANES)]
+                            )
+                    for r in range(vectors * LANES):
+                        y[r, o] = acc[r] + bias[o]
+                    for outer in range(tiles):
+                        for t in T.unroll(tile):
+                            sums[lanes(t * LANES)] = zero
+                        for v in range((starts[o + 1] - starts[o] + LANES - 1) // LANES):
+                            j = T.meta_var(lanes(starts[o] + v * LANES))
+                            inside = T.meta_var(j < T.broadcast(starts[o + 1], LANES))
+                            w = T.meta_var(lookup(table, T.Cast("int32x16", code[j])))
+                            at = T.meta_var(T.Cast("int32x16", column[j]))
+                            for t in T.unroll(tile):
+                                row = T.meta_var(T.broadcast((outer * tile + t) * k, LANES))
+                                sums[lanes(t * LANES)] = sums[lanes(t * LANES)] + T.Select(
+                                    inside, w * flat[row + at], zero
+                                )
+                        for t in T.unroll(tile):
+                            y[outer * tile + t, o] = bias[o]
+                            for lane in range(LANES):
+                                y[outer * tile + t, o] = (
+                                    y[outer * tile + t, o] + sums[t * LANES + lane]
+                                )
+
+    return kernel
+
+
+def conv_output(height: int, width: int, geometry: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """The output plane of a convolution of ``geometry`` ((kh, kw), stride, padding,
+    dilation) over a ``height`` x ``width`` plane."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (
+        width + 2 * pw - dw * (kw - 1) - 1
+    ) // sw + 1
+
+
+@functools.cache
+def sparse_table_conv2d(
+    batch: int,
+    image: tuple[int, int, int],
+    out_channels: int,
+    geometry: tuple[tuple[int, int], ...],
+    table_size: int,
+    column_dtype: str,
+) -> Any:
+    """The kernel of an ungrouped, zero-padded Conv2d whose weight is stored as CSR rows (one
+    per output channel, columns ``c * kh * kw + dy * kw + dx``) of codes into a table: a
+    scheduled PrimFunc taking ``(x, bias, codes, columns, starts, table, y)`` as
+    :func:`sparse_table_linear` does, for ``x`` of shape (batch, *image) (channels, height,
+    width) and ``geometry`` ((kh, kw), stride, padding, dilation).
+
+    Each image is unfolded once into a scratch block of columns (one per kernel tap, its
+    output positions padded to a multiple of 16), so that each stored value multiplies 16
+    output positions at once, in registers that hold the whole output plane of a channel.
+    Batches run images in parallel; one image runs its taps, then its channels, in parallel.
+    """
+    channels, height, width = image
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
+    oh, ow = conv_output(height, width, geometry)
+    positions = oh * ow
+    vectors = -(-positions // LANES)
+    padded = vectors * LANES
+    taps, n, b = channels * kh * kw, out_channels, batch
+    entries = table_entries(table_size)
+    images = b if b > 1 else 0  # a batch: one task per image
+    single = 1 if b == 1 else 0  # one image: its taps, then its channels, in parallel
+    tasks, per_task = split_tasks(n, n * taps * positions if single else 0)
+    shared_size = taps * padded if single else 1
+    zero = T.broadcast(T.float32(0), LANES)
+
+    @T.macro
+    def unfold(x, cols, i, tap):
+        c, k = tap // (kh * kw), tap % (kh * kw)
+        for p in range(padded):
+            row = T.meta_var((p // ow) * sh + (k // kw) * dh - ph)
+            column = T.meta_var((p % ow) * sw + (k % kw) * dw - pw)
+            inside = T.meta_var(
+                (p < positions) & (row >= 0) & (row < height) & (column >= 0) & (column < width)
+            )
+            cols[tap * padded + p] = T.if_then_else(inside, x[i, c, row, column], T.float32(0))
+
+    @T.macro
+    def channel(cols, acc, code, column, starts, table, bias, y, i, o):
+        for v in T.unroll(vectors):
+            acc[lanes(v * LANES)] = zero
+        for j in T.serial(starts[o], starts[o + 1]):
+            weight = T.meta_var(T.broadcast(table[T.Cast("int32", code[j])], LANES))
+            for v in T.unroll(vectors):
+                at = T.meta_var(T.Cast("int32", column[j]) * padded + v * LANES)
+                acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
+        for p in range(positions):
+            y[i, o, p // ow, p % ow] = acc[p] + bias[o]
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((b, channels, height, width), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        codes: T.handle,
+        columns: T.handle,
+        starts: T.Buffer((n + 1,), "int32"),
+        table: T.Buffer((entries,), "float32"),
+        y: T.Buffer((b, n, oh, ow), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        count = T.int32()
+        code = T.match_buffer(codes, (count,), "uint8")
+        column = T.match_buffer(columns, (count,), column_dtype)
+        for i in T.parallel(images):
+            cols = T.alloc_buffer((taps * padded,), "float32")
+            acc = T.alloc_buffer((padded,), "float32", scope="local")
+            for tap in range(taps):
+                unfold(x, cols, i, tap)
+            for o in range(n):
+                channel(cols, acc, code, column, starts, table, bias, y, i, o)
+        shared = T.alloc_buffer((shared_size,), "float32")
+        for tap in T.parallel(taps * single):
+            unfold(x, shared, 0, tap)
+        for task in T.parallel(tasks * single):
+            acc = T.alloc_buffer((padded,), "float32", scope="local")
+            for member in range(per_task):
+                if task * per_task + member < n:  # the last task may hold fewer
+                    channel(shared, acc, code, column, starts, table, bias, y, 0,
+                            task * per_task + member)
+
+    return kernel
