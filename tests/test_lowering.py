@@ -391,15 +391,17 @@ def test_both_forms_of_a_float32_layer_name_their_stages_alike(methods, tmp_path
     assert stages[0] == stages[1] and stages[0]
 
 
-def test_kernels_between_the_layers_run_their_outer_loops_in_parallel() -> None:
+@pytest.mark.parametrize("shape", [(4, 8, 6, 6), (2, 3, 28, 28)])
+def test_kernels_between_the_layers_run_in_parallel_and_in_vector_lanes(shape) -> None:
     """Batch norm and activations after an opaque compressed kernel are no schedule's
-    business: the build runs their outer loops in parallel, and they compute the same."""
+    business: the build runs their outer loops in parallel and their inner ones in vector
+    lanes, and they compute the same."""
     from tvm import tirx
 
     from autoshrink.compiler.build import parallel_loops
 
     builder = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((4, 8, 6, 6), "float32"))
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
     with builder.function("main", [x]):
         with builder.dataflow():
             shifted = builder.emit(relax.op.multiply(relax.op.subtract(x, relax.const(0.5)), x))
@@ -409,8 +411,8 @@ def test_kernels_between_the_layers_run_their_outer_loops_in_parallel() -> None:
     mod = parallel_loops(fuse(builder.get(), target, False), 2)
     kernels = [f for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     assert kernels and all(f.attrs["tirx.is_scheduled"] for f in kernels)
-    assert all("T.parallel" in f.script() for f in kernels)
+    assert all("T.parallel" in f.script() and "T.vectorized" in f.script() for f in kernels)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target.tvm), target.device)
-    data = np.random.default_rng(0).standard_normal((4, 8, 6, 6)).astype(np.float32)
+    data = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(data)).numpy()
     np.testing.assert_allclose(got, np.maximum((data - 0.5) * data, 0), rtol=1e-6)

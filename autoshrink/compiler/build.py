@@ -64,8 +64,9 @@ def is_scheduled(function: Any) -> bool:
 def parallel_loops(mod: Any, threads: int) -> Any:
     """``mod`` with each kernel no schedule was applied to (the elementwise and data-movement
     kernels between the layers: batch norm, activations, reshapes) made one loop nest with
-    its outer loops run in parallel, instead of TVM's serial loops over every element. A
-    kernel the schedule cannot take stays as it was."""
+    its outer loops run in parallel and its inner ones in vector lanes, instead of TVM's
+    serial scalar loops over every element. A kernel the schedule cannot take stays as it
+    was."""
     from tvm import tirx
     from tvm.s_tir import Schedule
 
@@ -95,7 +96,25 @@ def _parallel(schedule: Any, threads: int) -> Any:
         count += 1
     outer = schedule.fuse(*loops[:count]) if count > 1 else loops[0]
     schedule.parallel(outer)
+    _vectorize(schedule, last, loops[count:])
     return schedule.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _vectorize(schedule: Any, block: Any, loops: list[Any]) -> None:
+    """The innermost loops of an elementwise block fused until they hold at least 64
+    iterations, and run 16, 8 or 4 at a time (the most that divides them) in vector lanes;
+    left as they are for a reduction, or where no such width divides them."""
+    if not loops or any(v.iter_type != 0 for v in schedule.get(block).iter_vars):  # 0: spatial
+        return
+    depth, extent = 1, int(schedule.get(loops[-1]).extent)
+    while extent < 64 and depth < len(loops):
+        depth += 1
+        extent *= int(schedule.get(loops[-depth]).extent)
+    lanes = next((w for w in (16, 8, 4) if extent % w == 0), None)
+    if lanes is None:
+        return
+    inner = schedule.fuse(*loops[-depth:]) if depth > 1 else loops[-1]
+    schedule.vectorize(schedule.split(inner, [None, lanes])[1])
 
 
 def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any:
