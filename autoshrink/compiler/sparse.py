@@ -152,16 +152,21 @@ def sparse_table_conv2d(
     @T.macro
     def unfold(x, cols, i, tap):
         c, k = tap // (kh * kw), tap % (kh * kw)
-        for p in range(padded):
-            row = T.meta_var((p // ow) * sh + (k // kw) * dh - ph)
-            column = T.meta_var((p % ow) * sw + (k % kw) * dw - pw)
-            inside = T.meta_var(
-                (p < positions) & (row >= 0) & (row < height) & (column >= 0) & (column < width)
-            )
-            cols[tap * padded + p] = T.if_then_else(inside, x[i, c, row, column], T.float32(0))
+        for oy in range(oh):
+            row = T.meta_var(oy * sh + (k // kw) * dh - ph)
+            for ox in range(ow):
+                column = T.meta_var(ox * sw + (k % kw) * dw - pw)
+                inside = T.meta_var((row >= 0) & (row < height) & (column >= 0) & (column < width))
+                cols[tap * padded + oy * ow + ox] = T.if_then_else(
+                    inside, x[i, c, row, column], T.float32(0)
+                )
+        for p in range(positions, padded):
+            cols[tap * padded + p] = T.float32(0)
 
     @T.macro
-    def channel(cols, acc, code, column, starts, table, bias, y, i, o):
+    def channel(cols, acc, spill, code, column, starts, table, bias, out, i, o):
+        # ``acc`` is only read at fixed lanes, so it stays in registers; ``spill`` takes it
+        # out to the plane, whose last vector is partly past the positions.
         for v in T.unroll(vectors):
             acc[lanes(v * LANES)] = zero
         for j in T.serial(starts[o], starts[o + 1]):
@@ -169,8 +174,10 @@ def sparse_table_conv2d(
             for v in T.unroll(vectors):
                 at = T.meta_var(T.Cast("int32", column[j]) * padded + v * LANES)
                 acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
+        for v in T.unroll(vectors):
+            spill[lanes(v * LANES)] = acc[lanes(v * LANES)] + T.broadcast(bias[o], LANES)
         for p in range(positions):
-            y[i, o, p // ow, p % ow] = acc[p] + bias[o]
+            out[(i * n + o) * positions + p] = spill[p]
 
     @T.prim_func(private=True)
     def kernel(
@@ -186,21 +193,24 @@ def sparse_table_conv2d(
         count = T.int32()
         code = T.match_buffer(codes, (count,), "uint8")
         column = T.match_buffer(columns, (count,), column_dtype)
+        out = T.decl_buffer((b * n * positions,), "float32", data=y.data)
         for i in T.parallel(images):
             cols = T.alloc_buffer((taps * padded,), "float32")
             acc = T.alloc_buffer((padded,), "float32", scope="local")
+            spill = T.alloc_buffer((padded,), "float32")
             for tap in range(taps):
                 unfold(x, cols, i, tap)
             for o in range(n):
-                channel(cols, acc, code, column, starts, table, bias, y, i, o)
+                channel(cols, acc, spill, code, column, starts, table, bias, out, i, o)
         shared = T.alloc_buffer((shared_size,), "float32")
         for tap in T.parallel(taps * single):
             unfold(x, shared, 0, tap)
         for task in T.parallel(tasks * single):
             acc = T.alloc_buffer((padded,), "float32", scope="local")
+            spill = T.alloc_buffer((padded,), "float32")
             for member in range(per_task):
                 if task * per_task + member < n:  # the last task may hold fewer
-                    channel(shared, acc, code, column, starts, table, bias, y, 0,
+                    channel(shared, acc, spill, code, column, starts, table, bias, out, 0,
                             task * per_task + member)
 
     return kernel
