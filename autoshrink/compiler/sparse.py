@@ -131,9 +131,11 @@ def sparse_table_conv2d(
     width) and ``geometry`` ((kh, kw), stride, padding, dilation).
 
     Each image is unfolded once into a scratch block of columns (one per kernel tap, its
-    output positions padded to a multiple of 16), so that each stored value multiplies 16
+    output positions padded to a multiple of 16; copied from each channel framed by its zero
+    padding, so without bounds checks), so that each stored value multiplies 16
     output positions at once, in registers that hold the whole output plane of a channel.
-    Batches run images in parallel; one image runs its taps, then its channels, in parallel.
+    Batches run images in parallel; one image runs its input channels, then its output
+    channels, in parallel.
     """
     channels, height, width = image
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
@@ -147,21 +149,31 @@ def sparse_table_conv2d(
     single = 1 if b == 1 else 0  # one image: its taps, then its channels, in parallel
     tasks, per_task = split_tasks(n, n * taps * positions if single else 0)
     shared_size = taps * padded if single else 1
+    fh, fw = height + 2 * ph, width + 2 * pw  # a channel framed by its zero padding
     zero = T.broadcast(T.float32(0), LANES)
 
     @T.macro
-    def unfold(x, cols, i, tap):
-        c, k = tap // (kh * kw), tap % (kh * kw)
-        for oy in range(oh):
-            row = T.meta_var(oy * sh + (k // kw) * dh - ph)
-            for ox in range(ow):
-                column = T.meta_var(ox * sw + (k % kw) * dw - pw)
-                inside = T.meta_var((row >= 0) & (row < height) & (column >= 0) & (column < width))
-                cols[tap * padded + oy * ow + ox] = T.if_then_else(
-                    inside, x[i, c, row, column], T.float32(0)
+    def unfold(x, held, cols, i, plane):
+        # channel ``plane`` of image ``i`` framed by its zero padding, then its taps' columns
+        # copied from the frame without bounds checks
+        for fy in range(fh):
+            for fx in range(fw):
+                inside = T.meta_var(
+                    (fy >= ph) & (fy < ph + height) & (fx >= pw) & (fx < pw + width)
                 )
-        for p in range(positions, padded):
-            cols[tap * padded + p] = T.float32(0)
+                held[fy * fw + fx] = T.if_then_else(
+                    inside, x[i, plane, fy - ph, fx - pw], T.float32(0)
+                )
+        for ky in range(kh):
+            for kx in range(kw):
+                tap = T.meta_var((plane * kh + ky) * kw + kx)
+                for oy in range(oh):
+                    for ox in range(ow):
+                        cols[tap * padded + oy * ow + ox] = held[
+                            (oy * sh + ky * dh) * fw + ox * sw + kx * dw
+                        ]
+                for p in range(positions, padded):
+                    cols[tap * padded + p] = T.float32(0)
 
     @T.macro
     def channel(cols, acc, spill, code, column, starts, table, bias, out, i, o):
@@ -198,13 +210,15 @@ def sparse_table_conv2d(
             cols = T.alloc_buffer((taps * padded,), "float32")
             acc = T.alloc_buffer((padded,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
-            for tap in range(taps):
-                unfold(x, cols, i, tap)
+            held = T.alloc_buffer((fh * fw,), "float32")
+            for plane in range(channels):
+                unfold(x, held, cols, i, plane)
             for o in range(n):
                 channel(cols, acc, spill, code, column, starts, table, bias, out, i, o)
         shared = T.alloc_buffer((shared_size,), "float32")
-        for tap in T.parallel(taps * single):
-            unfold(x, shared, 0, tap)
+        for plane in T.parallel(channels * single):
+            held = T.alloc_buffer((fh * fw,), "float32")
+            unfold(x, held, shared, 0, plane)
         for task in T.parallel(tasks * single):
             acc = T.alloc_buffer((padded,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
