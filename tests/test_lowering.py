@@ -82,7 +82,10 @@ def _compile(
     header, blobs = read_header(path)
     templates = compressible_layers(task.build_model(width), registry)
     notes: list[str] = []
-    kernels = compressed_kernels(header, blobs, registry, templates, notes, table_lookup, vbmi)
+    inputs, _ = _layer_inputs(reference, list(templates), task.example_input(1))
+    kernels = compressed_kernels(
+        header, blobs, registry, templates, notes, table_lookup, vbmi, inputs
+    )
     _, outputs = _layer_inputs(reference, list(kernels), task.example_input(1))
     stubbed = copy.deepcopy(reference)
     for name, kernel in kernels.items():
@@ -243,11 +246,16 @@ def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
 
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
-@pytest.mark.parametrize("batch", [1, 3])
-def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(methods, tmp_path, batch) -> None:
+@pytest.mark.parametrize(("batch", "unfold_limit"), [(1, None), (3, None), (2, 1000)])
+def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(
+    methods, tmp_path, monkeypatch, batch, unfold_limit
+) -> None:
     """Pruned convolutions whose survivors are codes compute with the written-out sparse
     convolution (one image's taps and channels in parallel, or images in parallel) and give
-    what PyTorch gives."""
+    what PyTorch gives; one whose unfolded image would be over the limit keeps the generic
+    sparse kernel."""
+    if unfold_limit is not None:
+        monkeypatch.setattr("autoshrink.compiler.lowering.MAX_UNFOLD", unfold_limit)
     layer = LayerPlan(
         structure=Choice(method="pruning", config={"threshold": 0.5}),
         value=Choice(method="quantization", config={"bits": 5}),
@@ -257,8 +265,8 @@ def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(methods, tmp_pat
         tmp_path, methods, "fashion-mnist-cnn", plan, 0.25, batch, table_lookup=True
     )
     for name in ("conv1", "conv2"):
-        assert kernels[name].written is not None, notes
-        assert "sparse table lookup" in kernels[name].methods
+        assert (kernels[name].written is not None) == (unfold_limit is None), notes
+        assert ("sparse table lookup" in kernels[name].methods) == (unfold_limit is None)
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
     assert (got.argmax(1) == want.argmax(1)).all()
 
@@ -270,11 +278,13 @@ def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(methods, tmp_pat
         (1, (3, 9, 7), 5, ((3, 3), (1, 1), (1, 1), (1, 1)), 32),
         (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200),
         (3, (2, 5, 5), 33, ((1, 1), (1, 1), (0, 0), (1, 1)), 5),
+        (2, (3, 20, 21), 4, ((3, 3), (1, 1), (1, 1), (1, 1)), 32),
     ],
 )
 def test_the_sparse_convolution_computes_the_layer(batch, image, out, geometry, size) -> None:
-    """Stride, padding and dilation per axis, output planes that do not fill a vector, one
-    image and several, against PyTorch's convolution."""
+    """Stride, padding and dilation per axis, output planes that do not fill a vector or that
+    take several blocks of accumulators, one image and several, against PyTorch's
+    convolution."""
     rng = np.random.default_rng(size)
     (kh, kw), stride, padding, dilation = geometry
     taps = image[0] * kh * kw

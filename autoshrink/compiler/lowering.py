@@ -31,7 +31,13 @@ from tvm import relax
 from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
 from autoshrink.compiler.kernels import conv_geometry, dense_layer, supports
-from autoshrink.compiler.sparse import conv_output, sparse_table_conv2d, sparse_table_linear
+from autoshrink.compiler.sparse import (
+    MAX_UNFOLD,
+    conv_output,
+    sparse_table_conv2d,
+    sparse_table_linear,
+    unfolded,
+)
 from autoshrink.compiler.vector import LANES, MAX_TABLE, kernel_table, pack_codes, table_linear
 from autoshrink.header import Header
 from autoshrink.methods import LayerCode, LoweredLayer, LoweredValue
@@ -123,12 +129,15 @@ def compressed_kernels(
     notes: list[str],
     table_lookup: bool = False,
     vbmi: bool = False,
+    inputs: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, LayerKernel]:
     """The compressed kernel of each layer whose structure method can lower it; one note
     per layer that cannot. With ``table_lookup`` (a CPU with AVX-512), a Linear whose weights
     are codes into a table (up to 8 bits) gets the written-out table-lookup kernel; with
     ``vbmi`` too (AVX-512 VBMI) its tables of more than 32 entries are looked up in
-    registers as byte planes."""
+    registers as byte planes. A pruned convolution of such codes gets the sparse convolution
+    when its input shape (``inputs``, without the batch) unfolds into at most
+    :data:`~autoshrink.compiler.sparse.MAX_UNFOLD` floats."""
     kernels: dict[str, LayerKernel] = {}
     for name, info in header.layers.items():
         step = layer_step(name, templates[name], header.plan.layer(name), registry)
@@ -148,7 +157,7 @@ def compressed_kernels(
         lookup = None
         if table_lookup:
             lookup = _table_kernel(name, step, layer, payloads, vbmi) or _sparse_kernel(
-                name, step, layer, payloads
+                name, step, layer, payloads, (inputs or {}).get(name)
             )
         if lookup is not None:
             kernels[name] = lookup
@@ -213,7 +222,11 @@ def _table_kernel(
 
 
 def _sparse_kernel(
-    name: str, step: Any, layer: LoweredLayer, payloads: dict[str, LoweredValue]
+    name: str,
+    step: Any,
+    layer: LoweredLayer,
+    payloads: dict[str, LoweredValue],
+    image: tuple[int, ...] | None,
 ) -> LayerKernel | None:
     """The sparse table-lookup kernel of a Linear or (ungrouped, zero-padded) Conv2d stored
     as rows of survivors whose values are codes into a table (one byte a survivor in the
@@ -221,6 +234,10 @@ def _sparse_kernel(
     template = step.module
     lowered = payloads.get(layer.rows[2]) if layer.rows else None
     if not _tabled(lowered) or not supports(template):
+        return None
+    if isinstance(template, nn.Conv2d) and (
+        image is None or unfolded(image, tuple(conv_geometry(template).values())) > MAX_UNFOLD
+    ):
         return None
     columns, starts = (layer.arrays[key] for key in layer.rows[:2])
     size = int(lowered.table.size)

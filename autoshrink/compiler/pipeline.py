@@ -208,6 +208,7 @@ def compile_artifact(
         header, blobs, registry, templates, notes,
         table_lookup=chosen.kind == "cpu" and "avx512f" in cpu_flags(),
         vbmi=chosen.kind == "cpu" and "avx512vbmi" in cpu_flags(),
+        inputs=inputs,
     )
     options = {}
     for name in templates:

@@ -19,7 +19,13 @@ from autoshrink.compiler.vector import (
     vector_lookup,
 )
 
-__all__ = ["conv_output", "sparse_table_conv2d", "sparse_table_linear"]
+__all__ = ["MAX_UNFOLD", "conv_output", "sparse_table_conv2d", "sparse_table_linear", "unfolded"]
+
+#: Vectors of output positions a convolution accumulates in registers at a time.
+BLOCK = 16
+#: Most floats the convolution's unfolded block of one image may hold (16 MB); larger
+#: convolutions keep the generic sparse kernel.
+MAX_UNFOLD = 1 << 22
 
 
 @functools.cache
@@ -106,6 +112,15 @@ def sparse_table_linear(
     return kernel
 
 
+def unfolded(image: tuple[int, int, int], geometry: tuple[tuple[int, int], ...]) -> int:
+    """Floats of the block :func:`sparse_table_conv2d` unfolds one image into."""
+    (kh, kw) = geometry[0]
+    oh, ow = conv_output(image[1], image[2], geometry)
+    vectors = -(-oh * ow // LANES)
+    block = min(vectors, BLOCK)
+    return image[0] * kh * kw * -(-vectors // block) * block * LANES
+
+
 def conv_output(height: int, width: int, geometry: tuple[tuple[int, int], ...]) -> tuple[int, int]:
     """The output plane of a convolution of ``geometry`` ((kh, kw), stride, padding,
     dilation) over a ``height`` x ``width`` plane."""
@@ -131,9 +146,10 @@ def sparse_table_conv2d(
     width) and ``geometry`` ((kh, kw), stride, padding, dilation).
 
     Each image is unfolded once into a scratch block of columns (one per kernel tap, its
-    output positions padded to a multiple of 16; copied from each channel framed by its zero
-    padding, so without bounds checks), so that each stored value multiplies 16
-    output positions at once, in registers that hold the whole output plane of a channel.
+    output positions padded to a whole number of blocks; copied from each channel framed by
+    its zero padding, so without bounds checks; :func:`unfolded` floats), so that each stored
+    value multiplies 16 output positions at once, into registers that hold up to
+    :data:`BLOCK` vectors of a channel's output plane.
     Batches run images in parallel; one image runs its input channels, then its output
     channels, in parallel.
     """
@@ -142,7 +158,9 @@ def sparse_table_conv2d(
     oh, ow = conv_output(height, width, geometry)
     positions = oh * ow
     vectors = -(-positions // LANES)
-    padded = vectors * LANES
+    block = min(vectors, BLOCK)  # accumulator vectors held in registers at a time
+    blocks = -(-vectors // block)
+    padded = blocks * block * LANES
     taps, n, b = channels * kh * kw, out_channels, batch
     entries = table_entries(table_size)
     images = b if b > 1 else 0  # a batch: one task per image
@@ -177,17 +195,23 @@ def sparse_table_conv2d(
 
     @T.macro
     def channel(cols, acc, spill, code, column, starts, table, bias, out, i, o):
-        # ``acc`` is only read at fixed lanes, so it stays in registers; ``spill`` takes it
-        # out to the plane, whose last vector is partly past the positions.
-        for v in T.unroll(vectors):
-            acc[lanes(v * LANES)] = zero
-        for j in T.serial(starts[o], starts[o + 1]):
-            weight = T.meta_var(T.broadcast(table[T.Cast("int32", code[j])], LANES))
-            for v in T.unroll(vectors):
-                at = T.meta_var(T.Cast("int32", column[j]) * padded + v * LANES)
-                acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
-        for v in T.unroll(vectors):
-            spill[lanes(v * LANES)] = acc[lanes(v * LANES)] + T.broadcast(bias[o], LANES)
+        # A block of positions at a time: ``acc`` is only read at fixed lanes, so it stays in
+        # registers; ``spill`` takes it out to the plane, whose last vector is partly past
+        # the positions.
+        for start in range(blocks):
+            for v in T.unroll(block):
+                acc[lanes(v * LANES)] = zero
+            for j in T.serial(starts[o], starts[o + 1]):
+                weight = T.meta_var(T.broadcast(table[T.Cast("int32", code[j])], LANES))
+                for v in T.unroll(block):
+                    at = T.meta_var(
+                        T.Cast("int32", column[j]) * padded + (start * block + v) * LANES
+                    )
+                    acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
+            for v in T.unroll(block):
+                spill[lanes((start * block + v) * LANES)] = acc[lanes(v * LANES)] + T.broadcast(
+                    bias[o], LANES
+                )
         for p in range(positions):
             out[(i * n + o) * positions + p] = spill[p]
 
@@ -208,7 +232,7 @@ def sparse_table_conv2d(
         out = T.decl_buffer((b * n * positions,), "float32", data=y.data)
         for i in T.parallel(images):
             cols = T.alloc_buffer((taps * padded,), "float32")
-            acc = T.alloc_buffer((padded,), "float32", scope="local")
+            acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
             held = T.alloc_buffer((fh * fw,), "float32")
             for plane in range(channels):
@@ -220,7 +244,7 @@ def sparse_table_conv2d(
             held = T.alloc_buffer((fh * fw,), "float32")
             unfold(x, held, shared, 0, plane)
         for task in T.parallel(tasks * single):
-            acc = T.alloc_buffer((padded,), "float32", scope="local")
+            acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
             for member in range(per_task):
                 if task * per_task + member < n:  # the last task may hold fewer
