@@ -235,9 +235,8 @@ def _sparse_kernel(
     lowered = payloads.get(layer.rows[2]) if layer.rows else None
     if not _tabled(lowered) or not supports(template):
         return None
-    if isinstance(template, nn.Conv2d) and (
-        image is None or unfolded(image, tuple(conv_geometry(template).values())) > MAX_UNFOLD
-    ):
+    geometry = tuple(conv_geometry(template).values()) if isinstance(template, nn.Conv2d) else ()
+    if geometry and (image is None or unfolded(image, geometry) > MAX_UNFOLD):
         return None
     columns, starts = (layer.arrays[key] for key in layer.rows[:2])
     size = int(lowered.table.size)
@@ -257,7 +256,6 @@ def _sparse_kernel(
         if isinstance(template, nn.Linear):
             kernel = sparse_table_linear(shape[0], shape[1], out, size, dtype)
             return [(kernel, (out,), sorted(arrays))]
-        geometry = tuple(conv_geometry(template).values())
         kernel = sparse_table_conv2d(shape[0], shape[1:], out, geometry, size, dtype)
         return [(kernel, (out, *conv_output(*shape[2:], geometry)), sorted(arrays))]
 

@@ -112,13 +112,19 @@ def sparse_table_linear(
     return kernel
 
 
+def _blocks(positions: int) -> tuple[int, int, int]:
+    """``(vectors a block, blocks, padded positions)`` of an output plane of ``positions``."""
+    vectors = -(-positions // LANES)
+    block = min(vectors, BLOCK)
+    blocks = -(-vectors // block)
+    return block, blocks, blocks * block * LANES
+
+
 def unfolded(image: tuple[int, int, int], geometry: tuple[tuple[int, int], ...]) -> int:
     """Floats of the block :func:`sparse_table_conv2d` unfolds one image into."""
     (kh, kw) = geometry[0]
     oh, ow = conv_output(image[1], image[2], geometry)
-    vectors = -(-oh * ow // LANES)
-    block = min(vectors, BLOCK)
-    return image[0] * kh * kw * -(-vectors // block) * block * LANES
+    return image[0] * kh * kw * _blocks(oh * ow)[2]
 
 
 def conv_output(height: int, width: int, geometry: tuple[tuple[int, int], ...]) -> tuple[int, int]:
@@ -157,10 +163,7 @@ def sparse_table_conv2d(
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
     oh, ow = conv_output(height, width, geometry)
     positions = oh * ow
-    vectors = -(-positions // LANES)
-    block = min(vectors, BLOCK)  # accumulator vectors held in registers at a time
-    blocks = -(-vectors // block)
-    padded = blocks * block * LANES
+    block, blocks, padded = _blocks(positions)  # accumulator vectors in registers at a time
     taps, n, b = channels * kh * kw, out_channels, batch
     entries = table_entries(table_size)
     images = b if b > 1 else 0  # a batch: one task per image
