@@ -59,21 +59,38 @@ def code_bytes(code: LayerCode) -> int:
     return payload + sum(a.nbytes for a in code.arrays.values())
 
 
-def evaluate_lowering(lowered: Any, count: int) -> np.ndarray:
-    """Every element of a lowered payload, computed by a compiled TVM kernel."""
+def evaluate_lowering(lowered: Any, count: int, lanes: bool = False) -> np.ndarray:
+    """Every element of a lowered payload, computed by a compiled TVM kernel: one element
+    at a time (a TE kernel), or with ``lanes`` 16 at a time, as the decoding kernel reads
+    them (:func:`autoshrink.compiler.decoded.decoded_values`)."""
     import tvm
-    from tvm import te
+    from tvm import te, tirx
 
-    placeholders = {
-        key: te.placeholder(array.shape, str(array.dtype), name=key)
-        for key, array in lowered.arrays.items()
-    }
-    out = te.compute((count,), lambda i: lowered.element(placeholders, i), name="element")
-    kernel = tvm.compile(te.create_prim_func([*placeholders.values(), out]), target="llvm")
-    result = tvm.runtime.tensor(np.zeros(count, np.float32))
-    kernel(*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in lowered.arrays.values()),
-           result)
-    return result.numpy()
+    from autoshrink.compiler.decoded import decoded_values
+
+    arrays = [np.ascontiguousarray(a) for a in lowered.arrays.values()]
+    if lanes:
+        buffers = {
+            key: tirx.decl_buffer(array.shape, str(array.dtype), name=f"a{i}")
+            for i, (key, array) in enumerate(lowered.arrays.items())
+        }
+        function = decoded_values(count, list(buffers.values()), lambda i: lowered.element(
+            buffers, i
+        ))
+        kernel = tvm.compile(tvm.IRModule({"main": function.with_attr("global_symbol", "main")}))
+        size = -(-count // 16) * 16
+    else:
+        placeholders = {
+            key: te.placeholder(array.shape, str(array.dtype), name=key)
+            for key, array in lowered.arrays.items()
+        }
+        out = te.compute((count,), lambda i: lowered.element(placeholders, i), name="element")
+        kernel = tvm.compile(te.create_prim_func([*placeholders.values(), out]), target="llvm")
+        size = count
+    result = tvm.runtime.tensor(np.zeros(size, np.float32))
+    given = [tvm.runtime.tensor(np.zeros(1, np.float32))] if lanes else []
+    kernel["main"](*given, *(tvm.runtime.tensor(a) for a in arrays), result)
+    return result.numpy()[:count]
 
 
 def nudge(module: nn.Module, x: torch.Tensor) -> None:

@@ -80,7 +80,10 @@ class LoweredValue:
 
     ``arrays`` are stored in the compiled bundle as they are (packed codes, a codebook);
     ``element(tensors, i)`` is the TVM expression of element ``i`` (int32, row-major flat
-    index) of the float32 payload, given ``arrays`` as TE tensors under the same keys.
+    index) of the float32 payload, given ``arrays`` as TE tensors under the same keys. The
+    index may also be a vector of int32 lanes and the arrays TIR buffers (see
+    ``LoweredLayer.element``): write it with elementwise expressions and loads, and cast with
+    ``autoshrink.compiler.kernels.typed``, which keeps the lanes.
     """
 
     arrays: dict[str, np.ndarray]
@@ -118,6 +121,16 @@ class LoweredLayer:
     #: survivors' values, the bias, if any, being ``arrays["bias"]``. The compiler may then
     #: compute the layer from that payload's table and codes with a sparse kernel of its own.
     rows: tuple[str, str, str] | None = None
+    #: Optional, for a Linear: ``element(tensors, payloads)`` (the arguments of ``compute``)
+    #: returns the function from a weight element's flat index (row-major ``(out, in)``,
+    #: int32) to its float32 value, the bias, if any, being ``arrays["bias"]``. The index may
+    #: also be a vector of 16 int32 lanes (then so is the value), and the tensors TIR buffers:
+    #: the compiler then decodes the weight 16 rows at a time in vector lanes, inside a
+    #: kernel of its own. Write it with elementwise expressions and loads only (the helpers
+    #: of ``autoshrink.compiler.kernels`` take one lane or many).
+    element: Callable[[Mapping[str, Any], Mapping[str, Callable[[Any], Any]]], Callable] | None = (
+        None
+    )
 
 
 class Method(ABC):

@@ -298,7 +298,8 @@ class ValueMethodTests(MethodTests):
 
     def test_lowering_reads_what_decode_gives(self) -> None:
         """When the method gives a compiled form, a TVM kernel built from it rebuilds every
-        element exactly as :meth:`decode` does."""
+        element exactly as :meth:`decode` does, one element at a time and 16 at a time (the
+        decoding kernel's vector lanes)."""
         for values in self.configs:
             config = self.method.config(values)
             layer = nn.Linear(40, 30)
@@ -310,6 +311,8 @@ class ValueMethodTests(MethodTests):
                 return  # no compiled form: the compiler reads the decoded float32 values
             restored = self.method.decode(arrays, meta, shape, config).reshape(-1).numpy()
             assert np.array_equal(evaluate_lowering(lowered, restored.size), restored), values
+            in_lanes = evaluate_lowering(lowered, restored.size, lanes=True)
+            assert np.array_equal(in_lanes, restored), (values, "in vector lanes")
             if lowered.table is not None or lowered.codes is not None:
                 # The table-lookup kernel computes with table[codes], not with `element`.
                 assert lowered.table is not None and lowered.codes is not None, (

@@ -63,9 +63,11 @@ class Float(ValueMethod):
         config: FloatConfig,
     ) -> LoweredValue:
         """The values as stored (float16 widens to float32 as the kernel reads it)."""
+        from autoshrink.compiler.kernels import typed
+
         return LoweredValue(
             arrays={"values": arrays["values"]},
-            element=lambda t, i: t["values"][i].astype("float32"),
+            element=lambda t, i: t["values"][i].astype(typed(i, "float32")),
         )
 
 

@@ -39,13 +39,19 @@ from autoshrink.structure_kit import (
 )
 
 __all__ = [
-    "HashedConv2d", "HashedEmbedding", "HashedLinear", "Hashing", "HashingConfig", "position_hash",
+    "HASH", "HashedConv2d", "HashedEmbedding", "HashedLinear", "Hashing", "HashingConfig",
+    "hashed_positions", "mix32", "position_hash",
 ]
 
 #: The seed every layer's hashes use. It is written into each layer's code, so a later version
 #: may change it without breaking artifacts written with this one.
 SEED = 0x5EED
-#: Hash streams: one chooses the bucket, an independent one the sign.
+#: The position hash new layers use, written into each layer's code as ``hash``: murmur3's
+#: 32-bit finalizer, whose two multiplies a compiled kernel computes 16 lanes at a time.
+#: Layers written before it (no ``hash`` in their code) used ``splitmix64``, still decoded.
+HASH = "mix32"
+HASHES = ("mix32", "splitmix64")
+#: splitmix64's hash streams: one chose the bucket, an independent one the sign.
 _BUCKET_STREAM, _SIGN_STREAM = 0, 1
 
 # splitmix64 (Steele, Lea & Flood 2014) constants. Plain uint64 arithmetic wraps the same way
@@ -54,6 +60,10 @@ _BUCKET_STREAM, _SIGN_STREAM = 0, 1
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+# murmur3's fmix32 multipliers (Appleby).
+_FMIX = (0x85EBCA6B, 0xC2B2AE35)
+_SHIFTS = (16, 13, 16)  # xor-shifts before, between and after them
+_WORD = np.uint64(0xFFFFFFFF)
 
 
 def _finalize(z: np.ndarray) -> np.ndarray:
@@ -64,7 +74,8 @@ def _finalize(z: np.ndarray) -> np.ndarray:
 
 
 def position_hash(count: int, seed: int, stream: int) -> np.ndarray:
-    """64-bit hashes of the flat positions ``0 .. count-1`` for ``seed`` and ``stream``.
+    """splitmix64 hashes of the flat positions ``0 .. count-1`` for ``seed`` and ``stream``
+    (the hash of layers written before ``mix32``).
 
     Position p gets the (p+1)-th output of a splitmix64 generator whose state starts at a
     key mixed from (seed, stream), so different streams are unrelated to each other.
@@ -77,14 +88,37 @@ def position_hash(count: int, seed: int, stream: int) -> np.ndarray:
         return _finalize(key + positions * _GAMMA)
 
 
+def mix_key(seed: int) -> int:
+    """The 32-bit key ``mix32`` mixes into every position: splitmix64 of the seed."""
+    with np.errstate(over="ignore"):
+        return int(_finalize(np.array([seed], dtype=np.uint64))[0]) & 0xFFFFFFFF
+
+
+def mix32(count: int, seed: int) -> np.ndarray:
+    """32-bit hashes (as uint64) of the flat positions ``0 .. count-1``: murmur3's fmix32 of
+    ``position ^ key``, a bijection of 32-bit words, so no two positions hash alike. A
+    position's bucket among K is ``(hash * K) >> 32``; its sign is the hash's lowest bit."""
+    if count > 2**31:
+        raise ValueError(f"a layer of {count} weights is too large to hash (at most 2**31)")
+    h = np.arange(count, dtype=np.uint64) ^ np.uint64(mix_key(seed))
+    for factor, shift in zip(_FMIX, _SHIFTS, strict=False):
+        h = ((h ^ (h >> np.uint64(shift))) * np.uint64(factor)) & _WORD
+    return h ^ (h >> np.uint64(_SHIFTS[-1]))
+
+
 def hashed_positions(
-    shape: tuple[int, ...], k: int, seed: int
+    shape: tuple[int, ...], k: int, seed: int, hash: str = HASH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The bucket (int64 in [0, k)) and sign (float32 +-1) of every element of ``shape``."""
     count = int(np.prod(shape, dtype=np.int64))
-    bucket = position_hash(count, seed, _BUCKET_STREAM) % np.uint64(k)
-    # The top bit is the best mixed one of splitmix64's output.
-    bit = position_hash(count, seed, _SIGN_STREAM) >> np.uint64(63)
+    if hash == "mix32":
+        h = mix32(count, seed)
+        bucket = (h * np.uint64(k)) >> np.uint64(32)
+        bit = h & np.uint64(1)
+    else:
+        bucket = position_hash(count, seed, _BUCKET_STREAM) % np.uint64(k)
+        # The top bit is the best mixed one of splitmix64's output.
+        bit = position_hash(count, seed, _SIGN_STREAM) >> np.uint64(63)
     sign = 1.0 - 2.0 * bit.astype(np.float32)
     index = torch.from_numpy(bucket.astype(np.int64).reshape(shape))
     return index, torch.from_numpy(sign.astype(np.float32).reshape(shape))
@@ -96,16 +130,19 @@ class _Hashed(nn.Module):
 
     bias: nn.Parameter | None
 
-    def __init__(self, shape: tuple[int, ...], k: int, bias: bool, seed: int) -> None:
+    def __init__(
+        self, shape: tuple[int, ...], k: int, bias: bool, seed: int, hash: str = HASH
+    ) -> None:
         super().__init__()
         self.shape = tuple(shape)
         self.k = k
         self.seed = seed
+        self.hash = hash
         # The K real weights. Not called `values`: torch's parametrize keeps parametrizations
         # in a ModuleDict, where `values` is a method name, so a value stage could not wrap it.
         self.shared = nn.Parameter(torch.zeros(k))
         self.bias = zero_bias(shape[0] if bias else None)
-        index, sign = hashed_positions(self.shape, k, seed)
+        index, sign = hashed_positions(self.shape, k, seed, hash)
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("sign", sign, persistent=False)
 
@@ -124,14 +161,19 @@ class _Hashed(nn.Module):
         self.shared.copy_(torch.where(count > 0, total / count.clamp(min=1), 0.0))
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, k={self.k}, bias={self.bias is not None}, seed={self.seed}"
+        return (
+            f"shape={self.shape}, k={self.k}, bias={self.bias is not None}, seed={self.seed}, "
+            f"hash={self.hash}"
+        )
 
 
 class HashedLinear(_Hashed):
     """A Linear layer whose out x in weight is drawn from K shared values by hashing."""
 
-    def __init__(self, in_features: int, out_features: int, k: int, bias: bool, seed: int):
-        super().__init__((out_features, in_features), k, bias, seed)
+    def __init__(
+        self, in_features: int, out_features: int, k: int, bias: bool, seed: int, hash: str = HASH
+    ) -> None:
+        super().__init__((out_features, in_features), k, bias, seed, hash)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.virtual_weight(), self.bias)
@@ -141,8 +183,8 @@ class HashedConv2d(_Hashed):
     """A Conv2d layer whose out x in/groups x kh x kw weight is drawn from K shared values by
     hashing; stride, padding, dilation, groups and padding mode are those of the original."""
 
-    def __init__(self, conv: nn.Conv2d, k: int, bias: bool, seed: int) -> None:
-        super().__init__(tuple(conv.weight.shape), k, bias, seed)
+    def __init__(self, conv: nn.Conv2d, k: int, bias: bool, seed: int, hash: str = HASH) -> None:
+        super().__init__(tuple(conv.weight.shape), k, bias, seed, hash)
         keep_conv_geometry(self, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,8 +196,10 @@ class HashedEmbedding(_Hashed):
     by hashing. A token's row is gathered from the bucket and sign tensors, so the whole
     table is never built; the ``padding_idx`` row, if any, is kept apart and fixed."""
 
-    def __init__(self, table: nn.Embedding, k: int, seed: int, padding: PaddingRow | None):
-        super().__init__(tuple(table.weight.shape), k, False, seed)
+    def __init__(
+        self, table: nn.Embedding, k: int, seed: int, padding: PaddingRow | None, hash: str = HASH
+    ) -> None:
+        super().__init__(tuple(table.weight.shape), k, False, seed, hash)
         self.padding = padding
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,14 +215,19 @@ class HashingConfig(MethodConfig):
 
 
 def _make(
-    layer: nn.Module, k: int, bias: bool, seed: int, padding: PaddingRow | None = None
+    layer: nn.Module,
+    k: int,
+    bias: bool,
+    seed: int,
+    padding: PaddingRow | None = None,
+    hash: str = HASH,
 ) -> _Hashed:
     if isinstance(layer, nn.Embedding):
-        return HashedEmbedding(layer, k, seed, padding)
+        return HashedEmbedding(layer, k, seed, padding, hash)
     if isinstance(layer, nn.Conv2d):
-        return HashedConv2d(layer, k, bias, seed)
+        return HashedConv2d(layer, k, bias, seed, hash)
     assert isinstance(layer, nn.Linear)
-    return HashedLinear(layer.in_features, layer.out_features, k, bias, seed)
+    return HashedLinear(layer.in_features, layer.out_features, k, bias, seed, hash)
 
 
 class Hashing(StructureMethod):
@@ -204,7 +253,10 @@ class Hashing(StructureMethod):
         assert isinstance(module, _Hashed)
         code = LayerCode(
             payloads=payloads(module, self.payload_names(module)),
-            meta={"seed": module.seed, "k": module.k, "shape": list(module.shape)},
+            meta={
+                "seed": module.seed, "k": module.k, "shape": list(module.shape),
+                "hash": module.hash,
+            },
         )
         store_bias(module, code)
         if isinstance(module, HashedEmbedding) and module.padding is not None:
@@ -216,16 +268,18 @@ class Hashing(StructureMethod):
             raise ValueError(f"`hashing` cannot rebuild a {type(template).__name__}")
         shape = tuple(template.weight.shape)
         meta: dict[str, Any] = code.meta
-        seed, k = meta.get("seed"), meta.get("k")
+        seed, k, hash = meta.get("seed"), meta.get("k"), meta.get("hash", "splitmix64")
         if not isinstance(seed, int) or not 0 <= seed < 2**62:
             raise ValueError(f"hash seed {seed!r} is not valid")
+        if hash not in HASHES:
+            raise ValueError(f"hash {hash!r} is not one of {', '.join(HASHES)}")
         if not isinstance(k, int) or not 1 <= k <= int(np.prod(shape)):
             raise ValueError(f"K = {k!r} does not fit a weight of shape {shape}")
         check_code_shape(code, shape)
         shared = stored_payload(code, "shared", (k,))
         bias = stored_bias(code, template)
         padding = padding_from_code(code, template)
-        module = _make(template, k, bias is not None, seed, padding)
+        module = _make(template, k, bias is not None, seed, padding, hash)
         with torch.no_grad():
             module.shared.copy_(shared)
             if bias is not None:
@@ -236,40 +290,53 @@ class Hashing(StructureMethod):
         self, code: LayerCode, template: nn.Module, config: HashingConfig
     ) -> LoweredLayer | None:
         """Only the K values (in their value format) and the bias: the kernel computes each
-        weight's bucket and sign from its flat position and the seed, with the same
-        splitmix64 hashes as :func:`position_hash`, so no index array is stored."""
-        from tvm import te
+        weight's bucket and sign from its flat position and the seed, with the same ``mix32``
+        hash as :func:`hashed_positions`, so no index array is stored. Layers hashed with
+        ``splitmix64`` have no compressed kernel (they compile dense)."""
+        from autoshrink.compiler.kernels import dense_layer, supports
 
-        from autoshrink.compiler.kernels import dense_layer, modulo, splitmix64, supports
-
-        if not supports(template):
+        if not supports(template) or code.meta.get("hash", "splitmix64") != "mix32":
             return None
-        seed, k = int(code.meta["seed"]), int(code.meta["k"])
-        streams = np.array([seed * 2 + _BUCKET_STREAM, seed * 2 + _SIGN_STREAM], np.uint64)
-        with np.errstate(over="ignore"):
-            bucket_key, sign_key = (int(key) for key in _finalize(streams))
+        key, k = mix_key(int(code.meta["seed"])), int(code.meta["k"])
+
+        def element(t: Any, p: Any) -> Callable[[Any], Any]:
+            return lambda f: _hashed_weight(f, key, k, p["shared"])
 
         def compute(x: Any, t: Any, p: Any) -> Any:
-            # Bucket and sign of every weight, computed from the position and the seed on each
-            # call (stages of their own: the hash's let-bound halves must not be copied into
-            # each place a value method reads its index).
-            count = int(np.prod(template.weight.shape))
-            bucket = te.compute(
-                (count,), lambda f: splitmix64(bucket_key, f, lambda z: modulo(z, k)),
-                name="bucket",
-            )
-            sign = te.compute(
-                (count,),
-                lambda f: splitmix64(sign_key, f, lambda z: 1 - 2 * (z[0] >> 31)).astype(
-                    "float32"
-                ),
-                name="sign",
-            )
-            return dense_layer(
-                x, template, lambda f: p["shared"](bucket[f]) * sign[f], t.get("bias")
-            )
+            return dense_layer(x, template, element(t, p), t.get("bias"))
 
-        return LoweredLayer(arrays=bias_arrays(code), compute=compute)
+        return LoweredLayer(arrays=bias_arrays(code), compute=compute, element=element)
+
+
+def _hashed_weight(index: Any, key: int, k: int, shared: Callable[[Any], Any]) -> Any:
+    """The TVM expression of the weights at flat positions ``index`` (int32, one lane or
+    many): ``shared[(h * k) >> 32]`` with its sign bit flipped where ``h``'s lowest bit is
+    set, ``h`` being :func:`mix32` of the position."""
+    from tvm import tirx
+
+    from autoshrink.compiler.kernels import bound, constant, multiply32, typed
+
+    def mixed(h: Any, factor: int, shift: int) -> Any:
+        return multiply32(h ^ (h >> constant(h, shift, "uint32")), factor)
+
+    def weight(h: Any) -> Any:
+        bucket = (h.astype(typed(h, "uint64")) * constant(h, k, "uint64")) >> constant(
+            h, 32, "uint64"
+        )
+        value = tirx.reinterpret(typed(h, "uint32"), shared(bucket.astype(typed(h, "int32"))))
+        flipped = value ^ (h << constant(h, 31, "uint32"))
+        return tirx.reinterpret(typed(h, "float32"), flipped)
+
+    start = index.astype(typed(index, "uint32")) ^ constant(index, key, "uint32")
+    first, second = _FMIX
+
+    def finish(h: Any) -> Any:
+        return bound(h ^ (h >> constant(h, _SHIFTS[2], "uint32")), weight)
+
+    return bound(
+        mixed(start, first, _SHIFTS[0]),
+        lambda h: bound(mixed(h, second, _SHIFTS[1]), finish),
+    )
 
 
 @hookimpl

@@ -156,6 +156,34 @@ def test_codebook_layers_get_the_table_lookup_kernel(
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the decoding kernel needs AVX-512")
+@pytest.mark.parametrize(
+    ("value", "batch"),
+    [("kmeans3", 1), ("kmeans8", 16), ("float16", 3), ("float32", 8), ("binary", 2),
+     ("ternary", 1)],
+)
+def test_hashed_layers_get_the_decoding_kernel(methods, tmp_path, value, batch) -> None:
+    """On a CPU with AVX-512 a hashed Linear is decoded 16 rows at a time in vector lanes
+    (its hash computed in the kernel, its K values decoded once a call when they are few),
+    and gives what PyTorch gives, for every value method and batch tile."""
+    method, config = VALUES[value]
+    ratio = {"float32": 0.5}.get(value, 0.1)  # 0.5: K too many to decode ahead
+    layer = LayerPlan(
+        structure=Choice(method="hashing", config={"ratio": ratio}),
+        value=Choice(method=method, config=config),
+    )
+    plan = Plan(layers={name: layer for name in ("fc1", "fc2", "out")})
+    got, want, notes, kernels = _compile(
+        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=True
+    )
+    assert not notes, notes
+    assert all("decoded in lanes" in kernel.methods for kernel in kernels.values())
+    # Only the K values (at most float32 each) and the bias are stored: no index array.
+    assert kernels["fc1"].bytes <= 64 * 128 * 4 * ratio + 128 * 4 + 64
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
 @pytest.mark.parametrize(
     ("batch", "rows", "columns", "size", "vbmi"),

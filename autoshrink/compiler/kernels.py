@@ -19,16 +19,19 @@ import numpy as np
 from tvm import te, tirx
 
 __all__ = [
+    "bound",
+    "constant",
     "conv2d",
     "conv_geometry",
     "dense_layer",
     "index_dtype",
+    "lanes_of",
     "linear",
-    "modulo",
+    "multiply32",
     "padded",
     "sparse_layer",
-    "splitmix64",
     "supports",
+    "typed",
     "unpack",
 ]
 
@@ -42,9 +45,9 @@ def unpack(packed: te.Tensor, bits: int, index: Expr) -> Expr:
     straddle two bytes: their stream must carry one extra zero byte at the end (see
     :func:`padded`)."""
     position = index * bits
-    byte = packed[position >> 3].astype("int32")
+    byte = packed[position >> 3].astype(typed(index, "int32"))
     if 8 % bits:
-        byte = byte | (packed[(position >> 3) + 1].astype("int32") << 8)
+        byte = byte | (packed[(position >> 3) + 1].astype(typed(index, "int32")) << 8)
     if bits == 8:
         return byte
     return (byte >> (position & 7)) & ((1 << bits) - 1)
@@ -63,79 +66,49 @@ def index_dtype(limit: int) -> type:
     raise ValueError(f"indices up to {limit} do not fit 32 bits")
 
 
-# --- HashedNets' position hash in the kernel ----------------------------------------------
+# --- Expressions that work in one lane or many ---------------------------------------------
+#
+# A method's ``element`` (see ``LoweredLayer.element``) is called with a scalar int32 index
+# inside a TE kernel and with a vector of 16 indices inside the decoding kernel
+# (:mod:`autoshrink.compiler.decoded`); these helpers keep one definition for both.
 #
 # TVM 0.27 emits integer arithmetic with LLVM's no-wrap flags (`mul nuw` for unsigned, `nsw`
-# for signed), so a 64-bit product that wraps, as splitmix64's do, is undefined and comes out
-# wrong. Here a 64-bit value is a pair (high, low) of 32-bit halves held in int64 lanes, and
-# every operation keeps each intermediate below 2**63: the hash is exact and never wraps.
-
-_HALF = 0xFFFFFFFF
-_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-Pair = tuple[Expr, Expr]
+# for signed), so an integer product that wraps is undefined and may come out wrong. A 32-bit
+# product modulo 2**32 is therefore taken in 64 bits, where it cannot wrap, and truncated
+# (:func:`multiply32`).
 
 
-def _mask() -> Expr:
-    # An explicit int64 constant: a bare 0xFFFFFFFF would become an int32 -1.
-    return tirx.const(_HALF, "int64")
+def lanes_of(expr: Expr) -> int:
+    """How many lanes ``expr`` has (1 for a scalar)."""
+    import tvm
+
+    return int(tvm.DataType(str(expr.ty)).lanes)
 
 
-def _pair(value: int) -> Pair:
-    return tirx.const(value >> 32, "int64"), tirx.const(value & _HALF, "int64")
+def typed(like: Expr, dtype: str) -> str:
+    """``dtype`` with as many lanes as ``like``: ``"uint32"`` or ``"uint32x16"``."""
+    lanes = lanes_of(like)
+    return dtype if lanes == 1 else f"{dtype}x{lanes}"
 
 
-def _add(a: Pair, b: Pair) -> Pair:
-    low = a[1] + b[1]
-    return (a[0] + b[0] + (low >> 32)) & _mask(), low & _mask()
+def constant(like: Expr, value: int | float, dtype: str) -> Expr:
+    """``value`` as ``dtype``, broadcast to as many lanes as ``like``."""
+    scalar = tirx.const(value, dtype)
+    lanes = lanes_of(like)
+    return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
 
 
-def _mul(a: Pair, constant: int) -> Pair:
-    """``a * constant`` modulo 2**64, from 16 x 32-bit partial products (each < 2**48)."""
-    c_high, c_low = constant >> 32, constant & _HALF
-    # a.low * c_low needs 64 bits: split a.low into 16-bit halves.
-    low_lo, low_hi = a[1] & 0xFFFF, a[1] >> 16
-    first = low_lo * (c_low & 0xFFFF)
-    middle = low_lo * (c_low >> 16) + low_hi * (c_low & 0xFFFF) + (first >> 16)
-    top = low_hi * (c_low >> 16) + (middle >> 16)
-    low = ((middle & 0xFFFF) << 16) | (first & 0xFFFF)
-    cross = (_low32(a[0], c_low) + _low32(a[1], c_high)) & _mask()
-    return (top + cross) & _mask(), low
+def bound(value: Expr, then: Callable[[Expr], Expr]) -> Expr:
+    """``then(value)`` with ``value`` bound to a variable once: a hash reads each of its
+    stages several times, and unbound the expression tree would double at every stage."""
+    var = tirx.Var("v", value.ty)
+    return tirx.Let(var, value, then(var))
 
 
-def _low32(a: Expr, constant: int) -> Expr:
-    """``(a * constant) mod 2**32`` for 32-bit ``a`` and ``constant``, via 16-bit halves."""
-    c_lo, c_hi = constant & 0xFFFF, constant >> 16
-    a_lo, a_hi = a & 0xFFFF, a >> 16
-    return (a_lo * c_lo + (((a_lo * c_hi + a_hi * c_lo) & 0xFFFF) << 16)) & _mask()
-
-
-def _xor_shift(a: Pair, k: int) -> Pair:
-    """``a ^ (a >> k)`` for ``0 < k < 32``."""
-    high, low = a[0] >> k, ((a[1] >> k) | (a[0] << (32 - k))) & _mask()
-    return a[0] ^ high, a[1] ^ low
-
-
-def _bound(value: Pair, then: Callable[[Pair], Expr]) -> Expr:
-    """``then(value)`` with the pair bound to variables once: every stage of the hash reads
-    the previous one several times, and unbound that tree would grow exponentially."""
-    high, low = tirx.Var("high", "int64"), tirx.Var("low", "int64")
-    return tirx.Let(high, value[0], tirx.Let(low, value[1], then((high, low))))
-
-
-def splitmix64(key: int, index: Expr, then: Callable[[Pair], Expr]) -> Expr:
-    """``then`` of the (high, low) halves of splitmix64's output for position ``index``
-    (int32) of the stream whose state starts at ``key`` (already mixed): ``finalize(key +
-    (index + 1) * gamma)``, as :func:`autoshrink_plugins.hashing.position_hash` computes."""
-    position = (tirx.const(0, "int64"), index.astype("int64") + 1)
-    start = _add(_pair(key), _mul(position, _GAMMA))
-    return _bound(start, lambda z: _bound(
-        _mul(_xor_shift(z, 30), _MIX1), lambda z: _bound(
-            _mul(_xor_shift(z, 27), _MIX2), lambda z: _bound(_xor_shift(z, 31), then))))
-
-
-def modulo(value: Pair, k: int) -> Expr:
-    """``value % k`` (int32) for ``0 < k < 2**31``."""
-    return (((value[0] % k) * ((1 << 32) % k) + value[1] % k) % k).astype("int32")
+def multiply32(value: Expr, factor: int) -> Expr:
+    """``value * factor`` modulo 2**32 for a uint32 ``value`` and ``factor < 2**32``."""
+    wide = value.astype(typed(value, "uint64")) * constant(value, factor, "uint64")
+    return wide.astype(typed(value, "uint32"))
 
 
 def _with_bias(y: te.Tensor, bias: te.Tensor | None, name: str) -> te.Tensor:

@@ -16,6 +16,7 @@ leaves them as they were tuned (:mod:`autoshrink.compiler.choice` tunes them one
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -26,10 +27,11 @@ import numpy as np
 import torch
 import tvm
 from torch import nn
-from tvm import relax
+from tvm import relax, tirx
 
 from autoshrink.artifact import layer_arrays
 from autoshrink.compiler.build import entry
+from autoshrink.compiler.decoded import decoded_linear, decoded_values
 from autoshrink.compiler.kernels import conv_geometry, dense_layer, supports
 from autoshrink.compiler.sparse import (
     MAX_UNFOLD,
@@ -50,6 +52,8 @@ __all__ = ["LayerKernel", "compressed_kernels", "dense_kernel", "to_relax_lowere
 
 #: TVM's op pattern "opaque": fusion leaves the kernel alone.
 _OPAQUE = 8
+#: What the decoding kernel's first step calls the payload values it decodes.
+DECODED = "decoded"
 
 
 @dataclass
@@ -64,10 +68,10 @@ class LayerKernel:
     constants: dict[str, Any] = field(default_factory=dict, repr=False)
     #: Written-out kernels instead of ``compute``, applied in turn: the layer's input shape
     #: (batch first) -> a list of (PrimFunc taking its input, the arrays named and its
-    #: output; the output's shape past the batch; names)
-    written: Callable[[tuple[int, ...]], list[tuple[Any, tuple[int, ...], list[str]]]] | None = (
-        None
-    )
+    #: output; the output's shape past the batch; names). A step with a fourth entry, a
+    #: name, gives a value (of exactly that shape) that later steps read under that name,
+    #: instead of the layer's output.
+    written: Callable[[tuple[int, ...]], list[tuple[Any, ...]]] | None = None
 
     @property
     def bytes(self) -> int:
@@ -85,16 +89,21 @@ class LayerKernel:
         names = sorted(self.arrays)
         label = re.sub(r"\W", "_", self.layer)
         if self.written is not None:
-            constants = dict(zip(names, self.relax_constants(), strict=True))
+            values = dict(zip(names, self.relax_constants(), strict=True))
             given = tuple(int(size) for size in x.ty.shape.values)
-            for step, (kernel, shape, reads) in enumerate(self.written(given)):
+            for step, (kernel, shape, reads, *named) in enumerate(self.written(given)):
                 function = builder.add_func(
                     kernel.with_attr("op_pattern", _OPAQUE),
                     f"{label}_{self.form}{step}_b{batch}",
                 )
+                args = [values[name] for name in reads]
+                if named:  # a value the later steps read, not the layer's output
+                    values[named[0]] = builder.emit(
+                        relax.call_tir(function, [x, *args], relax.TensorType(shape, "float32"))
+                    )
+                    continue
                 x = builder.emit(relax.call_tir(
-                    function, [x, *(constants[name] for name in reads)],
-                    relax.TensorType((batch, *shape), "float32"),
+                    function, [x, *args], relax.TensorType((batch, *shape), "float32")
                 ))
             return x
 
@@ -143,6 +152,7 @@ def compressed_kernels(
         step = layer_step(name, templates[name], header.plan.layer(name), registry)
         stored_payloads, own = layer_arrays(header, blobs, name, registry)
         payloads: dict[str, LoweredValue] = {}
+        counts = {payload: math.prod(stored[2]) for payload, stored in stored_payloads.items()}
         for payload, stored in stored_payloads.items():
             lowered = step.value.lower(*stored, step.value_config)
             if lowered is None:
@@ -156,8 +166,10 @@ def compressed_kernels(
             continue
         lookup = None
         if table_lookup:
-            lookup = _table_kernel(name, step, layer, payloads, vbmi) or _sparse_kernel(
-                name, step, layer, payloads, (inputs or {}).get(name)
+            lookup = (
+                _table_kernel(name, step, layer, payloads, vbmi)
+                or _sparse_kernel(name, step, layer, payloads, (inputs or {}).get(name))
+                or _decoded_kernel(name, step, layer, payloads, counts)
             )
         if lookup is not None:
             kernels[name] = lookup
@@ -260,6 +272,58 @@ def _sparse_kernel(
         return [(kernel, (out, *conv_output(*shape[2:], geometry)), sorted(arrays))]
 
     return _written_kernel(name, f"{step.methods}, sparse table lookup", arrays, written)
+
+
+def _decoded_kernel(
+    name: str,
+    step: Any,
+    layer: LoweredLayer,
+    payloads: dict[str, LoweredValue],
+    counts: dict[str, int],
+) -> LayerKernel | None:
+    """The decoding kernel (:mod:`autoshrink.compiler.decoded`) of a Linear whose method
+    gives its weight element by element, else ``None``. A payload of at most a quarter as
+    many elements as the weight is decoded once a call, before the rows."""
+    template = step.module
+    if layer.element is None or not isinstance(template, nn.Linear):
+        return None
+    out, features = template.out_features, template.in_features
+    arrays = dict(layer.arrays)
+    if arrays.get("bias") is None:
+        arrays["bias"] = np.zeros(out, np.float32)
+    for payload, lowered in payloads.items():
+        arrays.update({f"{payload}.{key}": value for key, value in lowered.arrays.items()})
+    small = [p for p in payloads if counts[p] * 4 <= out * features]
+    first = small[0] if small else None
+
+    def written(shape: tuple[int, ...]) -> list[tuple[Any, ...]]:
+        names = sorted(arrays)
+        buffers = {
+            key: tirx.decl_buffer(arrays[key].shape, str(arrays[key].dtype), name=f"a{i}")
+            for i, key in enumerate(names)
+        }
+        own = {key: buffers[key] for key in layer.arrays}
+        elements = {p: _bind(lowered, p, buffers) for p, lowered in payloads.items()}
+        steps: list[tuple[Any, ...]] = []
+        reads = names
+        if first is not None:  # its values decoded by a step of their own, read by the next
+            count = counts[first]
+            values = decoded_values(
+                count, [buffers[key] for key in names], _bind(payloads[first], first, buffers),
+                shape,
+            )
+            steps.append((values, (-(-count // LANES) * LANES,), names, DECODED))
+            decoded = tirx.decl_buffer(values.params[-1].shape, "float32", name="decoded")
+            elements[first] = lambda i: decoded[i]
+            reads = [*names, DECODED]
+            buffers[DECODED] = decoded
+        kernel = decoded_linear(
+            shape[0], features, out, [buffers[key] for key in reads], buffers["bias"],
+            layer.element(own, elements),
+        )
+        return [*steps, (kernel, (out,), reads)]
+
+    return _written_kernel(name, f"{step.methods}, decoded in lanes", arrays, written)
 
 
 def _tabled(lowered: LoweredValue | None) -> bool:

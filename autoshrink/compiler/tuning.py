@@ -188,10 +188,10 @@ def tune(
     # and elementwise kernels (an activation after an opaque compressed kernel) keep TVM's
     # plain loops: their few schedules could never fill a per-task budget, so every later
     # compile would tune them again. MetaSchedule cannot count the FLOPs of a kernel with
-    # let-bound expressions (the hashed layers' in-kernel hash): on the CPU those run as TVM's
-    # plain loops (DLight's CPU rules fail on their gathers), so they are slow.
-    # Written-out kernels (the table lookups of autoshrink.compiler.vector) are scheduled
-    # already.
+    # let-bound expressions (a hashed layer's TE kernel, on CPUs without AVX-512): those run
+    # as TVM's plain loops (DLight's CPU rules fail on their gathers), so they are slow.
+    # Written-out kernels (the table lookups of autoshrink.compiler.vector, the decoding
+    # kernel of autoshrink.compiler.decoded) are scheduled already.
     tasks = [
         t for t in found
         if not is_scheduled(next(iter(t.dispatched[0].functions.values())))

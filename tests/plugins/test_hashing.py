@@ -18,6 +18,8 @@ from autoshrink_plugins.hashing import (
     Hashing,
     _finalize,
     hashed_positions,
+    mix32,
+    mix_key,
     position_hash,
 )
 
@@ -87,7 +89,27 @@ def test_init_is_the_least_squares_fit() -> None:
     assert error < layer.weight.square().sum()
 
 
+def _fmix32(h: int) -> int:
+    """murmur3's 32-bit finalizer, written out independently of the plugin."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def test_hash_is_pinned() -> None:
+    # murmur3's fmix32 of 1, as published; mix32 is it applied to position ^ key.
+    assert _fmix32(1) == 0x514E28B7
+    key = mix_key(SEED)
+    assert [int(h) for h in mix32(5, SEED)] == [_fmix32(p ^ key) for p in range(5)]
+    assert [int(h) for h in mix32(3, SEED)] == [0x88B30CF5, 0x40D90D6A, 0x22179780]
+    index, sign = hashed_positions((4, 5), 7, SEED)
+    assert index.flatten().tolist()[:8] == [3, 1, 0, 4, 5, 3, 4, 3]
+    assert sign.flatten().tolist()[:4] == [-1.0, 1.0, 1.0, 1.0]
+
+
+def test_layers_hashed_with_splitmix64_still_decode() -> None:
     # splitmix64's published first output for seed 0; the finalizer must stay exactly this.
     assert int(_finalize(np.array([0x9E3779B97F4A7C15], dtype=np.uint64))[0]) == (
         0xE220A8397B1DCDAF
@@ -97,9 +119,28 @@ def test_hash_is_pinned() -> None:
         0xD0F06658B26230F8,
         0x3BED6214354973FE,
     ]
-    index, sign = hashed_positions((4, 5), 7, SEED)
+    index, sign = hashed_positions((4, 5), 7, SEED, "splitmix64")
     assert index.flatten().tolist()[:8] == [4, 6, 3, 0, 4, 2, 5, 2]
     assert sign.flatten().tolist()[:4] == [-1.0, -1.0, 1.0, 1.0]
+    # A code written before `hash` existed decodes with the buckets it was trained with.
+    layer = nn.Linear(5, 4)
+    config = METHOD.config({"ratio": 0.35})
+    code = METHOD.encode(METHOD.build(layer, config), config)
+    assert code.meta.pop("hash") == "mix32"
+    restored = METHOD.decode(code, layer, config)
+    assert restored.hash == "splitmix64"
+    assert torch.equal(restored.index, index)
+    code.meta["hash"] = "md5"
+    with pytest.raises(ValueError, match="not one of"):
+        METHOD.decode(code, layer, config)
+
+
+def test_buckets_are_even_and_signs_balanced() -> None:
+    index, sign = hashed_positions((300, 200), 1000, SEED)
+    counts = np.bincount(index.numpy().ravel(), minlength=1000)
+    # 60 positions a bucket on average: a Poisson spread stays well inside these bounds.
+    assert counts.min() > 25 and counts.max() < 100
+    assert abs(float(sign.mean())) < 0.02
 
 
 def test_conv_keeps_geometry_and_grouped_conv_works() -> None:
@@ -155,7 +196,7 @@ def test_embedding_entry_reads_the_bucket_of_its_row_and_column() -> None:
     table = nn.Embedding(30, 8)
     module = METHOD.build(table, METHOD.config({"ratio": 0.1}))  # K = 24 for 240 entries
     assert isinstance(module, HashedEmbedding) and module.k == 24
-    bucket = position_hash(240, SEED, 0) % np.uint64(24)
+    bucket = (mix32(240, SEED) * np.uint64(24)) >> np.uint64(32)
     row, col = 17, 5
     assert int(module.index[row, col]) == int(bucket[row * 8 + col])
     tokens = torch.tensor([[row, 2, 29], [0, row, row]])
