@@ -111,8 +111,9 @@ class LoweredLayer:
     #: Optional, for a Linear: the payloads that are, in order, the weights of the matrix
     #: products the layer is (each ``(out, in)``, row-major: ``("weight",)`` for a dense
     #: layer, ``("v", "u")`` for a low-rank one), the bias, if any, being ``arrays["bias"]``
-    #: after the last. The compiler may then compute the layer from those payloads' tables
-    #: and codes (see ``LoweredValue.table``).
+    #: after the last; for a Conv2d: ``("weight",)``, the payload that is its whole weight
+    #: (row-major). The compiler may then compute the layer from those payloads' tables and
+    #: codes (see ``LoweredValue.table``).
     weights: tuple[str, ...] = ()
     #: Optional, for a Linear or Conv2d whose weight is stored as rows of survivors (CSR), a
     #: row per output (channel) over the flattened rest of the weight (``c * kh * kw + dy *

@@ -91,7 +91,7 @@ class Dense(StructureMethod):
         return LoweredLayer(
             arrays=bias_arrays(code),
             compute=lambda x, t, p: dense_layer(x, template, p["weight"], t.get("bias")),
-            weights=("weight",) if isinstance(template, nn.Linear) else (),
+            weights=("weight",),
         )
 
 

@@ -274,18 +274,22 @@ def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
 
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
-@pytest.mark.parametrize(("batch", "unfold_limit"), [(1, None), (3, None), (2, 1000)])
+@pytest.mark.parametrize(
+    ("structure", "batch", "unfold_limit"),
+    [("pruning", 1, None), ("pruning", 3, None), ("pruning", 2, 1000), ("dense", 2, None)],
+)
 def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(
-    methods, tmp_path, monkeypatch, batch, unfold_limit
+    methods, tmp_path, monkeypatch, structure, batch, unfold_limit
 ) -> None:
     """Pruned convolutions whose survivors are codes compute with the written-out sparse
     convolution (one image's taps and channels in parallel, or images in parallel) and give
     what PyTorch gives; one whose unfolded image would be over the limit keeps the generic
-    sparse kernel."""
+    sparse kernel. Dense convolutions of codes get it too, every tap a survivor."""
     if unfold_limit is not None:
         monkeypatch.setattr("autoshrink.compiler.lowering.MAX_UNFOLD", unfold_limit)
+    config = {"threshold": 0.5} if structure == "pruning" else {}
     layer = LayerPlan(
-        structure=Choice(method="pruning", config={"threshold": 0.5}),
+        structure=Choice(method=structure, config=config),
         value=Choice(method="quantization", config={"bits": 5}),
     )
     plan = Plan(layers={"conv1": layer, "conv2": layer})
@@ -301,30 +305,37 @@ def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
 @pytest.mark.parametrize(
-    ("batch", "image", "out", "geometry", "size"),
+    ("batch", "image", "out", "geometry", "size", "dense"),
     [
-        (1, (3, 9, 7), 5, ((3, 3), (1, 1), (1, 1), (1, 1)), 32),
-        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200),
-        (3, (2, 5, 5), 33, ((1, 1), (1, 1), (0, 0), (1, 1)), 5),
-        (2, (3, 20, 21), 4, ((3, 3), (1, 1), (1, 1), (1, 1)), 32),
+        (1, (3, 9, 7), 5, ((3, 3), (1, 1), (1, 1), (1, 1)), 32, False),
+        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200, False),
+        (3, (2, 5, 5), 33, ((1, 1), (1, 1), (0, 0), (1, 1)), 5, False),
+        (2, (3, 20, 21), 4, ((3, 3), (1, 1), (1, 1), (1, 1)), 32, False),
+        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200, True),
+        (1, (1, 28, 28), 8, ((3, 3), (1, 1), (1, 1), (1, 1)), 256, True),
     ],
 )
-def test_the_sparse_convolution_computes_the_layer(batch, image, out, geometry, size) -> None:
+def test_the_sparse_convolution_computes_the_layer(
+    batch, image, out, geometry, size, dense
+) -> None:
     """Stride, padding and dilation per axis, output planes that do not fill a vector or that
-    take several blocks of accumulators, one image and several, against PyTorch's
-    convolution."""
+    take several blocks of accumulators, one image and several, every tap kept (a dense
+    convolution, no columns stored), against PyTorch's convolution."""
     rng = np.random.default_rng(size)
     (kh, kw), stride, padding, dilation = geometry
     taps = image[0] * kh * kw
     keep = rng.random((out, taps)) < 0.3
     keep[1] = False
+    keep |= dense
     codes = rng.integers(0, size, (out, taps))
     table = rng.standard_normal(size).astype(np.float32)
     row_of, column = np.nonzero(keep)
     padding_entries = np.zeros(16, np.uint8)
     stored = (
         np.concatenate([codes[row_of, column], padding_entries]).astype(np.uint8),
-        np.concatenate([column, padding_entries]).astype(np.uint16),
+        np.zeros(1, np.uint8) if dense else np.concatenate([column, padding_entries]).astype(
+            np.uint16
+        ),
         np.searchsorted(row_of, np.arange(out + 1)).astype(np.int32),
         kernel_table(table),
     )
@@ -335,7 +346,9 @@ def test_the_sparse_convolution_computes_the_layer(batch, image, out, geometry, 
         torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias),
         stride, padding, dilation,
     ).numpy()
-    kernel = sparse_table_conv2d(batch, image, out, geometry, size, "uint16")
+    kernel = sparse_table_conv2d(
+        batch, image, out, geometry, size, "uint8" if dense else "uint16", dense
+    )
     library = tvm.compile(
         tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
         target=resolve_target("cpu", 2).tvm,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +13,9 @@ from tvm import relax
 
 from autoshrink.compiler.target import Target
 
-__all__ = ["build_tuned", "entry", "fuse", "is_scheduled", "parallel_loops", "to_relax"]
+__all__ = [
+    "build_tuned", "entry", "fuse", "is_pooling", "is_scheduled", "parallel_loops", "to_relax",
+]
 
 
 def entry(batch: int) -> str:
@@ -61,18 +64,28 @@ def is_scheduled(function: Any) -> bool:
     return bool(function.attrs and function.attrs.get("tirx.is_scheduled", False))
 
 
-def parallel_loops(mod: Any, threads: int) -> Any:
+def is_pooling(function: Any) -> bool:
+    """Whether a PrimFunc is a pooling kernel (TVM's legalized pools name their schedule
+    rule ``meta_schedule.pool_max`` or ``pool_avg``)."""
+    return "meta_schedule.pool_" in function.script()
+
+
+def parallel_loops(mod: Any, threads: int, only: Callable[[Any], bool] | None = None) -> Any:
     """``mod`` with each kernel no schedule was applied to (the elementwise and data-movement
-    kernels between the layers: batch norm, activations, reshapes) made one loop nest with
-    its outer loops run in parallel and its inner ones in vector lanes, instead of TVM's
-    serial scalar loops over every element. A kernel the schedule cannot take stays as it
-    was."""
+    kernels between the layers: batch norm, activations, reshapes, pools; with ``only``,
+    those it accepts) made one loop nest with its outer loops run in parallel and its inner
+    ones in vector lanes, instead of TVM's serial scalar loops over every element. A kernel
+    the schedule cannot take stays as it was."""
     from tvm import tirx
     from tvm.s_tir import Schedule
 
     functions = {}
     for var, function in mod.functions.items():
-        if isinstance(function, tirx.PrimFunc) and not is_scheduled(function):
+        if (
+            isinstance(function, tirx.PrimFunc)
+            and not is_scheduled(function)
+            and (only is None or only(function))
+        ):
             try:
                 function = _parallel(Schedule(function), threads)
             except (RuntimeError, ValueError):  # TVM's errors (ScheduleError, ...) included
@@ -130,6 +143,10 @@ def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any
     passes = importlib.import_module(f"tvm.relax.backend.{backend}.pipeline")
     lower = [*passes.dataflow_lower_passes(target.tvm), *passes.finalize_passes(target.tvm)]
     with target.tvm, database, tvm.transform.PassContext(opt_level=3):
+        if target.kind == "cpu":
+            # Pools are not tuned (see autoshrink.compiler.tuning): plain parallel loops beat
+            # what few trials find, and a record tuned before that must not apply.
+            fused = parallel_loops(fused, int(target.tvm.attrs["num-cores"]), is_pooling)
         mod = relax.transform.MetaScheduleApplyDatabase()(fused)
         if prepack:
             # The layout rewrite of each weight becomes its own function, applied to the

@@ -242,17 +242,23 @@ def _sparse_kernel(
 ) -> LayerKernel | None:
     """The sparse table-lookup kernel of a Linear or (ungrouped, zero-padded) Conv2d stored
     as rows of survivors whose values are codes into a table (one byte a survivor in the
-    bundle), else ``None``."""
+    bundle), else ``None``. A dense Conv2d of such codes gets the sparse convolution too,
+    every row holding every column (none stored)."""
     template = step.module
-    lowered = payloads.get(layer.rows[2]) if layer.rows else None
+    out = int(template.weight.shape[0])
+    dense = layer.rows is None and isinstance(template, nn.Conv2d) and layer.weights == ("weight",)
+    lowered = payloads.get(layer.rows[2] if layer.rows else "weight" if dense else "")
     if not _tabled(lowered) or not supports(template):
         return None
     geometry = tuple(conv_geometry(template).values()) if isinstance(template, nn.Conv2d) else ()
     if geometry and (image is None or unfolded(image, geometry) > MAX_UNFOLD):
         return None
-    columns, starts = (layer.arrays[key] for key in layer.rows[:2])
+    if dense:
+        taps = int(np.prod(template.weight.shape[1:]))
+        columns, starts = np.zeros(1, np.uint8), np.arange(out + 1, dtype=np.int32) * taps
+    else:
+        columns, starts = (layer.arrays[key] for key in layer.rows[:2])
     size = int(lowered.table.size)
-    out = int(template.weight.shape[0])
     bias = layer.arrays.get("bias")
     padding = np.zeros(LANES, np.uint8)  # the kernel's last vector of stored values reads on
     arrays = {
@@ -268,7 +274,7 @@ def _sparse_kernel(
         if isinstance(template, nn.Linear):
             kernel = sparse_table_linear(shape[0], shape[1], out, size, dtype)
             return [(kernel, (out,), sorted(arrays))]
-        kernel = sparse_table_conv2d(shape[0], shape[1:], out, geometry, size, dtype)
+        kernel = sparse_table_conv2d(shape[0], shape[1:], out, geometry, size, dtype, dense)
         return [(kernel, (out, *conv_output(*shape[2:], geometry)), sorted(arrays))]
 
     return _written_kernel(name, f"{step.methods}, sparse table lookup", arrays, written)

@@ -144,12 +144,15 @@ def sparse_table_conv2d(
     geometry: tuple[tuple[int, int], ...],
     table_size: int,
     column_dtype: str,
+    dense: bool = False,
 ) -> Any:
     """The kernel of an ungrouped, zero-padded Conv2d whose weight is stored as CSR rows (one
     per output channel, columns ``c * kh * kw + dy * kw + dx``) of codes into a table: a
     scheduled PrimFunc taking ``(x, bias, codes, columns, starts, table, y)`` as
     :func:`sparse_table_linear` does, for ``x`` of shape (batch, *image) (channels, height,
-    width) and ``geometry`` ((kh, kw), stride, padding, dilation).
+    width) and ``geometry`` ((kh, kw), stride, padding, dilation). With ``dense`` every row
+    holds every column in order (a dense convolution's codes, row-major): ``columns`` is
+    then never read (one entry will do).
 
     Each image is unfolded once into a scratch block of columns (one per kernel tap, its
     output positions padded to a whole number of blocks; copied from each channel framed by
@@ -172,6 +175,10 @@ def sparse_table_conv2d(
     shared_size = taps * padded if single else 1
     fh, fw = height + 2 * ph, width + 2 * pw  # a channel framed by its zero padding
     zero = T.broadcast(T.float32(0), LANES)
+
+    def tap(column: Any, j: Any, o: Any) -> Any:
+        # the kernel tap (unfolded column) of stored value ``j``, of output channel ``o``
+        return j - o * taps if dense else T.Cast("int32", column[j])
 
     @T.macro
     def unfold(x, held, cols, i, plane):
@@ -207,9 +214,7 @@ def sparse_table_conv2d(
             for j in T.serial(starts[o], starts[o + 1]):
                 weight = T.meta_var(T.broadcast(table[T.Cast("int32", code[j])], LANES))
                 for v in T.unroll(block):
-                    at = T.meta_var(
-                        T.Cast("int32", column[j]) * padded + (start * block + v) * LANES
-                    )
+                    at = T.meta_var(tap(column, j, o) * padded + (start * block + v) * LANES)
                     acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
             for v in T.unroll(block):
                 spill[lanes((start * block + v) * LANES)] = acc[lanes(v * LANES)] + T.broadcast(
@@ -229,9 +234,9 @@ def sparse_table_conv2d(
         y: T.Buffer((b, n, oh, ow), "float32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        count = T.int32()
+        count, stored = T.int32(), T.int32()
         code = T.match_buffer(codes, (count,), "uint8")
-        column = T.match_buffer(columns, (count,), column_dtype)
+        column = T.match_buffer(columns, (stored,), column_dtype)
         out = T.decl_buffer((b * n * positions,), "float32", data=y.data)
         for i in T.parallel(images):
             cols = T.alloc_buffer((taps * padded,), "float32")
