@@ -14,7 +14,8 @@ from tvm import relax
 from autoshrink.compiler.target import Target
 
 __all__ = [
-    "build_tuned", "entry", "fuse", "is_pooling", "is_scheduled", "parallel_loops", "to_relax",
+    "apply_database", "build_tuned", "entry", "fuse", "is_pooling", "is_scheduled",
+    "parallel_loops", "to_relax",
 ]
 
 
@@ -130,6 +131,33 @@ def _vectorize(schedule: Any, block: Any, loops: list[Any]) -> None:
     schedule.vectorize(schedule.split(inner, [None, lanes])[1])
 
 
+def apply_database(mod: Any, database: Any, target: Target) -> Any:
+    """``mod`` with each unscheduled kernel the database holds a schedule for scheduled by it,
+    as ``relax.transform.MetaScheduleApplyDatabase`` does, except that a record whose trace
+    no longer replays on its kernel (seen as "cannot find a block" with structurally equal
+    kernels whose blocks are named apart) leaves that kernel unscheduled instead of failing
+    the whole compile."""
+    from tvm import tirx
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    functions = {}
+    for var, function in mod.functions.items():
+        if isinstance(function, tirx.PrimFunc) and not is_scheduled(function):
+            try:
+                schedule = database.query_schedule(
+                    _normalize_mod(function), target.tvm, var.name_hint
+                )
+            except RuntimeError:  # TVM's ScheduleError and InternalError among them
+                schedule = None
+            if schedule is not None:  # its own attributes back (no "main" symbol)
+                scheduled = schedule.mod["main"].without_attr("global_symbol")
+                if function.attrs is not None:
+                    scheduled = scheduled.with_attrs(dict(function.attrs))
+                function = scheduled.with_attr("tirx.is_scheduled", True)
+        functions[var] = function
+    return tvm.IRModule(functions, attrs=mod.attrs)
+
+
 def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any:
     """Compile the fused module with the database's best schedules (DLight's defaults for
     unscheduled GPU kernels); packed weight layouts are folded into the constants."""
@@ -147,7 +175,7 @@ def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any
             # Pools are not tuned (see autoshrink.compiler.tuning): plain parallel loops beat
             # what few trials find, and a record tuned before that must not apply.
             fused = parallel_loops(fused, int(target.tvm.attrs["num-cores"]), is_pooling)
-        mod = relax.transform.MetaScheduleApplyDatabase()(fused)
+        mod = apply_database(fused, database, target)
         if prepack:
             # The layout rewrite of each weight becomes its own function, applied to the
             # constant at compile time: the library stores the packed weights.

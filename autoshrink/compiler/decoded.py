@@ -9,7 +9,8 @@ method's element at a vector of 16 flat indices) into a scratch block, then mult
 block into every batch row, as :mod:`autoshrink.compiler.vector`'s kernels do with their
 looked-up weights. A payload far smaller than the weight (HashedNets' K shared values) is
 first decoded to float32 by a kernel of its own (:func:`decoded_values`), once a call, and
-the weights read that.
+the weights read that. (Decoded inside the same kernel, into a buffer of its own, TVM would
+shrink that buffer to the region the hashed reads cover: an expression of the hash.)
 """
 
 from __future__ import annotations
