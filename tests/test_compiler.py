@@ -334,3 +334,42 @@ def test_records_that_no_longer_replay_are_dropped_and_the_rest_kept(tmp_path: P
     assert len(reopened) == 1
     assert "dropped 1 tuning record(s)" in console.export_text()
     assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+
+
+def test_a_record_that_no_longer_replays_leaves_its_kernel_unscheduled() -> None:
+    """A tuning database keys workloads by structure, so kernels alike but for their blocks'
+    names share one entry: a record tuned on one names blocks the stored workload may not
+    have. Its kernel keeps its plain loops and the compile goes on (TVM's own pass fails the
+    whole build there); a record that replays schedules its kernel."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.database import MemoryDatabase, TuningRecord
+
+    from autoshrink.compiler.build import apply_database, is_scheduled
+    from autoshrink.compiler.target import resolve_target
+
+    def kernel(block: str) -> tvm.IRModule:
+        a = te.placeholder((64, 64), name="a")
+        out = te.compute((64, 64), lambda i, j: a[i, j] * 2, name=block)
+        return tvm.IRModule({"main": te.create_prim_func([a, out]).with_attr(
+            "global_symbol", "main"
+        )})
+
+    target = resolve_target("cpu", 2)
+    schedule = Schedule(kernel("layer"))
+    schedule.parallel(schedule.get_loops(schedule.get_sblock("layer"))[0])
+    found = {}
+    for stored in ("layer", "other"):  # the workload the database holds for the structure
+        database = MemoryDatabase()
+        workload = database.commit_workload(kernel(stored))
+        database.commit_tuning_record(TuningRecord(
+            schedule.trace, workload, [0.001], target.tvm,
+            ArgInfo.from_prim_func(kernel(stored)["main"]),
+        ))
+        mod = tvm.IRModule({"layer_b1": kernel("layer")["main"].without_attr("global_symbol")})
+        found[stored] = apply_database(mod, database, target)["layer_b1"]
+    assert is_scheduled(found["layer"]) and "T.parallel" in found["layer"].script()
+    assert "global_symbol" not in found["layer"].attrs  # the kernel's own attributes
+    assert not is_scheduled(found["other"]) and "T.parallel" not in found["other"].script()
