@@ -61,23 +61,14 @@ def code_bytes(code: LayerCode) -> int:
 
 def evaluate_lowering(lowered: Any, count: int, lanes: bool = False) -> np.ndarray:
     """Every element of a lowered payload, computed by a compiled TVM kernel: one element
-    at a time (a TE kernel), or with ``lanes`` 16 at a time, as the decoding kernel reads
-    them (:func:`autoshrink.compiler.decoded.decoded_values`)."""
+    at a time (a TE kernel), or with ``lanes`` 16 at a time, as the compiler's decoding
+    kernel reads them (``autoshrink.compiler.decoded``)."""
     import tvm
-    from tvm import te, tirx
-
-    from autoshrink.compiler.decoded import decoded_values
+    from tvm import te
 
     arrays = [np.ascontiguousarray(a) for a in lowered.arrays.values()]
     if lanes:
-        buffers = {
-            key: tirx.decl_buffer(array.shape, str(array.dtype), name=f"a{i}")
-            for i, (key, array) in enumerate(lowered.arrays.items())
-        }
-        function = decoded_values(count, list(buffers.values()), lambda i: lowered.element(
-            buffers, i
-        ))
-        kernel = tvm.compile(tvm.IRModule({"main": function.with_attr("global_symbol", "main")}))
+        kernel = tvm.compile(_in_lanes(lowered, count))
         size = -(-count // 16) * 16
     else:
         placeholders = {
@@ -88,9 +79,32 @@ def evaluate_lowering(lowered: Any, count: int, lanes: bool = False) -> np.ndarr
         kernel = tvm.compile(te.create_prim_func([*placeholders.values(), out]), target="llvm")
         size = count
     result = tvm.runtime.tensor(np.zeros(size, np.float32))
-    given = [tvm.runtime.tensor(np.zeros(1, np.float32))] if lanes else []
-    kernel["main"](*given, *(tvm.runtime.tensor(a) for a in arrays), result)
+    kernel["main"](*(tvm.runtime.tensor(a) for a in arrays), result)
     return result.numpy()[:count]
+
+
+def _in_lanes(lowered: Any, count: int) -> Any:
+    """A module whose ``main`` writes the payload's elements, 16 indices at a time (the
+    last vector's past ``count`` repeat the last element)."""
+    import tvm
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    buffers = [
+        tirx.decl_buffer(array.shape, str(array.dtype), name=f"a{i}")
+        for i, array in enumerate(lowered.arrays.values())
+    ]
+    by_key = dict(zip(lowered.arrays, buffers, strict=True))
+    vectors = -(-count // 16)
+
+    @T.prim_func(check_well_formed=False)  # the payload's buffers become parameters below
+    def main(out: T.Buffer((vectors * 16,), "float32")):
+        for v in range(vectors):
+            index = T.meta_var(T.min(T.ramp(v * 16, 1, 16), T.broadcast(count - 1, 16)))
+            out[T.ramp(v * 16, 1, 16)] = lowered.element(by_key, index)
+
+    function = tirx.PrimFunc([*buffers, *main.params], main.body, main.ret_type, main.attrs)
+    return tvm.IRModule({"main": function.with_attr("global_symbol", "main")})
 
 
 def nudge(module: nn.Module, x: torch.Tensor) -> None:

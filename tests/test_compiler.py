@@ -369,7 +369,10 @@ def test_a_record_that_no_longer_replays_leaves_its_kernel_unscheduled() -> None
             ArgInfo.from_prim_func(kernel(stored)["main"]),
         ))
         mod = tvm.IRModule({"layer_b1": kernel("layer")["main"].without_attr("global_symbol")})
-        found[stored] = apply_database(mod, database, target)["layer_b1"]
+        notes: list[str] = []
+        found[stored] = apply_database(mod, database, target, notes)["layer_b1"]
+        assert len(notes) == (stored == "other"), notes
+    assert "layer_b1: its tuning record no longer applies" in notes[0]
     assert is_scheduled(found["layer"]) and "T.parallel" in found["layer"].script()
     assert "global_symbol" not in found["layer"].attrs  # the kernel's own attributes
     assert not is_scheduled(found["other"]) and "T.parallel" not in found["other"].script()

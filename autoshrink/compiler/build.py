@@ -131,12 +131,14 @@ def _vectorize(schedule: Any, block: Any, loops: list[Any]) -> None:
     schedule.vectorize(schedule.split(inner, [None, lanes])[1])
 
 
-def apply_database(mod: Any, database: Any, target: Target) -> Any:
+def apply_database(
+    mod: Any, database: Any, target: Target, notes: list[str] | None = None
+) -> Any:
     """``mod`` with each unscheduled kernel the database holds a schedule for scheduled by it,
     as ``relax.transform.MetaScheduleApplyDatabase`` does, except that a record whose trace
     no longer replays on its kernel (seen as "cannot find a block" with structurally equal
-    kernels whose blocks are named apart) leaves that kernel unscheduled instead of failing
-    the whole compile."""
+    kernels whose blocks are named apart) leaves that kernel unscheduled, with a line in
+    ``notes``, instead of failing the whole compile."""
     from tvm import tirx
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
@@ -149,6 +151,11 @@ def apply_database(mod: Any, database: Any, target: Target) -> Any:
                 )
             except RuntimeError:  # TVM's ScheduleError and InternalError among them
                 schedule = None
+                if notes is not None:
+                    notes.append(
+                        f"{var.name_hint}: its tuning record no longer applies, so it runs "
+                        "untuned (delete the tuning database folder to tune it afresh)"
+                    )
             if schedule is not None:  # its own attributes back (no "main" symbol)
                 scheduled = schedule.mod["main"].without_attr("global_symbol")
                 if function.attrs is not None:
@@ -158,9 +165,12 @@ def apply_database(mod: Any, database: Any, target: Target) -> Any:
     return tvm.IRModule(functions, attrs=mod.attrs)
 
 
-def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any:
+def build_tuned(
+    fused: Any, target: Target, database: Any, prepack: bool, notes: list[str] | None = None
+) -> Any:
     """Compile the fused module with the database's best schedules (DLight's defaults for
-    unscheduled GPU kernels); packed weight layouts are folded into the constants."""
+    unscheduled GPU kernels); packed weight layouts are folded into the constants. A record
+    that no longer applies is noted in ``notes`` (see :func:`apply_database`)."""
     import importlib
 
     from tvm.s_tir import dlight
@@ -175,7 +185,7 @@ def build_tuned(fused: Any, target: Target, database: Any, prepack: bool) -> Any
             # Pools are not tuned (see autoshrink.compiler.tuning): plain parallel loops beat
             # what few trials find, and a record tuned before that must not apply.
             fused = parallel_loops(fused, int(target.tvm.attrs["num-cores"]), is_pooling)
-        mod = apply_database(fused, database, target)
+        mod = apply_database(fused, database, target, notes)
         if prepack:
             # The layout rewrite of each weight becomes its own function, applied to the
             # constant at compile time: the library stores the packed weights.

@@ -6,31 +6,26 @@ stored arrays (packed codes and a codebook, say); both inline into one TE kernel
 method without the hook hands over its decoded float32 values instead; a structure method
 without it (or a layer it cannot lower) keeps the dense form: its decoded weight as float32.
 
-The model goes through ``torch.export`` with each such layer replaced by a call to the
-custom operator ``autoshrink::compiled_layer``, which the Relax importer turns into a
-``call_tir`` of the layer's kernel. A layer's arrays are Relax constants made once and shared
-by every batch entry, so the library stores them once. Kernels are marked opaque, so fusion
-leaves them as they were tuned (:mod:`autoshrink.compiler.choice` tunes them one by one).
+A layer's arrays become Relax constants made once and shared by every batch entry, so the
+library stores them once. Kernels are marked opaque, so fusion leaves them as they were
+tuned (:mod:`autoshrink.compiler.choice` tunes them one by one). How the model around them
+is exported: :mod:`autoshrink.compiler.export`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import tvm
 from torch import nn
 from tvm import relax, tirx
 
 from autoshrink.artifact import layer_arrays
-from autoshrink.compiler.build import entry
 from autoshrink.compiler.decoded import decoded_linear, decoded_values
 from autoshrink.compiler.kernels import conv_geometry, dense_layer, supports
 from autoshrink.compiler.sparse import (
@@ -48,7 +43,7 @@ from autoshrink.pipeline import layer_step
 if TYPE_CHECKING:
     from autoshrink.registry import Registry
 
-__all__ = ["LayerKernel", "compressed_kernels", "dense_kernel", "to_relax_lowered"]
+__all__ = ["LayerKernel", "compressed_kernels", "dense_kernel"]
 
 #: TVM's op pattern "opaque": fusion leaves the kernel alone.
 _OPAQUE = 8
@@ -373,70 +368,3 @@ def dense_kernel(name: str, layer: nn.Module) -> LayerKernel | None:
         # (MetaSchedule matches workloads ignoring names, and its traces name stages).
         compute=lambda x, t: dense_layer(x, layer, lambda f: t["weight"][f], t.get("bias")),
     )
-
-
-# --- the model with kernels in place of its layers -------------------------------------------
-
-_KERNELS: dict[int, tuple[LayerKernel, tuple[int, ...]]] = {}
-_COUNTER = itertools.count()
-
-
-@torch.library.custom_op("autoshrink::compiled_layer", mutates_args=())
-def _compiled_layer(x: torch.Tensor, index: int) -> torch.Tensor:
-    raise RuntimeError("a compiled layer runs only inside TVM")
-
-
-@_compiled_layer.register_fake
-def _(x: torch.Tensor, index: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], *_KERNELS[index][1]))
-
-
-class KernelCall(nn.Module):
-    """Stands in for a layer during export: a call of its kernel (by a process-wide index)."""
-
-    def __init__(self, kernel: LayerKernel, out_shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.index = next(_COUNTER)
-        _KERNELS[self.index] = (kernel, tuple(out_shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.autoshrink.compiled_layer(x, self.index)
-
-
-def _convert(node: Any, importer: Any) -> Any:
-    kernel, _ = _KERNELS[node.args[1]]
-    batch = int(node.args[0].meta["val"].shape[0])
-    return kernel.emit(importer.block_builder, importer.env[node.args[0]], batch)
-
-
-def to_relax_lowered(model: nn.Module, input_shape: tuple[int, ...], batches: list[int]) -> Any:
-    """One IRModule with ``main_b<batch>`` per batch size for a model whose layers are
-    :class:`KernelCall` s (the rest exports as usual, its small tensors as constants)."""
-    functions: dict[Any, Any] = {}
-    calls = [m.index for m in model.modules() if isinstance(m, KernelCall)]
-    try:
-        for batch in batches:
-            functions.update(_export(model, input_shape, batch))
-    finally:
-        for index in calls:  # the kernels' arrays are not needed once they are constants
-            _KERNELS.pop(index, None)
-    return tvm.IRModule(functions)
-
-
-def _export(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> dict[Any, Any]:
-    from tvm.relax.frontend.torch import from_exported_program
-
-    with warnings.catch_warnings():  # torch.export's deprecation chatter
-        warnings.simplefilter("ignore")
-        program = torch.export.export(model, (torch.zeros(batch, *input_shape),))
-        converted = from_exported_program(
-            program, custom_convert_map={"compiled_layer.default": _convert}
-        )
-    functions = {}
-    for var, function in converted.functions.items():
-        if var.name_hint == "main":
-            name = entry(batch)
-            functions[tvm.ir.GlobalVar(name)] = function.with_attr("global_symbol", name)
-        else:  # the kernels, named per layer, form and batch: no clashes across batches
-            functions[var] = function
-    return functions

@@ -39,12 +39,8 @@ from autoshrink.compiler.densify import (
     fold_batchnorm,
     layer_shapes,
 )
-from autoshrink.compiler.lowering import (
-    KernelCall,
-    compressed_kernels,
-    dense_kernel,
-    to_relax_lowered,
-)
+from autoshrink.compiler.export import KernelCall, to_relax_lowered
+from autoshrink.compiler.lowering import compressed_kernels, dense_kernel
 from autoshrink.compiler.machine import available_cores, cpu_flags, cpu_model
 from autoshrink.compiler.target import Target, load_tensor_intrinsics, resolve_target
 from autoshrink.compiler.timing import TvmEngine, measure, model_flops, prepare_peers, thread_count
@@ -236,7 +232,7 @@ def compile_artifact(
             fused = fuse(mod, chosen, False)
             tuning = tune(fused, chosen, database, trials, threads, out / "tuning-logs", console)
             library = out / LIBRARY
-            build_tuned(fused, chosen, database, False).export_library(str(library))
+            build_tuned(fused, chosen, database, False, notes).export_library(str(library))
             peer_model = fold_batchnorm(
                 densify(reference, task.example_input(1), templates), notes
             )
