@@ -63,10 +63,11 @@ class Settings(BaseSettings):
     compile_front: bool = False  # every front member, not only the recommended model
     tune_trials: int = Field(default=256, ge=0)
     # After the search, the best `retrain_top` front members are trained again from the
-    # baseline for `retrain_epochs` epochs (0 = off): the search's short fine-tunes measure
-    # how fast a plan recovers, retraining how good it gets.
+    # baseline for `retrain_epochs` epochs on average (0 = off; each gets between half and
+    # three times that, by how far it fell short of the baseline): the search's short
+    # fine-tunes measure how fast a plan recovers, retraining how good it gets.
     retrain_epochs: float = Field(default=2.0, ge=0, le=1000)
-    retrain_top: int = Field(default=10, ge=1)
+    retrain_top: int = Field(default=5, ge=1)
 
     @classmethod
     def settings_customise_sources(

@@ -6,7 +6,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from autoshrink.metric import Metric
+from autoshrink.studies.retrain import member_epochs
 from tests.conftest import run_cli
+
+
+def test_epochs_follow_what_a_member_lost() -> None:
+    accuracy, error = Metric(), Metric("mse", "minimize")
+    at_baseline = {"val_accuracy": 0.90}
+    assert member_epochs(2, at_baseline, 0.90, accuracy) == 1.0  # half the setting
+    assert member_epochs(2, {"val_accuracy": 0.891}, 0.90, accuracy) == 2.0  # 1 % short
+    assert member_epochs(2, {"val_accuracy": 0.50}, 0.90, accuracy) == 6.0  # three times
+    # Better than the baseline still gets half; the search's figure is the one that counts.
+    assert member_epochs(2, {"val_accuracy": 0.95}, 0.90, accuracy) == 1.0
+    retrained = {"val_accuracy": 0.90, "search": {"val_accuracy": 0.8865}}
+    assert member_epochs(2, retrained, 0.90, accuracy) == 3.0
+    # Lower is better: a 2 % higher error counts 2.
+    assert member_epochs(2, {"val_accuracy": 0.51}, 0.50, error) == 4.0
+    assert member_epochs(2, {"val_accuracy": 0.49}, 0.50, error) == 1.0
 
 
 def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> None:
@@ -26,7 +43,9 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
     assert len(cache) == len(tried)
     for member in tried:
         retrained = member["retrained"]
-        assert retrained["epochs"] == 6 and retrained["steps"] >= 40
+        expect = member_epochs(6, member, pareto["baseline"]["val_accuracy"], Metric())
+        assert retrained["epochs"] == expect and 3 <= expect <= 18
+        assert retrained["steps"] >= 40
         assert (folder / f"artifacts/trial-{member['trial']:04d}-retrained.safetensors").is_file()
         if not retrained["taken"]:
             assert "search" not in member
@@ -48,7 +67,10 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
     assert [m["val_accuracy"] for m in regenerated["front"]] == [
         m["val_accuracy"] for m in pareto["front"]
     ]
-    assert "retrained 6 epochs" in (folder / "report.md").read_text()
+    report = (folder / "report.md").read_text()
+    for member in tried:
+        if member["retrained"]["taken"]:
+            assert f"retrained {member['retrained']['epochs']:g} epochs" in report
 
 
 def test_retraining_off(tmp_path: Path) -> None:

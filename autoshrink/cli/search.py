@@ -140,13 +140,14 @@ def search_command(
         float | None,
         typer.Option(
             "--retrain-epochs",
-            help="After the search, retrain the best front members for this many epochs "
-            "(default 2; 0 = off).",
+            help="After the search, retrain the best front members for about this many "
+            "epochs: from half to three times it, by how far each fell short of the "
+            "baseline (default 2; 0 = off).",
         ),
     ] = None,
     retrain_top: Annotated[
         int | None,
-        typer.Option("--retrain-top", help="How many front members to retrain (default 10)."),
+        typer.Option("--retrain-top", help="How many front members to retrain (default 5)."),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:

@@ -3,9 +3,15 @@ longer schedule, its artifact written beside the search's, its metric measured a
 
 The search fine-tunes every trial briefly, so its front measures how fast a plan recovers.
 Pruning, quantization and low-rank papers report accuracy after retraining to convergence;
-this stage does that for the few plans worth it. The figures are cached in
-``retrained.json`` under the study id, the trial, the search artifact's hash and the
-schedule, so a report never shows a figure of another plan or schedule.
+this stage does that for the few plans worth it. Retraining recovers what compression
+cost, so each member's epochs follow what it lost: the setting's epochs times its shortfall
+from the baseline's validation figure in whole percents of that figure, kept between half and
+three times the setting (:func:`member_epochs`). A member at the baseline's figure gets
+half; a distilled student trained from scratch, far below it, gets three times.
+
+The figures are cached in ``retrained.json`` under the study id, the trial, the search
+artifact's hash and the setting, so a report never shows a figure of another plan or
+schedule.
 """
 
 from __future__ import annotations
@@ -20,15 +26,31 @@ from rich.console import Console
 
 from autoshrink.artifact import read_artifact
 from autoshrink.files import file_digest, write_atomic
+from autoshrink.metric import Metric
 from autoshrink.plan import Plan
 from autoshrink.studies.folder import StudyFolder, study_identity
 from autoshrink.studies.setup import SearchSetup
 from autoshrink.training import evaluate, steps_for
 from autoshrink.trial import TrialBudget, run_trial
 
-__all__ = ["CACHE", "retrain_front", "retrained_figures"]
+__all__ = ["CACHE", "EPOCH_SHARES", "member_epochs", "retrain_front", "retrained_figures"]
 
 CACHE = "retrained.json"
+
+#: the least and the most of the setting's epochs one member gets
+EPOCH_SHARES = (0.5, 3.0)
+
+
+def member_epochs(epochs: float, member: dict[str, Any], baseline: float, metric: Metric) -> float:
+    """The epochs one front member is retrained for: ``epochs`` times its search-time
+    shortfall from the ``baseline``'s validation figure, counted in percents of that figure
+    (so a loss of 1 % of the baseline's accuracy, or a 1 % higher error, counts 1), within
+    :data:`EPOCH_SHARES`."""
+    searched = member.get("search", member)["val_accuracy"]
+    unit = abs(baseline) / 100 or 1e-2
+    shortfall = (metric.score(baseline) - metric.score(searched)) / unit
+    low, high = EPOCH_SHARES
+    return round(epochs * min(high, max(low, shortfall)), 2)
 
 
 def _key(folder: StudyFolder, member: dict[str, Any], epochs: float) -> str | None:
@@ -96,33 +118,34 @@ def retrain_front(
     folder: StudyFolder, summary: dict[str, Any], setup: SearchSetup, console: Console
 ) -> int:
     """Retrain the ``retrain_top`` front members of best validation metric (in its
-    direction) for ``retrain_epochs`` epochs each (not already cached); returns how many were
-    trained."""
+    direction), each for its :func:`member_epochs` (not already cached); returns how many
+    were trained."""
     options = setup.options
     epochs = options.retrain_epochs
     if epochs <= 0 or not summary["front"]:
         return 0
     metric = setup.task.judged_by
-    chosen = sorted(summary["front"], key=lambda m: -metric.score(m["val_accuracy"]))[
-        : options.retrain_top
-    ]
-    # Never shorter than the search's own fine-tune (small data sets have short epochs).
-    steps = max(
-        steps_for(epochs, len(setup.data.train), setup.trial_budget.batch_size),
-        2 * setup.trial_budget.finetune_steps,
-    )
-    budget = TrialBudget(
-        finetune_steps=steps,
-        distill_steps=3 * steps,
-        batch_size=setup.trial_budget.batch_size,
-        lr=setup.trial_budget.lr,
-        seconds=math.inf,
-    )
+    chosen = sorted(
+        summary["front"], key=lambda m: -metric.score(m.get("search", m)["val_accuracy"])
+    )[: options.retrain_top]
     done = 0
     for member in chosen:
         key = _key(folder, member, epochs)
         if key is None or retrained_figures(folder, member, epochs) is not None:
             continue
+        own = member_epochs(epochs, member, setup.baseline.val_accuracy, metric)
+        # Never shorter than the search's own fine-tune (small data sets have short epochs).
+        steps = max(
+            steps_for(own, len(setup.data.train), setup.trial_budget.batch_size),
+            2 * setup.trial_budget.finetune_steps,
+        )
+        budget = TrialBudget(
+            finetune_steps=steps,
+            distill_steps=3 * steps,
+            batch_size=setup.trial_budget.batch_size,
+            lr=setup.trial_budget.lr,
+            seconds=math.inf,
+        )
         path = folder.retrained(member["trial"])
         try:
             figures = _retrain(folder, member, setup, budget, path, console)
@@ -136,7 +159,7 @@ def retrain_front(
             )
             continue
         known = _load(folder)
-        known[key] = {**figures, "epochs": epochs, "steps": steps}
+        known[key] = {**figures, "epochs": own, "steps": steps}
         write_atomic(folder.root / CACHE, json.dumps(known, indent=2))
         console.print(
             f"retrained trial {member['trial']}: validation {metric.name} "
