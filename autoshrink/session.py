@@ -68,6 +68,14 @@ __all__ = [
 DEFAULT_TRIALS = 24
 
 
+def trials_asked(settings: Settings) -> int | None:
+    """Trials the search runs in all: ``--trials``, else the default unless a timeout
+    bounds it (``None``: until the timeout)."""
+    if settings.trials is None and settings.timeout is None:
+        return DEFAULT_TRIALS
+    return settings.trials
+
+
 class Interrupted(AutoshrinkError):
     """The user stopped the search; finished trials are saved."""
 
@@ -113,6 +121,7 @@ def search_options(settings: Settings, folder: StudyFolder) -> SearchOptions:
         ray_address=settings.ray_address,
         max_retries=settings.max_retries,
         timeout=settings.timeout,
+        trials=trials_asked(settings),
         stop_early=settings.stop_early,
         retrain_epochs=settings.retrain_epochs,
         retrain_top=settings.retrain_top,
@@ -304,10 +313,7 @@ def _run(
                 f"marked {stale} interrupted trial(s) as failed; their plans run again",
                 highlight=False,
             )
-    trials = settings.trials
-    if trials is None and settings.timeout is None:
-        trials = DEFAULT_TRIALS
-    total = trials if trials is not None else None
+    trials = total = options.trials
     try:
         with SearchProgress(console, study, total, options.budget) as callback:
             run_trials(setup, folder, study, trials=trials, callbacks=[callback])

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from autoshrink.metric import Metric
-from autoshrink.studies.retrain import member_epochs
+from autoshrink.studies.retrain import member_epochs, spread_along
 from tests.conftest import run_cli
 
 
@@ -26,6 +26,17 @@ def test_epochs_follow_what_a_member_lost() -> None:
     assert member_epochs(2, {"val_accuracy": 0.49}, 0.50, error) == 1.0
 
 
+def test_members_are_spread_along_the_front() -> None:
+    front = [{"trial": n, "bytes": 1000 * (n + 1), "val_accuracy": 0.5 + n / 100} for n in range(7)]
+    # the search's own figures count, not retrained ones
+    front[6] = {**front[6], "bytes": 1, "search": dict(front[6])}
+    picked = lambda k: [m["trial"] for m in spread_along(front, k, Metric())]  # noqa: E731
+    assert picked(5) == [0, 2, 3, 4, 6]
+    assert picked(2) == [0, 6] and picked(7) == list(range(7)) == picked(10)
+    assert picked(1) == [6]  # one: the best validation figure
+    assert [m["trial"] for m in spread_along(front, 1, Metric("mse", "minimize"))] == [0]
+
+
 def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> None:
     done = run_cli(
         "search", "--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB",
@@ -37,8 +48,9 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
     pareto = json.loads((folder / "pareto.json").read_text())
     tried = [m for m in pareto["front"] if "retrained" in m]
     assert 1 <= len(tried) <= 2
-    best_validation = sorted(pareto["front"], key=lambda m: -m.get("search", m)["val_accuracy"])
-    assert {m["trial"] for m in tried} == {m["trial"] for m in best_validation[:2]}
+    # Two spread along the front: its smallest and its largest member.
+    by_size = sorted(pareto["front"], key=lambda m: m.get("search", m)["bytes"])
+    assert {m["trial"] for m in tried} == {by_size[0]["trial"], by_size[-1]["trial"]}
     cache = json.loads((folder / "retrained.json").read_text())
     assert len(cache) == len(tried)
     for member in tried:

@@ -206,3 +206,18 @@ def test_resume_unknown_study(tmp_path: Path) -> None:
 def _no_inherited_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     os.environ.pop("RAY_ADDRESS", None)
+
+
+def test_tpe_models_the_space_after_a_quarter_of_a_short_search() -> None:
+    from autoshrink.studies.setup import SearchOptions
+    from autoshrink.studies.study import make_sampler, startup_trials
+    from autoshrink.trial import TrialBudget
+
+    assert [startup_trials(n) for n in (None, 4, 12, 24, 40, 100)] == [10, 3, 3, 6, 10, 10]
+    options = SearchOptions(
+        budget=10_000, task="digits-mlp", space="default", storage="", trial=TrialBudget(),
+        trials=12,
+    )
+    sampler = make_sampler(options)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert sampler._n_startup_trials == 3  # no public accessor; the figure is what matters

@@ -147,7 +147,10 @@ def search_command(
     ] = None,
     retrain_top: Annotated[
         int | None,
-        typer.Option("--retrain-top", help="How many front members to retrain (default 5)."),
+        typer.Option(
+            "--retrain-top",
+            help="How many front members to retrain, spread along it by size (default 5).",
+        ),
     ] = None,
     data_dir: DataDirOption = None,
 ) -> None:

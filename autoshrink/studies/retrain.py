@@ -3,11 +3,12 @@ longer schedule, its artifact written beside the search's, its metric measured a
 
 The search fine-tunes every trial briefly, so its front measures how fast a plan recovers.
 Pruning, quantization and low-rank papers report accuracy after retraining to convergence;
-this stage does that for the few plans worth it. Retraining recovers what compression
-cost, so each member's epochs follow what it lost: the setting's epochs times its shortfall
-from the baseline's validation figure in whole percents of that figure, kept between half and
-three times the setting (:func:`member_epochs`). A member at the baseline's figure gets
-half; a distilled student trained from scratch, far below it, gets three times.
+this stage does that for a few members spread along the front (:func:`spread_along`).
+Retraining recovers what compression cost, so each member's epochs follow what it lost: the
+setting's epochs times its shortfall from the baseline's validation figure in percents of
+that figure, kept between half and three times the setting (:func:`member_epochs`). A member
+at the baseline's figure gets half; a distilled student trained from scratch, far below it,
+gets three times.
 
 The figures are cached in ``retrained.json`` under the study id, the trial, the search
 artifact's hash and the setting, so a report never shows a figure of another plan or
@@ -33,7 +34,9 @@ from autoshrink.studies.setup import SearchSetup
 from autoshrink.training import evaluate, steps_for
 from autoshrink.trial import TrialBudget, run_trial
 
-__all__ = ["CACHE", "EPOCH_SHARES", "member_epochs", "retrain_front", "retrained_figures"]
+__all__ = [
+    "CACHE", "EPOCH_SHARES", "member_epochs", "retrain_front", "retrained_figures", "spread_along",
+]
 
 CACHE = "retrained.json"
 
@@ -51,6 +54,20 @@ def member_epochs(epochs: float, member: dict[str, Any], baseline: float, metric
     shortfall = (metric.score(baseline) - metric.score(searched)) / unit
     low, high = EPOCH_SHARES
     return round(epochs * min(high, max(low, shortfall)), 2)
+
+
+def spread_along(front: list[dict[str, Any]], count: int, metric: Metric) -> list[dict[str, Any]]:
+    """``count`` members spread evenly along the front by size, its smallest and its largest
+    included (one: the member of best validation figure), so retraining shows the whole
+    trade-off, not only its accurate end. Sizes and figures are the search's."""
+    searched = [m.get("search", m) for m in front]
+    if count == 1:
+        return [max(front, key=lambda m: metric.score(m.get("search", m)["val_accuracy"]))]
+    order = sorted(range(len(front)), key=lambda i: searched[i]["bytes"])
+    if count >= len(order):
+        return [front[i] for i in order]
+    picks = sorted({round(k * (len(order) - 1) / (count - 1)) for k in range(count)})
+    return [front[order[p]] for p in picks]
 
 
 def _key(folder: StudyFolder, member: dict[str, Any], epochs: float) -> str | None:
@@ -117,8 +134,8 @@ def _retrain(
 def retrain_front(
     folder: StudyFolder, summary: dict[str, Any], setup: SearchSetup, console: Console
 ) -> int:
-    """Retrain the ``retrain_top`` front members of best validation metric (in its
-    direction), each for its :func:`member_epochs` (not already cached); returns how many
+    """Retrain :func:`spread_along` the front's ``retrain_top`` members, each for its
+    :func:`member_epochs` (those not already cached), best validation first; returns how many
     were trained."""
     options = setup.options
     epochs = options.retrain_epochs
@@ -126,8 +143,9 @@ def retrain_front(
         return 0
     metric = setup.task.judged_by
     chosen = sorted(
-        summary["front"], key=lambda m: -metric.score(m.get("search", m)["val_accuracy"])
-    )[: options.retrain_top]
+        spread_along(summary["front"], options.retrain_top, metric),
+        key=lambda m: -metric.score(m.get("search", m)["val_accuracy"]),
+    )
     done = 0
     for member in chosen:
         key = _key(folder, member, epochs)

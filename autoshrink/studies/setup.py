@@ -55,6 +55,8 @@ class SearchOptions:
     max_retries: int = 1
     #: seconds the whole search may run (``None``: no limit)
     timeout: float | None = None
+    #: trials the search is asked for in all (``None``: until the timeout)
+    trials: int | None = None
     #: stop hopeless trials at their checkpoint (see :mod:`autoshrink.studies.early_stop`)
     stop_early: bool = False
     retrain_epochs: float = 0.0
