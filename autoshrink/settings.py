@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     # three times that, by how far it fell short of the baseline): the search's short
     # fine-tunes measure how fast a plan recovers, retraining how good it gets.
     retrain_epochs: float = Field(default=2.0, ge=0, le=1000)
-    retrain_top: int = Field(default=5, ge=1)
+    retrain_top: int = Field(default=4, ge=1)
 
     @classmethod
     def settings_customise_sources(

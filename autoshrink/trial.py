@@ -14,12 +14,13 @@ from autoshrink.artifact import write_artifact
 from autoshrink.compress import apply_structure, apply_values, structure_schedule
 from autoshrink.pipeline import ModelStep, model_step, resolve_plan
 from autoshrink.plan import Plan
-from autoshrink.training import LossFn, evaluate, fit, task_loss
+from autoshrink.tasks import Split
+from autoshrink.training import LossFn, evaluate, fit, predict, task_loss
 
 if TYPE_CHECKING:
     from autoshrink.baseline import Baseline
     from autoshrink.registry import Registry
-    from autoshrink.tasks import Task, TaskData
+    from autoshrink.tasks import Data, Task, TaskData
 
 __all__ = ["Checkpoint", "TrialBudget", "TrialOutcome", "run_trial"]
 
@@ -90,11 +91,11 @@ def run_trial(
     check = _deadline_check(start + budget.seconds, budget.seconds)
     torch.manual_seed(seed)
     teacher = baseline.model.eval()
-    model, width, loss_fn = teacher, 1.0, task_loss(task.loss)
+    model, width, train, loss_fn = teacher, 1.0, data.train, task_loss(task.loss)
     student = model_step(plan.model, registry)
     if student is not None:
         width = student.width
-        loss_fn = _distillation_loss(student, teacher)
+        train, loss_fn = _distillation(student, teacher, data.train)
         model = task.build_model(width)
     pipeline = resolve_plan(plan, model, registry)
     size: int | None = None
@@ -111,7 +112,7 @@ def run_trial(
     if plan.model is not None:
         fit(
             model,
-            data.train,
+            train,
             steps=budget.distill_steps,
             batch_size=budget.batch_size,
             lr=task.training.lr,
@@ -137,7 +138,7 @@ def run_trial(
         if steps:
             fit(
                 compressed,
-                data.train,
+                train,
                 steps=steps,
                 batch_size=budget.batch_size,
                 lr=budget.lr,
@@ -160,10 +161,23 @@ def run_trial(
     return TrialOutcome(size, val, artifact, time.monotonic() - start)
 
 
-def _distillation_loss(student: ModelStep, teacher: torch.nn.Module) -> LossFn:
-    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            soft = teacher(x)
-        return student.method.loss(logits, soft, y, student.config)
+def _distillation(student: ModelStep, teacher: torch.nn.Module, train: Data) -> tuple[Data, LossFn]:
+    """The training data and loss of a distilled student. On data held in memory the
+    teacher's outputs are computed once, in one pass, and looked up by example (the split's
+    targets become the examples' indices): a student trained from scratch takes thousands of
+    steps, and the teacher's forward pass would cost more than the student's own. Data read
+    from a Dataset (random transforms, possibly) asks the teacher every batch."""
+    if isinstance(train, Split):
+        soft, targets = predict(teacher, train.x), train.y
 
-    return loss
+        def looked_up(logits: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return student.method.loss(logits, soft[index], targets[index], student.config)
+
+        return Split(train.x, torch.arange(len(train))), looked_up
+
+    def asked(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            outputs = teacher(x)
+        return student.method.loss(logits, outputs, y, student.config)
+
+    return train, asked

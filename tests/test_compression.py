@@ -97,6 +97,34 @@ def test_distilled_student_artifact(tmp_path: Path, registry) -> None:
     assert loaded.model.fc1.out_features == 32
 
 
+def test_a_student_learns_from_teacher_outputs_computed_once(registry) -> None:
+    """On data in memory the teacher's outputs are computed in one pass and looked up by
+    example; the loss is the one asking the teacher every batch gives (the path a Dataset
+    keeps)."""
+    from torch.utils.data import TensorDataset
+
+    from autoshrink.pipeline import model_step
+    from autoshrink.tasks import DatasetSplit
+    from autoshrink.trial import _distillation
+
+    task = registry.tasks["digits-mlp"]
+    train = task.load_data(None).train
+    assert isinstance(train, Split)
+    torch.manual_seed(0)
+    teacher = task.build_model(1.0).eval()
+    student = model_step(Choice(method="distillation", config={"width": 0.25}), registry)
+    indexed, looked_up = _distillation(student, teacher, train)
+    assert indexed.x is train.x and torch.equal(indexed.y, torch.arange(len(train)))
+    from_dataset = DatasetSplit(TensorDataset(train.x, train.y))
+    same, asked = _distillation(student, teacher, from_dataset)
+    assert same is from_dataset
+    pick = torch.tensor([5, 0, 17, 3])
+    logits = task.build_model(0.25)(train.x[pick])
+    expected = asked(logits, train.x[pick], train.y[pick])
+    assert torch.allclose(looked_up(logits, train.x[pick], pick), expected, atol=1e-6)
+    assert expected.item() > 0
+
+
 @pytest.mark.parametrize("schedule", ["iterative", "gradual"])
 def test_scheduled_pruning_through_a_trial(tmp_path: Path, registry, schedule: str) -> None:
     """A trial prunes on its schedule while it fine-tunes and writes only the survivors: the

@@ -149,7 +149,7 @@ def search_command(
         int | None,
         typer.Option(
             "--retrain-top",
-            help="How many front members to retrain, spread along it by size (default 5).",
+            help="How many front members to retrain, spread along it by size (default 4).",
         ),
     ] = None,
     data_dir: DataDirOption = None,
