@@ -124,6 +124,25 @@ def hashed_positions(
     return index, torch.from_numpy(sign.astype(np.float32).reshape(shape))
 
 
+class _Spread(torch.autograd.Function):
+    """``shared[index] * sign``, whose gradient for the K values is summed per bucket by
+    ``bincount`` (in float64): autograd's own backward of the gather, an accumulating
+    scatter, took twice as long a fine-tune step on a 1200 x 784 layer."""
+
+    @staticmethod
+    def forward(ctx: Any, shared: torch.Tensor, index: torch.Tensor, sign: torch.Tensor) -> Any:
+        ctx.save_for_backward(index, sign)
+        ctx.k = shared.shape[0]
+        return shared[index] * sign
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        index, sign = ctx.saved_tensors
+        spread = (grad * sign).reshape(-1).double()
+        total = torch.bincount(index.reshape(-1), weights=spread, minlength=ctx.k)
+        return total.to(grad.dtype), None, None
+
+
 class _Hashed(nn.Module):
     """What hashed Linear, Conv2d and Embedding layers share: K real weights, the bias and the
     recomputed bucket/sign tensors (non-persistent buffers: never stored, moved by .to())."""
@@ -148,7 +167,7 @@ class _Hashed(nn.Module):
 
     def virtual_weight(self) -> torch.Tensor:
         """The full weight tensor the layer acts with: shared[bucket] * sign, elementwise."""
-        return self.shared[self.index] * self.sign
+        return _Spread.apply(self.shared, self.index, self.sign)
 
     @torch.no_grad()
     def fit(self, weight: torch.Tensor) -> None:

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autoshrink.testing import StructureMethodTests, code_bytes, sample_input
@@ -15,8 +16,10 @@ from autoshrink_plugins.hashing import (
     SEED,
     HashedConv2d,
     HashedEmbedding,
+    HashedLinear,
     Hashing,
     _finalize,
+    _Spread,
     hashed_positions,
     mix32,
     mix_key,
@@ -233,3 +236,20 @@ def test_embedding_decode_rejects_other_padding() -> None:
     for other in (nn.Embedding(20, 4), nn.Embedding(20, 4, padding_idx=2), nn.Linear(4, 20)):
         with pytest.raises(ValueError):
             METHOD.decode(code, other, config)
+
+
+def test_gradient_of_the_k_values_is_summed_per_bucket() -> None:
+    """The layer's own backward (bincount) gives autograd's gradient of the gather."""
+    layer = HashedLinear(12, 7, k=5, bias=False, seed=3)
+    with torch.no_grad():
+        layer.shared.copy_(torch.randn(5))
+    x = torch.randn(4, 12)
+    layer(x).square().sum().backward()
+    shared = layer.shared.detach().clone().requires_grad_()
+    F.linear(x, shared[layer.index] * layer.sign).square().sum().backward()
+    assert layer.shared.grad is not None and layer.shared.grad.abs().sum() > 0
+    torch.testing.assert_close(layer.shared.grad, shared.grad)
+    double = layer.shared.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda s: _Spread.apply(s, layer.index, layer.sign.double()), (double,)
+    )
