@@ -166,8 +166,9 @@ def _distillation(student: ModelStep, teacher: torch.nn.Module, train: Data) -> 
     teacher's outputs are computed once, in one pass, and looked up by example (the split's
     targets become the examples' indices): a student trained from scratch takes thousands of
     steps, and the teacher's forward pass would cost more than the student's own. Data read
-    from a Dataset (random transforms, possibly) asks the teacher every batch."""
-    if isinstance(train, Split):
+    from a Dataset (random transforms, possibly), or whose outputs would take more memory
+    than its inputs, asks the teacher every batch."""
+    if isinstance(train, Split) and len(train) and _outputs_fit(teacher, train):
         soft, targets = predict(teacher, train.x), train.y
 
         def looked_up(logits: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -181,3 +182,10 @@ def _distillation(student: ModelStep, teacher: torch.nn.Module, train: Data) -> 
         return student.method.loss(logits, outputs, y, student.config)
 
     return train, asked
+
+
+@torch.no_grad()
+def _outputs_fit(teacher: torch.nn.Module, train: Split) -> bool:
+    """Whether the teacher's outputs on the whole split take no more memory than its inputs
+    (ten logits for a 784-pixel image do; a segmentation map may not)."""
+    return teacher(train.x[:1]).numel() * len(train) <= train.x.numel()

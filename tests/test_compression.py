@@ -123,6 +123,10 @@ def test_a_student_learns_from_teacher_outputs_computed_once(registry) -> None:
     expected = asked(logits, train.x[pick], train.y[pick])
     assert torch.allclose(looked_up(logits, train.x[pick], pick), expected, atol=1e-6)
     assert expected.item() > 0
+    # Outputs larger than the inputs (ten per two features) are not held: asked each batch.
+    narrow = Split(torch.randn(32, 2), torch.randint(0, 10, (32,)))
+    kept, _ = _distillation(student, torch.nn.Linear(2, 10), narrow)
+    assert kept is narrow
 
 
 @pytest.mark.parametrize("schedule", ["iterative", "gradual"])

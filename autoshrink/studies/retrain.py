@@ -134,9 +134,9 @@ def _retrain(
 def retrain_front(
     folder: StudyFolder, summary: dict[str, Any], setup: SearchSetup, console: Console
 ) -> int:
-    """Retrain :func:`spread_along` the front's ``retrain_top`` members, each for its
-    :func:`member_epochs` (those not already cached), best validation first; returns how many
-    were trained."""
+    """Retrain ``retrain_top`` members spread along the front (:func:`spread_along`), best
+    validation first, each for its :func:`member_epochs` (those not already cached); returns
+    how many were trained."""
     options = setup.options
     epochs = options.retrain_epochs
     if epochs <= 0 or not summary["front"]:
