@@ -313,10 +313,9 @@ def _run(
                 f"marked {stale} interrupted trial(s) as failed; their plans run again",
                 highlight=False,
             )
-    trials = total = options.trials
     try:
-        with SearchProgress(console, study, total, options.budget) as callback:
-            run_trials(setup, folder, study, trials=trials, callbacks=[callback])
+        with SearchProgress(console, study, options.trials, options.budget) as callback:
+            run_trials(setup, folder, study, trials=options.trials, callbacks=[callback])
     except KeyboardInterrupt as exc:
         write_report(folder.root, collect(study, folder, facts, options).as_json())
         raise Interrupted(

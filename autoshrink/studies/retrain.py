@@ -44,12 +44,17 @@ CACHE = "retrained.json"
 EPOCH_SHARES = (0.5, 3.0)
 
 
+def _searched(member: dict[str, Any]) -> dict[str, Any]:
+    """A front member's figures as the search measured them (before any retraining)."""
+    return member.get("search", member)
+
+
 def member_epochs(epochs: float, member: dict[str, Any], baseline: float, metric: Metric) -> float:
     """The epochs one front member is retrained for: ``epochs`` times its search-time
     shortfall from the ``baseline``'s validation figure, counted in percents of that figure
     (so a loss of 1 % of the baseline's accuracy, or a 1 % higher error, counts 1), within
     :data:`EPOCH_SHARES`."""
-    searched = member.get("search", member)["val_accuracy"]
+    searched = _searched(member)["val_accuracy"]
     unit = abs(baseline) / 100 or 1e-2
     shortfall = (metric.score(baseline) - metric.score(searched)) / unit
     low, high = EPOCH_SHARES
@@ -60,18 +65,17 @@ def spread_along(front: list[dict[str, Any]], count: int, metric: Metric) -> lis
     """``count`` members spread evenly along the front by size, its smallest and its largest
     included (one: the member of best validation figure), so retraining shows the whole
     trade-off, not only its accurate end. Sizes and figures are the search's."""
-    searched = [m.get("search", m) for m in front]
     if count == 1:
-        return [max(front, key=lambda m: metric.score(m.get("search", m)["val_accuracy"]))]
-    order = sorted(range(len(front)), key=lambda i: searched[i]["bytes"])
+        return [max(front, key=lambda m: metric.score(_searched(m)["val_accuracy"]))]
+    order = sorted(front, key=lambda m: _searched(m)["bytes"])
     if count >= len(order):
-        return [front[i] for i in order]
+        return order
     picks = sorted({round(k * (len(order) - 1) / (count - 1)) for k in range(count)})
-    return [front[order[p]] for p in picks]
+    return [order[p] for p in picks]
 
 
 def _key(folder: StudyFolder, member: dict[str, Any], epochs: float) -> str | None:
-    search = member.get("search", member)
+    search = _searched(member)
     digest = file_digest(folder.root / search["artifact"]) if search.get("artifact") else None
     if digest is None:
         return None
@@ -144,7 +148,7 @@ def retrain_front(
     metric = setup.task.judged_by
     chosen = sorted(
         spread_along(summary["front"], options.retrain_top, metric),
-        key=lambda m: -metric.score(m.get("search", m)["val_accuracy"]),
+        key=lambda m: -metric.score(_searched(m)["val_accuracy"]),
     )
     done = 0
     for member in chosen:
