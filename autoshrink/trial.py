@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from autoshrink.artifact import write_artifact
+from autoshrink.budget import FIGURE_SHAPE
 from autoshrink.compress import apply_structure, apply_values, structure_schedule
 from autoshrink.pipeline import ModelStep, model_step, resolve_plan
 from autoshrink.plan import Plan
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from autoshrink.registry import Registry
     from autoshrink.tasks import Data, Task, TaskData
 
-__all__ = ["Checkpoint", "TrialBudget", "TrialOutcome", "run_trial"]
+__all__ = ["Checkpoint", "Fit", "TrialBudget", "TrialOutcome", "run_trial"]
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,16 @@ class TrialOutcome:
     seconds: float
     #: False when the plan was over :attr:`TrialBudget.size_limit` and not trained
     trained: bool = True
+    #: the plan built instead of the one asked for, tightened to fit the budget (see ``fit``
+    #: in :func:`run_trial`); None when the plan was built as asked
+    fitted: Plan | None = None
 
 
 #: ``checkpoint(bytes, validation metric)``: see :func:`run_trial`.
 Checkpoint = Callable[[int, float], None]
+#: ``fit(plan, bytes)``: a plan that fits the budget, given a plan whose artifact written
+#: before training has ``bytes``; None to build the plan as it is.
+Fit = Callable[[Plan, int], Plan | None]
 
 
 def _deadline_check(deadline: float, limit: float) -> Callable[[int, float], None]:
@@ -78,6 +85,7 @@ def run_trial(
     budget: TrialBudget,
     seed: int,
     checkpoint: Checkpoint | None = None,
+    fit_plan: Fit | None = None,
 ) -> TrialOutcome:
     """Build ``plan`` from the baseline (or a distilled student), fine-tune it, measure it on
     validation data and write its artifact. Fine-tuning minimises the task's loss, or the
@@ -86,7 +94,11 @@ def run_trial(
     ``checkpoint`` (with a ``size_limit``, which has the plan's bytes measured before
     training) is called once, when the compressed form is complete (the structure
     fine-tuned, the value stage applied): ``checkpoint(bytes, validation metric)``. It may
-    raise to stop the trial there, saving the rest of the fine-tune."""
+    raise to stop the trial there, saving the rest of the fine-tune.
+
+    ``fit_plan`` (with a ``size_limit`` too) is asked for a tighter plan once the plan's
+    bytes before training are known; the plan it returns is built instead, and the outcome
+    says so (:attr:`TrialOutcome.fitted`)."""
     start = time.monotonic()
     check = _deadline_check(start + budget.seconds, budget.seconds)
     torch.manual_seed(seed)
@@ -99,16 +111,27 @@ def run_trial(
         model = task.build_model(width)
     pipeline = resolve_plan(plan, model, registry)
     size: int | None = None
+    fitted: Plan | None = None
     if budget.size_limit is not None:
         untrained = apply_structure(model, pipeline)
         apply_values(untrained, pipeline)
         size = write_artifact(artifact, untrained, plan, task, registry, width=width,
-                              overwrite=True)
+                              info=FIGURE_SHAPE, overwrite=True)
+        fitted = fit_plan(plan, size) if fit_plan is not None else None
+        if fitted is not None and fitted != plan:
+            plan, pipeline = fitted, resolve_plan(fitted, model, registry)
+            untrained = apply_structure(model, pipeline)
+            apply_values(untrained, pipeline)
+            size = write_artifact(artifact, untrained, plan, task, registry, width=width,
+                                  info=FIGURE_SHAPE, overwrite=True)
+        else:
+            fitted = None
         if size > budget.size_limit:  # measured as it is; the file records the figure
             val = evaluate(untrained.eval(), data.val, task.metric)
             size = write_artifact(artifact, untrained, plan, task, registry, width=width,
                                   info={"val_accuracy": val}, overwrite=True)
-            return TrialOutcome(size, val, artifact, time.monotonic() - start, trained=False)
+            return TrialOutcome(size, val, artifact, time.monotonic() - start, trained=False,
+                                fitted=fitted)
     if plan.model is not None:
         fit(
             model,
@@ -158,7 +181,7 @@ def run_trial(
         info={"val_accuracy": val},
         overwrite=True,
     )
-    return TrialOutcome(size, val, artifact, time.monotonic() - start)
+    return TrialOutcome(size, val, artifact, time.monotonic() - start, fitted=fitted)
 
 
 def _distillation(student: ModelStep, teacher: torch.nn.Module, train: Data) -> tuple[Data, LossFn]:

@@ -8,11 +8,13 @@ import json
 import tempfile
 from pathlib import Path
 
+import optuna
 import torch
+from optuna.storages.journal import JournalFileBackend
 
 from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.baseline import load_baseline
-from autoshrink.budget import fit_start
+from autoshrink.budget import FIGURE_SHAPE, fit_start
 from autoshrink.compress import compress
 from autoshrink.plan import Choice, LayerPlan, Plan
 from autoshrink.space import build_space
@@ -29,7 +31,7 @@ EIGHT_BITS = LayerPlan(
 def _bytes(plan: Plan, task, registry, model) -> int:
     with tempfile.TemporaryDirectory() as folder:
         return write_artifact(Path(folder) / "a.safetensors", compress(model, plan, registry),
-                              plan, task, registry)
+                              plan, task, registry, info=FIGURE_SHAPE)
 
 
 def test_a_start_over_budget_is_tightened_to_fit(registry) -> None:
@@ -92,3 +94,36 @@ def test_untrained_trials_are_recorded_as_such(tmp_path: Path) -> None:
     for t in trials:
         assert bool(t["untrained"]) == (t["bytes"] > limit), t
     assert "not trained" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_a_sampled_plan_over_the_budget_is_tightened_before_training(
+    tmp_path: Path, registry
+) -> None:
+    # Quantization alone, 1 to 8 bits: 8-bit layers are about twice this budget, so every
+    # plan of more than 4 bits or so is over it as sampled.
+    preset = tmp_path / "bits.toml"
+    preset.write_text('[layers.Linear]\nstructure = ["dense"]\nvalue = ["quantization"]\n')
+    done = run_cli("search", "--task", "digits-mlp", "--finetune-steps", "20", "--budget", "9kB",
+                   "--trials", "6", "--space", str(preset), "--retrain-epochs", "0",
+                   "--out", str(tmp_path), "--study", "s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "s"
+    trials = json.loads((folder / "pareto.json").read_text())["trials"]
+    fitted = [t for t in trials if t["fitted"]]
+    assert fitted, trials
+    assert all(t["state"] == "complete" and t["bytes"] <= 9_000 and not t["untrained"]
+               for t in trials), trials
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+    study = optuna.load_study(study_name="s", storage=storage)
+    kept = [row for row in fitted if row["artifact"]]  # the front's artifacts are kept
+    assert kept, trials
+    for row in kept:  # the plan recorded is the plan built
+        artifact = read_artifact(folder / row["artifact"], registry, registry.tasks["digits-mlp"])
+        assert artifact.header.plan.model_dump(mode="json") == row["plan"]
+    for row in fitted:  # with fewer bits than the sampler asked for on some layer, on none more
+        asked = study.trials[row["trial"]].params
+        layers = row["plan"]["layers"]
+        built = {name: layer["value"]["config"]["bits"] for name, layer in layers.items()}
+        sampled = {name: asked.get(f"layer.{name}.quantization.bits", 8) for name in built}
+        assert all(built[n] <= sampled[n] for n in built) and built != sampled, (built, sampled)
+    assert "tightened to fit the budget" in (folder / "report.md").read_text()

@@ -14,6 +14,7 @@ import optuna
 import pytest
 from optuna.storages.journal import JournalFileBackend
 
+from autoshrink.artifact import read_header
 from tests.conftest import CLI, install_plugin, run_cli, write_plugin
 
 FAST = ["--task", "digits-mlp", "--finetune-steps", "40"]
@@ -37,6 +38,8 @@ def check_study(out: Path, study: str, budget: int, trials: int) -> dict:
         assert evaluated.returncode == 0, evaluated.stderr
         assert json.loads(evaluated.stdout)["test_accuracy"] == member["test_accuracy"]
         assert json.loads(evaluated.stdout)["bytes"] == member["bytes"]
+        # The plan recorded is the one built, tightened to fit the budget or not.
+        assert read_header(path)[0].plan.model_dump(mode="json") == member["plan"]
     best = next(m for m in pareto["front"] if m["trial"] == pareto["best"])
     assert best["val_accuracy"] == max(m["val_accuracy"] for m in pareto["front"])
     assert (folder / "best.safetensors").read_bytes() == (folder / best["artifact"]).read_bytes()
@@ -59,15 +62,17 @@ def test_local_search(tmp_path: Path) -> None:
 def test_ray_search(tmp_path: Path) -> None:
     # More trials than workers (Tune asks the study again as trials end). No retraining: it
     # runs on the driver after the search, as in test_local_search, so the front checked
-    # here is the artifacts the workers sent.
+    # here is the artifacts the workers sent. Under this budget the sampler's plans after
+    # the start are over it, so workers tighten them and the driver records what they built.
     result = search(
-        tmp_path, "ray", "--budget", "30kB", "--trials", "3", "--backend", "ray", "--workers", "2",
+        tmp_path, "ray", "--budget", "15kB", "--trials", "3", "--backend", "ray", "--workers", "2",
         "--retrain-epochs", "0",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    pareto = check_study(tmp_path, "ray", 30_000, 3)
+    pareto = check_study(tmp_path, "ray", 15_000, 3)
     assert pareto["settings"]["backend"] == "ray"
-    assert all(t["state"] == "complete" for t in pareto["trials"])
+    assert all(t["state"] == "complete" and t["bytes"] <= 15_000 for t in pareto["trials"])
+    assert any(t["fitted"] for t in pareto["trials"]), pareto["trials"]
 
 
 def complete_trials(journal: Path) -> int:

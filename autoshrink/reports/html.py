@@ -119,6 +119,8 @@ def _trial_card(row: dict[str, Any], summary: dict[str, Any]) -> str:
         facts.append(f"{row['bytes'] - summary['budget_bytes']:,} B over the budget")
     if row.get("untrained"):
         facts.append(_e(row["untrained"]))
+    if row.get("fitted"):
+        facts.append(_e(row["fitted"]))
     if row.get("failure"):
         facts.append(f'<span class="reason">{_e(row["failure"])}</span>')
     if row.get("stopped"):

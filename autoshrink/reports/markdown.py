@@ -115,6 +115,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 f"| {t['trial']} | {t['bytes']:,} | {t['bytes'] - budget:,} | "
                 f"{value(t['val_accuracy'])}{untrained} |"
             )
+    fitted = [str(t["trial"]) for t in summary["trials"] if t.get("fitted")]
+    if fitted:
+        lines += ["", f"Plans tightened to fit the budget before training (trials "
+                  f"{', '.join(fitted)}): the sampler asked for larger settings of the same "
+                  "methods."]
     failed = [t for t in summary["trials"] if t["state"] == "fail"]
     if failed:
         lines += ["", "## Failed trials", "", "| trial | reason |", "|---:|---|"]

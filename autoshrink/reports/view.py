@@ -168,6 +168,8 @@ def trial_label(row: dict[str, Any], summary: dict[str, Any]) -> str:
             head += f", {row['bytes'] - summary['budget_bytes']:,} B over the budget"
         if row.get("untrained"):
             head += f" ({row['untrained']})"
+        if row.get("fitted"):
+            head += f" ({row['fitted']})"
     return "\n".join([head, *plan_lines(row.get("plan"))])
 
 

@@ -92,6 +92,8 @@ class TrialRow(BaseModel):
     failure: str | None
     untrained: str | None
     plan: dict[str, Any] | None
+    #: why ``plan`` is not the plan sampled (it was tightened to fit the budget)
+    fitted: str | None = None
     #: why a pruned trial stopped early, and its ``[bytes, validation metric]`` there
     stopped: str | None = None
     checkpoint: list[float] | None = None

@@ -36,6 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autoshrink.errors import first_line
 from autoshrink.files import write_atomic
+from autoshrink.plan import Plan
 from autoshrink.space import Space
 from autoshrink.studies.early_stop import (
     CHECKPOINT,
@@ -50,6 +51,7 @@ from autoshrink.studies.setup import SearchOptions, SearchSetup, WorkerInputs, w
 from autoshrink.studies.storage import JOURNAL, is_journal, open_storage
 from autoshrink.studies.study import (
     FAILURE,
+    FITTED,
     INTERRUPTED,
     PLAN,
     StudyFolder,
@@ -106,7 +108,8 @@ def _trainable(options: SearchOptions, threads: int) -> Callable[..., None]:
             "bytes": outcome.bytes,
             "val_accuracy": outcome.val_accuracy,
             OUTCOME: {"artifact": payload, "seconds": outcome.seconds, "trained": outcome.trained,
-                      CHECKPOINT: point or None},
+                      CHECKPOINT: point or None,
+                      FITTED: outcome.fitted and outcome.fitted.model_dump(mode="json")},
         })
 
     return trainable
@@ -286,6 +289,7 @@ class TrialEvents(Callback):
         outcome = TrialOutcome(
             size, float(result["val_accuracy"]), path, float(sent["seconds"]),
             trained=bool(sent["trained"]),
+            fitted=Plan.model_validate(sent[FITTED]) if sent.get(FITTED) else None,
         )
         attrs = outcome_attrs(outcome, self.folder)
         if sent.get(CHECKPOINT):

@@ -46,6 +46,9 @@ FAILURE = "failure"
 #: why a complete trial was measured without training (its plan was far over the budget)
 UNTRAINED = "untrained"
 UNTRAINED_REASON = "over the budget before training, so not trained"
+#: why a trial's plan is not the one sampled: it was tightened to fit the budget
+FITTED = "fitted"
+FITTED_REASON = "tightened to fit the budget before training"
 PLAN = "plan"
 ARTIFACT = "artifact"
 SECONDS = "seconds"
@@ -172,13 +175,17 @@ def was_interrupted(trial: FrozenTrial) -> bool:
 
 def outcome_attrs(outcome: TrialOutcome, folder: StudyFolder) -> dict[str, object]:
     """The user attributes that record a finished trial's artifact, time and, for a plan too
-    large to train, why it was measured untrained (the same on every backend)."""
+    large to train, why it was measured untrained, and for a plan tightened to fit the
+    budget, the plan built (the same on every backend)."""
     attrs: dict[str, object] = {
         ARTIFACT: str(outcome.artifact.relative_to(folder.root)),
         SECONDS: round(outcome.seconds, 3),
     }
     if not outcome.trained:
         attrs[UNTRAINED] = UNTRAINED_REASON
+    if outcome.fitted is not None:
+        attrs[PLAN] = outcome.fitted.model_dump(mode="json")
+        attrs[FITTED] = FITTED_REASON
     return attrs
 
 
@@ -202,6 +209,7 @@ def trial_summary(trial: FrozenTrial) -> dict:
         "seconds": trial.user_attrs.get(SECONDS),
         "failure": trial.user_attrs.get(FAILURE),
         "untrained": trial.user_attrs.get(UNTRAINED),
+        "fitted": trial.user_attrs.get(FITTED),
         "plan": trial.user_attrs.get(PLAN),
         "stopped": trial.user_attrs.get(STOPPED),
         "checkpoint": trial.user_attrs.get(CHECKPOINT),
