@@ -8,10 +8,11 @@ artifact under each encoding choice, and its byte count is the answer. Sizes are
 in the knobs of all built-in methods, so the corners hold the minimum.
 
 :func:`fit_start` uses the same per-layer size model (a layer built, settled, restricted to
-its values and encoded, without training) to tighten a starting plan that is over budget:
-the layers holding the most bytes first, each by moving every numeric knob that changes its
-size from the start's value toward the smaller end of the space's range, by bisection, until
-the estimate is within the budget; a real artifact written without training confirms it.
+its values and encoded, without training) to tighten a plan that is over budget (a starting
+plan, or one the sampler asked for): the layers holding the most bytes first, each by moving
+every numeric knob that changes its size from the plan's value toward the smaller end of the
+space's range, by bisection, until the layers' estimate is down to the budget's share of the
+file; a real artifact written without training confirms it.
 """
 
 from __future__ import annotations
@@ -221,20 +222,22 @@ def fit_start(
     size = real_bytes(plan) if size is None else size
     if size <= budget:
         return plan
-    cut = size - int(budget * _MARGIN)
+    # The file scales with its layers' stored bytes (a header and the unplanned parameters
+    # add a little, an entropy coder takes some away): aim the layers at the budget's share.
+    share = budget * _MARGIN / size
     for _ in range(3):
-        fitted = _tighten(plan, model, space, registry, cut)
+        fitted = _tighten(plan, model, space, registry, share)
         if fitted is None:
             return None
         size = real_bytes(fitted)
         if size <= budget:
             return fitted
-        cut += size - budget
+        share *= budget * _MARGIN / size
     return None
 
 
-def _tighten(plan: Plan, model, space: Space, registry: Registry, cut: int) -> Plan | None:
-    """``plan`` with its layers' stored bytes ``cut`` fewer (or more), or None."""
+def _tighten(plan: Plan, model, space: Space, registry: Registry, share: float) -> Plan | None:
+    """``plan`` with its layers' stored bytes at most ``share`` of what they are, or None."""
     layers = dict(plan.layers)
     known: dict[tuple[str, str], int] = {}
 
@@ -245,7 +248,7 @@ def _tighten(plan: Plan, model, space: Space, registry: Registry, cut: int) -> P
         return known[key]
 
     sizes = {name: size_of(name, layers[name]) for name in layers}
-    target = sum(sizes.values()) - cut
+    target = sum(sizes.values()) * share
     for name in sorted(layers, key=lambda n: sizes[n], reverse=True):
         rest = sum(sizes.values()) - sizes[name]
         if rest + sizes[name] <= target:

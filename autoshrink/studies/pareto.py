@@ -28,9 +28,10 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   direction within the budget; ties go to the smaller file), or null when no trial fit;
   ``best_artifact`` names ``best.safetensors`` when that file is a copy of it
 - ``trials``: every trial with ``state`` (complete / fail / pruned / running), ``bytes``,
-  ``val_accuracy``, ``feasible``, ``failure`` (the reason a trial failed), and for a trial
-  stopped early (pruned) ``stopped`` (why) and ``checkpoint`` (its bytes and validation
-  metric where it stopped)
+  ``val_accuracy``, ``feasible``, ``failure`` (the reason a trial failed), ``plan`` (the plan
+  built), ``untrained`` / ``fitted`` (why it was measured untrained / why its plan is not the
+  one sampled: tightened to fit the budget), and for a trial stopped early (pruned)
+  ``stopped`` (why) and ``checkpoint`` (its bytes and validation metric where it stopped)
 - ``counts``: ``complete``, ``failed``, ``over_budget``, ``running``, ``pruned``
 - ``settings``, ``command`` and ``versions``: what reproduces the run
 """
