@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     tune_trials: int = Field(default=256, ge=0)
     # After the search, `retrain_top` front members spread along it are trained again from
     # the baseline for about `retrain_epochs` epochs (0 = off; each gets between half and
-    # three times that, by how far it fell short of the baseline): the search's short
+    # five times that, by how far it fell short of the baseline): the search's short
     # fine-tunes measure how fast a plan recovers, retraining how good it gets.
     retrain_epochs: float = Field(default=2.0, ge=0, le=1000)
     retrain_top: int = Field(default=4, ge=1)

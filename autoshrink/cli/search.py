@@ -141,7 +141,7 @@ def search_command(
         typer.Option(
             "--retrain-epochs",
             help="After the search, retrain the best front members for about this many "
-            "epochs: from half to three times it, by how far each fell short of the "
+            "epochs: from half to five times it, by how far each fell short of the "
             "baseline (default 2; 0 = off).",
         ),
     ] = None,

@@ -41,7 +41,7 @@ __all__ = [
 CACHE = "retrained.json"
 
 #: the least and the most of the setting's epochs one member gets
-EPOCH_SHARES = (0.5, 3.0)
+EPOCH_SHARES = (0.5, 5.0)
 
 
 def _searched(member: dict[str, Any]) -> dict[str, Any]:
