@@ -41,7 +41,9 @@ from tests.test_search import EXPLODING
 FAST = ["--task", "digits-mlp", "--finetune-steps", "40"]
 BUDGET = 20_000
 # Random sampling over a space where one structure method in five explodes: with this seed
-# the 8 trials hold failures, an over-budget trial and a front of several members.
+# the 8 trials hold failures, an over-budget trial and a front of several members. Floats
+# are 32-bit only, so a dense float layer is a plan no setting fits (over the budget, not
+# tightened).
 PRESET = """
 model = ["none"]
 encoding = ["none", "entropy"]
@@ -49,6 +51,9 @@ encoding = ["none", "entropy"]
 [layers.Linear]
 structure = ["dense", "hashing", "lowrank", "pruning", "exploding"]
 value = ["float", "quantization"]
+
+[ranges.float]
+bits = [32]
 """
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = ROOT / "test-output" / "report.png"

@@ -56,7 +56,7 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
     for member in tried:
         retrained = member["retrained"]
         expect = member_epochs(6, member, pareto["baseline"]["val_accuracy"], Metric())
-        assert retrained["epochs"] == expect and 3 <= expect <= 18
+        assert retrained["epochs"] == expect and 3 <= expect <= 30  # half to five times 6
         assert retrained["steps"] >= 40
         assert (folder / f"artifacts/trial-{member['trial']:04d}-retrained.safetensors").is_file()
         if not retrained["taken"]:

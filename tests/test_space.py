@@ -113,7 +113,8 @@ def test_default_preset_starts_replay_exactly(registry, mlp) -> None:
     from autoshrink.space import params_of
 
     space = build_space(mlp, registry, load_preset("default"))
-    assert len(space.starts) == 2
+    assert len(space.starts) == 3
+    assert space.starts[2].model is not None  # the small end: a distilled student
     for plan in space.starts:
         params = params_of(space, plan)
         assert params is not None
