@@ -7,12 +7,12 @@ every value corner and the smallest pair is kept; the resulting plan is written 
 artifact under each encoding choice, and its byte count is the answer. Sizes are monotonic
 in the knobs of all built-in methods, so the corners hold the minimum.
 
-:func:`fit_start` uses the same per-layer size model (a layer built, settled, restricted to
-its values and encoded, without training) to tighten a plan that is over budget (a starting
-plan, or one the sampler asked for): the layers holding the most bytes first, each by moving
-every numeric knob that changes its size from the plan's value toward the smaller end of the
-space's range, by bisection, until the layers' estimate is down to the budget's share of the
-file; a real artifact written without training confirms it.
+:func:`tighten_to_fit` uses the same per-layer size model (a layer built, settled,
+restricted to its values and encoded, without training) to tighten a plan that is over
+budget (a starting plan, or one the sampler asked for): the layers holding the most bytes
+first, each by moving every numeric knob that changes its size from the plan's value toward
+the smaller end of the space's range, by bisection, until the layers' estimate is down to
+the budget's share of the file; a real artifact written without training confirms it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from autoshrink.registry import Registry
     from autoshrink.tasks import Task
 
-__all__ = ["FIGURE_SHAPE", "fit_start", "smallest_artifact"]
+__all__ = ["FIGURE_SHAPE", "smallest_artifact", "tighten_to_fit"]
 
 _MAX_CORNERS = 64
 _PAIRED = 2
@@ -204,7 +204,7 @@ def _smaller_ends(name: str, module, layer: LayerPlan, space: Space, registry: R
     return ends
 
 
-def fit_start(
+def tighten_to_fit(
     plan: Plan, task: Task, space: Space, registry: Registry, budget: int, baseline: nn.Module,
     *, size: int | None = None,
 ) -> Plan | None:

@@ -21,7 +21,7 @@ import humanize
 import optuna
 from rich.console import Console
 
-from autoshrink.budget import fit_start, smallest_artifact
+from autoshrink.budget import smallest_artifact, tighten_to_fit
 from autoshrink.errors import AutoshrinkError, UsageError
 from autoshrink.plan import Plan
 from autoshrink.reports import write_report
@@ -164,8 +164,8 @@ def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[Pla
     fitted = []
     with console.status("checking the starting plans against the budget"):
         for number, plan in enumerate(setup.space.starts, start=1):
-            found = fit_start(plan, setup.task, setup.space, setup.registry, budget,
-                              setup.baseline.model)
+            found = tighten_to_fit(plan, setup.task, setup.space, setup.registry, budget,
+                                   setup.baseline.model)
             if found is None:
                 console.print(f"start {number} left out: none of its settings fits the budget",
                               highlight=False)

@@ -54,14 +54,14 @@ class TrialOutcome:
     seconds: float
     #: False when the plan was over :attr:`TrialBudget.size_limit` and not trained
     trained: bool = True
-    #: the plan built instead of the one asked for, tightened to fit the budget (see ``fit``
-    #: in :func:`run_trial`); None when the plan was built as asked
+    #: the plan built instead of the one asked for, tightened to fit the budget (see
+    #: ``fit_plan`` in :func:`run_trial`); None when the plan was built as asked
     fitted: Plan | None = None
 
 
 #: ``checkpoint(bytes, validation metric)``: see :func:`run_trial`.
 Checkpoint = Callable[[int, float], None]
-#: ``fit(plan, bytes)``: a plan that fits the budget, given a plan whose artifact written
+#: ``fit_plan(plan, bytes)``: a plan that fits the budget, given a plan whose artifact written
 #: before training has ``bytes``; None to build the plan as it is.
 Fit = Callable[[Plan, int], Plan | None]
 

@@ -14,7 +14,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.baseline import load_baseline
-from autoshrink.budget import FIGURE_SHAPE, fit_start
+from autoshrink.budget import FIGURE_SHAPE, tighten_to_fit
 from autoshrink.compress import compress
 from autoshrink.plan import Choice, LayerPlan, Plan
 from autoshrink.space import build_space
@@ -41,10 +41,10 @@ def test_a_start_over_budget_is_tightened_to_fit(registry) -> None:
     space = build_space(model, registry)
     start = Plan(layers={layer.name: EIGHT_BITS for layer in space.layers})
     size = _bytes(start, task, registry, model)
-    assert fit_start(start, task, space, registry, size, model) == start
+    assert tighten_to_fit(start, task, space, registry, size, model) == start
 
     budget = size * 6 // 10
-    fitted = fit_start(start, task, space, registry, budget, model)
+    fitted = tighten_to_fit(start, task, space, registry, budget, model)
     assert fitted is not None and fitted != start
     assert _bytes(fitted, task, registry, model) <= budget
     bits = {name: layer.value.config["bits"] for name, layer in fitted.layers.items()}
@@ -56,7 +56,7 @@ def test_a_start_over_budget_is_tightened_to_fit(registry) -> None:
     assert bits[heaviest.name] == min(bits.values())
 
     # No setting of dense + quantization fits a few hundred bytes.
-    assert fit_start(start, task, space, registry, 600, model) is None
+    assert tighten_to_fit(start, task, space, registry, 600, model) is None
 
 
 def test_a_plan_far_over_the_budget_is_measured_untrained(tmp_path: Path, registry) -> None:

@@ -19,7 +19,7 @@ import optuna
 import torch
 
 from autoshrink.baseline import Baseline, load_baseline
-from autoshrink.budget import fit_start
+from autoshrink.budget import tighten_to_fit
 from autoshrink.errors import UsageError, first_line
 from autoshrink.plan import Plan
 from autoshrink.registry import Registry, load_registry
@@ -106,14 +106,14 @@ class SearchSetup:
     def fit_to_budget(self, plan: Plan, size: int) -> Plan | None:
         """For a sampled plan whose artifact before training has ``size`` bytes, over the
         budget: the plan with its methods kept and its knobs tightened until it fits, as the
-        starting plans are (:func:`autoshrink.budget.fit_start`); None when it fits already
+        starting plans are (:func:`autoshrink.budget.tighten_to_fit`); None when it fits already
         or no setting of its methods does. The sampler is told the tightened plan's figures
         under the parameters it asked for: a deterministic repair, so a search under a tight
         budget trains plans at the budget instead of spending trials far over it."""
         if size <= self.options.budget:
             return None
-        return fit_start(plan, self.task, self.space, self.registry, self.options.budget,
-                         self.baseline.model, size=size)
+        return tighten_to_fit(plan, self.task, self.space, self.registry,
+                              self.options.budget, self.baseline.model, size=size)
 
 
 @dataclass(frozen=True)
