@@ -173,6 +173,8 @@ def test_stale_test_figures_are_not_shown(study, tmp_path) -> None:
     """A cached test figure is keyed by study id, trial and artifact hash: one planted
     under the trial number alone (the old key) or for another file is never reported."""
     folder = copy_of(study, tmp_path)
+    # The search's own figures are cached here; retrained ones have their own cache.
+    (folder / "retrained.json").unlink(missing_ok=True)
     pareto = json.loads((folder / "pareto.json").read_text())
     member = pareto["front"][0]
     planted = {str(member["trial"]): 0.123}

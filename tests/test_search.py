@@ -62,11 +62,14 @@ def test_local_search(tmp_path: Path) -> None:
 def test_ray_search(tmp_path: Path) -> None:
     # More trials than workers (Tune asks the study again as trials end). No retraining: it
     # runs on the driver after the search, as in test_local_search, so the front checked
-    # here is the artifacts the workers sent. Under this budget the sampler's plans after
-    # the start are over it, so workers tighten them and the driver records what they built.
+    # here is the artifacts the workers sent. The whole space without starting plans: under
+    # this budget the sampler's plans are mostly over it, so workers tighten them and the
+    # driver records what they built.
+    preset = tmp_path / "everything.toml"
+    preset.write_text('description = "every method, no starting plans"\n')
     result = search(
         tmp_path, "ray", "--budget", "15kB", "--trials", "3", "--backend", "ray", "--workers", "2",
-        "--retrain-epochs", "0",
+        "--retrain-epochs", "0", "--space", str(preset),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     pareto = check_study(tmp_path, "ray", 15_000, 3)
