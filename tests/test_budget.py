@@ -127,3 +127,28 @@ def test_a_sampled_plan_over_the_budget_is_tightened_before_training(
         sampled = {name: asked.get(f"layer.{name}.quantization.bits", 8) for name in built}
         assert all(built[n] <= sampled[n] for n in built) and built != sampled, (built, sampled)
     assert "tightened to fit the budget" in (folder / "report.md").read_text()
+
+
+def test_an_entropy_coded_plan_far_over_the_budget_is_tightened_to_fit(registry) -> None:
+    # Huffman takes a share of every layer's bytes away, so the layers are aimed at the
+    # budget's share of the file, not at the budget itself.
+    task = registry.tasks["digits-mlp"]
+    torch.manual_seed(0)
+    model = task.build_model(1.0)
+    space = build_space(model, registry)
+    plan = Plan(layers={layer.name: EIGHT_BITS for layer in space.layers},
+                encoding=Choice(method="entropy", config={"codec": "huffman"}))
+    budget = _bytes(plan, task, registry, model) // 3
+    fitted = tighten_to_fit(plan, task, space, registry, budget, model)
+    assert fitted is not None and fitted.encoding == plan.encoding
+    assert _bytes(fitted, task, registry, model) <= budget
+
+
+def test_a_knob_moved_all_the_way_stays_inside_its_range() -> None:
+    from autoshrink.budget import _toward
+
+    layer = LayerPlan(structure=Choice(method="lowrank", config={"rank": 0.1007012080683658}),
+                      value=Choice(method="float", config={"bits": 16}))
+    moved = _toward(layer, {("structure", "rank"): 0.01}, 1.0)
+    # unclamped, float rounding gives 0.009999999999999995, below the range and refused
+    assert moved.structure.config["rank"] == 0.01
