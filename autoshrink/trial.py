@@ -113,19 +113,20 @@ def run_trial(
     size: int | None = None
     fitted: Plan | None = None
     if budget.size_limit is not None:
-        untrained = apply_structure(model, pipeline)
-        apply_values(untrained, pipeline)
-        size = write_artifact(artifact, untrained, plan, task, registry, width=width,
-                              info=FIGURE_SHAPE, overwrite=True)
-        fitted = fit_plan(plan, size) if fit_plan is not None else None
-        if fitted is not None and fitted != plan:
-            plan, pipeline = fitted, resolve_plan(fitted, model, registry)
+
+        def written_untrained() -> tuple[torch.nn.Module, int]:
             untrained = apply_structure(model, pipeline)
             apply_values(untrained, pipeline)
-            size = write_artifact(artifact, untrained, plan, task, registry, width=width,
-                                  info=FIGURE_SHAPE, overwrite=True)
-        else:
+            return untrained, write_artifact(artifact, untrained, plan, task, registry,
+                                             width=width, info=FIGURE_SHAPE, overwrite=True)
+
+        untrained, size = written_untrained()
+        fitted = fit_plan(plan, size) if fit_plan is not None else None
+        if fitted == plan:
             fitted = None
+        if fitted is not None:
+            plan, pipeline = fitted, resolve_plan(fitted, model, registry)
+            untrained, size = written_untrained()
         if size > budget.size_limit:  # measured as it is; the file records the figure
             val = evaluate(untrained.eval(), data.val, task.metric)
             size = write_artifact(artifact, untrained, plan, task, registry, width=width,

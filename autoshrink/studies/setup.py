@@ -104,14 +104,13 @@ class SearchSetup:
         )
 
     def fit_to_budget(self, plan: Plan, size: int) -> Plan | None:
-        """For a sampled plan whose artifact before training has ``size`` bytes, over the
-        budget: the plan with its methods kept and its knobs tightened until it fits, as the
-        starting plans are (:func:`autoshrink.budget.tighten_to_fit`); None when it fits already
-        or no setting of its methods does. The sampler is told the tightened plan's figures
-        under the parameters it asked for: a deterministic repair, so a search under a tight
-        budget trains plans at the budget instead of spending trials far over it."""
-        if size <= self.options.budget:
-            return None
+        """For a sampled plan whose artifact before training has ``size`` bytes: the plan
+        itself when it fits the budget, else the plan with its methods kept and its knobs
+        tightened until it fits, as the starting plans are
+        (:func:`autoshrink.budget.tighten_to_fit`); None when no setting of its methods does.
+        The sampler is told the tightened plan's figures under the parameters it asked for: a
+        deterministic repair, so a search under a tight budget trains plans at the budget
+        instead of spending trials far over it."""
         return tighten_to_fit(plan, self.task, self.space, self.registry,
                               self.options.budget, self.baseline.model, size=size)
 
