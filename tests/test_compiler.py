@@ -22,6 +22,7 @@ from torch import nn
 from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.compiler import compile_artifact, open_database
 from autoshrink.compiler.densify import densify
+from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compress import compress
 from autoshrink.plan import Choice, LayerPlan, Plan, compressible_layers
 from autoshrink.settings import Settings
@@ -46,7 +47,8 @@ CNN = Plan(
     model=Choice(method="distillation", config={"width": 0.25}),
     layers={
         "conv1": LayerPlan(structure=Choice(method="hashing", config={"ratio": 0.5})),
-        "conv2": LayerPlan(structure=Choice(method="pruning", config={"threshold": 1.0})),
+        "conv2": LayerPlan(structure=Choice(method="pruning", config={"threshold": 1.0}),
+                           value=Choice(method="quantization", config={"bits": 5})),
         "fc1": LayerPlan(structure=Choice(method="lowrank", config={"rank": 0.1})),
     },
 )
@@ -211,6 +213,11 @@ def test_distilled_cnn_compiles_and_matches(registry_once, tmp_path: Path) -> No
     assert latency["batches"] == [1, 4] and set(latency["engines"]) == ENGINES
     assert any("folded 2 BatchNorm" in note for note in latency["notes"]), latency["notes"]
     assert any("conv2: Pruned -> dense Conv2d" in note for note in latency["notes"])
+    forms = {row["layer"]: row["form"] for row in latency["layers"]}
+    if "avx512f" in cpu_flags() and forms["conv2"] == "compressed":
+        # the sparse convolution computes the rest of its block too
+        fused = "conv2: `bn2`, `relu2`, `pool2` computed in its kernel's epilogue"
+        assert fused in latency["notes"], latency["notes"]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from tvm import relax
 from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.compiler import compile_artifact
 from autoshrink.compiler.build import fuse
+from autoshrink.compiler.epilogue import fuse_epilogues
 from autoshrink.compiler.export import KernelCall, to_relax_lowered
 from autoshrink.compiler.lowering import compressed_kernels
 from autoshrink.compiler.machine import cpu_flags
@@ -71,13 +72,20 @@ def _compile(
     tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int,
     table_lookup: bool = False,
     vbmi: bool = False,
+    epilogues: bool = False,
 ):
-    """Write an artifact, lower every layer, build untuned; returns outputs of TVM and torch
-    on one batch, the lowering notes and the kernels' forms."""
+    """Write an artifact, lower every layer (with ``epilogues``, let kernels compute what
+    follows them), build untuned; returns outputs of TVM and torch on one batch, the
+    lowering notes and the kernels' forms."""
     task = registry.tasks[task_name]
     torch.manual_seed(0)
     path = tmp_path / "model.safetensors"
     model = compress(task.build_model(width), plan, registry)
+    for module in model.modules():  # batch norms as training leaves them, not at identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            for tensor in (module.weight, module.bias, module.running_mean):
+                tensor.data.uniform_(-1.5, 1.5)
+            module.running_var.data.uniform_(0.2, 3.0)
     write_artifact(path, model, plan, task, registry, width=width)
     reference = read_artifact(path, registry).model.eval()
     header, blobs = read_header(path)
@@ -92,6 +100,8 @@ def _compile(
     for name, kernel in kernels.items():
         replace_module(stubbed, name, KernelCall(kernel, outputs[name]))
     shape = tuple(task.input_shape)
+    if epilogues:
+        fuse_epilogues(stubbed, kernels, outputs, shape, notes)
     target = resolve_target("cpu", 2)
     mod = fuse(to_relax_lowered(stubbed, shape, [batch]), target, False)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target.tvm), target.device)
@@ -147,12 +157,15 @@ def test_codebook_layers_get_the_table_lookup_kernel(
     lookup = "avx512f" in cpu_flags()
     vbmi = lookup and "avx512vbmi" in cpu_flags()
     got, want, notes, kernels = _compile(
-        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=lookup, vbmi=vbmi
+        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=lookup, vbmi=vbmi,
+        epilogues=True,
     )
     written = {name for name, kernel in kernels.items() if kernel.written is not None}
     tables = lookup and value != "float16"
     assert written == ({"fc1", "fc2", "out"} if tables else set())
     assert all("table lookup" in kernels[name].methods for name in written)
+    fused = {note.split(":")[0] for note in notes if note.endswith("kernel's epilogue")}
+    assert fused == ({"fc1", "fc2"} if tables else set()), notes  # each with its ReLU
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
     assert (got.argmax(1) == want.argmax(1)).all()
 
@@ -175,9 +188,9 @@ def test_hashed_layers_get_the_decoding_kernel(methods, tmp_path, value, batch) 
     )
     plan = Plan(layers={name: layer for name in ("fc1", "fc2", "out")})
     got, want, notes, kernels = _compile(
-        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=True
+        tmp_path, methods, "digits-mlp", plan, 1.0, batch, table_lookup=True, epilogues=True
     )
-    assert not notes, notes
+    assert notes == [f"fc{n}: `relu{n}` computed in its kernel's epilogue" for n in (1, 2)]
     assert all("decoded in lanes" in kernel.methods for kernel in kernels.values())
     # Only the K values (at most float32 each) and the bias are stored: no index array.
     assert kernels["fc1"].bytes <= 64 * 128 * 4 * ratio + 128 * 4 + 64
@@ -237,7 +250,8 @@ def test_the_sparse_table_lookup_kernel_computes_the_layer(batch, size) -> None:
     starts = np.searchsorted(row_of, np.arange(rows + 1)).astype(np.int32)
     bias = rng.standard_normal(rows).astype(np.float32)
     x = rng.standard_normal((batch, columns)).astype(np.float32)
-    kernel = sparse_table_linear(batch, columns, rows, size, "uint16")
+    relu = batch % 2 == 0  # with a ReLU in the epilogue
+    kernel = sparse_table_linear(batch, columns, rows, size, "uint16", relu)
     target = resolve_target("cpu", 2)
     library = tvm.compile(
         tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target.tvm
@@ -254,8 +268,9 @@ def test_the_sparse_table_lookup_kernel_computes_the_layer(batch, size) -> None:
         for a in (x, bias, *stored, np.zeros((batch, rows), np.float32))
     ]
     library["main"](*arrays)
-    weight = np.where(keep, table[codes], 0)
-    np.testing.assert_allclose(arrays[-1].numpy(), x @ weight.T + bias, atol=1e-4)
+    want = x @ np.where(keep, table[codes], 0).T + bias
+    np.testing.assert_allclose(arrays[-1].numpy(), np.maximum(want, 0) if relu else want,
+                               atol=1e-4)
 
 
 def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
@@ -295,33 +310,38 @@ def test_pruned_convolutions_get_the_sparse_table_lookup_kernel(
     )
     plan = Plan(layers={"conv1": layer, "conv2": layer})
     got, want, notes, kernels = _compile(
-        tmp_path, methods, "fashion-mnist-cnn", plan, 0.25, batch, table_lookup=True
+        tmp_path, methods, "fashion-mnist-cnn", plan, 0.25, batch, table_lookup=True,
+        epilogues=True,
     )
-    for name in ("conv1", "conv2"):
+    for number, name in enumerate(("conv1", "conv2"), start=1):
         assert (kernels[name].written is not None) == (unfold_limit is None), notes
         assert ("sparse table lookup" in kernels[name].methods) == (unfold_limit is None)
+        fused = f"{name}: `bn{number}`, `relu{number}`, `pool{number}` computed in its kernel"
+        assert any(note.startswith(fused) for note in notes) == (unfold_limit is None), notes
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
 @pytest.mark.parametrize(
-    ("batch", "image", "out", "geometry", "size", "dense"),
+    ("batch", "image", "out", "geometry", "size", "dense", "pool"),
     [
-        (1, (3, 9, 7), 5, ((3, 3), (1, 1), (1, 1), (1, 1)), 32, False),
-        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200, False),
-        (3, (2, 5, 5), 33, ((1, 1), (1, 1), (0, 0), (1, 1)), 5, False),
-        (2, (3, 20, 21), 4, ((3, 3), (1, 1), (1, 1), (1, 1)), 32, False),
-        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200, True),
-        (1, (1, 28, 28), 8, ((3, 3), (1, 1), (1, 1), (1, 1)), 256, True),
+        (1, (3, 9, 7), 5, ((3, 3), (1, 1), (1, 1), (1, 1)), 32, False, None),
+        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200, False, None),
+        (3, (2, 5, 5), 33, ((1, 1), (1, 1), (0, 0), (1, 1)), 5, False, None),
+        (2, (3, 20, 21), 4, ((3, 3), (1, 1), (1, 1), (1, 1)), 32, False, ((2, 2), (2, 2))),
+        (2, (4, 8, 10), 6, ((3, 2), (2, 1), (0, 1), (1, 2)), 200, True, ((3, 2), (2, 1))),
+        (1, (1, 28, 28), 8, ((3, 3), (1, 1), (1, 1), (1, 1)), 256, True, ((2, 2), (2, 2))),
+        (1, (3, 9, 7), 5, ((3, 3), (1, 1), (1, 1), (1, 1)), 32, False, ((1, 1), (1, 1))),
     ],
 )
 def test_the_sparse_convolution_computes_the_layer(
-    batch, image, out, geometry, size, dense
+    batch, image, out, geometry, size, dense, pool
 ) -> None:
     """Stride, padding and dilation per axis, output planes that do not fill a vector or that
     take several blocks of accumulators, one image and several, every tap kept (a dense
-    convolution, no columns stored), against PyTorch's convolution."""
+    convolution, no columns stored), against PyTorch's convolution; with an epilogue (a
+    folded batch norm's scale, then a max pool and ReLU) against PyTorch's ops too."""
     rng = np.random.default_rng(size)
     (kh, kw), stride, padding, dilation = geometry
     taps = image[0] * kh * kw
@@ -346,15 +366,29 @@ def test_the_sparse_convolution_computes_the_layer(
     want = torch.nn.functional.conv2d(
         torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias),
         stride, padding, dilation,
-    ).numpy()
+    )
+    scale = np.ones(out, np.float32)
+    if pool is not None:  # a batch norm's scale (signs mixed), folded in; then pool and ReLU
+        scale = rng.uniform(-2, 2, out).astype(np.float32)
+        want = torch.nn.functional.conv2d(
+            torch.from_numpy(x), torch.from_numpy(weight * scale[:, None, None, None]),
+            torch.from_numpy(bias), stride, padding, dilation,
+        )
+        want = torch.relu(torch.nn.functional.max_pool2d(want, *pool))
+    want = want.numpy()
     kernel = sparse_table_conv2d(
-        batch, image, out, geometry, size, "uint8" if dense else "uint16", dense
+        batch, image, out, geometry, size, "uint8" if dense else "uint16", dense,
+        relu=pool is not None, pool=pool,
     )
     library = tvm.compile(
         tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
         target=resolve_target("cpu", 2).tvm,
     )
-    arrays = [tvm.runtime.tensor(a) for a in (x, bias, *stored, np.zeros_like(want))]
+    codes, columns, starts, table = stored
+    arrays = [
+        tvm.runtime.tensor(a)
+        for a in (x, bias, codes, columns, scale, starts, table, np.zeros_like(want))
+    ]
     library["main"](*arrays)
     np.testing.assert_allclose(arrays[-1].numpy(), want, atol=1e-4)
 

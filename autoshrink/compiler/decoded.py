@@ -68,10 +68,12 @@ def decoded_linear(
     arrays: list[Any],
     bias: Any,
     weight: Callable[[Expr], Expr],
+    relu: bool = False,
 ) -> Any:
     """The kernel ``y = x @ W.T + bias`` for ``x`` of shape (batch, in), as a scheduled
     PrimFunc taking ``(x, *arrays, y)``: ``arrays`` are TIR buffers (``bias`` among them)
-    that ``weight(f)`` reads to give the weights at the int32x16 flat indices ``f``."""
+    that ``weight(f)`` reads to give the weights at the int32x16 flat indices ``f``. With
+    ``relu``, ``y`` is the ReLU of that."""
     n, k, b = out_features, in_features, batch
     groups = -(-n // LANES)
     tile = next(t for t in (8, 4, 2, 1) if b % t == 0)
@@ -109,6 +111,10 @@ def decoded_linear(
                                     y[outer * tile + t, g * LANES + lane] = (
                                         bias[g * LANES + lane] + acc[t * LANES + lane]
                                     )
+                                    if relu:
+                                        y[outer * tile + t, g * LANES + lane] = T.max(
+                                            y[outer * tile + t, g * LANES + lane], T.float32(0)
+                                        )
 
     x_param, y_param = kernel.params
     return tirx.PrimFunc(

@@ -45,6 +45,10 @@ class KernelCall(nn.Module):
         self.index = next(_COUNTER)
         _KERNELS[self.index] = (kernel, tuple(out_shape))
 
+    def release(self) -> None:
+        """Forget the kernel (when another call replaces this one)."""
+        _KERNELS.pop(self.index, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.autoshrink.compiled_layer(x, self.index)
 

@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from autoshrink.compiler.kernels import conv_geometry, dense_layer, supports
 from autoshrink.compiler.sparse import (
     MAX_UNFOLD,
     conv_output,
+    epilogue_output,
     sparse_table_conv2d,
     sparse_table_linear,
     unfolded,
@@ -41,6 +43,7 @@ from autoshrink.methods import LayerCode, LoweredLayer, LoweredValue
 from autoshrink.pipeline import layer_step
 
 if TYPE_CHECKING:
+    from autoshrink.compiler.epilogue import Epilogue
     from autoshrink.registry import Registry
 
 __all__ = ["LayerKernel", "compressed_kernels", "dense_kernel"]
@@ -67,6 +70,9 @@ class LayerKernel:
     #: name, gives a value (of exactly that shape) that later steps read under that name,
     #: instead of the layer's output.
     written: Callable[[tuple[int, ...]], list[tuple[Any, ...]]] | None = None
+    #: For a kernel that can compute what follows its layer too: the kernel with that
+    #: :class:`~autoshrink.compiler.epilogue.Epilogue`.
+    fused: Callable[[Epilogue], LayerKernel | None] | None = None
 
     @property
     def bytes(self) -> int:
@@ -218,14 +224,17 @@ def _table_kernel(
     if layer.arrays.get("bias") is not None:
         arrays[f"{len(chain) - 1}.bias"] = layer.arrays["bias"]
 
-    def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
-        return [
-            (table_linear(shape[0], *stage, vbmi), stage[1:2],
-             [f"{i}.bias", f"{i}.table", f"{i}.words"])
-            for i, stage in enumerate(stages)
-        ]
+    def build(relu: bool) -> LayerKernel:
+        def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
+            return [
+                (table_linear(shape[0], *stage, vbmi, relu and i == len(stages) - 1),
+                 stage[1:2], [f"{i}.bias", f"{i}.table", f"{i}.words"])
+                for i, stage in enumerate(stages)
+            ]
 
-    return _written_kernel(name, f"{step.methods}, table lookup", arrays, written)
+        return _written_kernel(name, f"{step.methods}, table lookup", arrays, written)
+
+    return _with_relu(build)
 
 
 def _sparse_kernel(
@@ -264,15 +273,38 @@ def _sparse_kernel(
         "table": kernel_table(lowered.table),
     }
     dtype = str(columns.dtype)
+    methods = f"{step.methods}, sparse table lookup"
+    if isinstance(template, nn.Linear):
+        def linear(relu: bool) -> LayerKernel:
+            def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
+                kernel = sparse_table_linear(shape[0], shape[1], out, size, dtype, relu)
+                return [(kernel, (out,), sorted(arrays))]
 
-    def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
-        if isinstance(template, nn.Linear):
-            kernel = sparse_table_linear(shape[0], shape[1], out, size, dtype)
-            return [(kernel, (out,), sorted(arrays))]
-        kernel = sparse_table_conv2d(shape[0], shape[1:], out, geometry, size, dtype, dense)
-        return [(kernel, (out, *conv_output(*shape[2:], geometry)), sorted(arrays))]
+            return _written_kernel(name, methods, arrays, written)
 
-    return _written_kernel(name, f"{step.methods}, sparse table lookup", arrays, written)
+        return _with_relu(linear)
+
+    def convolution(epilogue: Epilogue | None) -> LayerKernel:
+        # The epilogue: a batch norm's scale and shift fold into the kernel's scale and bias
+        # (sums * scale + bias * scale + shift), then pool and ReLU in the kernel.
+        own = dict(arrays, scale=np.ones(out, np.float32))
+        pool, relu = (epilogue.pool, epilogue.relu) if epilogue else (None, False)
+        if epilogue is not None and epilogue.scale is not None:
+            own["scale"] = epilogue.scale
+            own["bias"] = (arrays["bias"] * epilogue.scale + epilogue.shift).astype(np.float32)
+
+        def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
+            kernel = sparse_table_conv2d(
+                shape[0], shape[1:], out, geometry, size, dtype, dense, relu, pool
+            )
+            plane = epilogue_output(*conv_output(*shape[2:], geometry), pool)
+            return [(kernel, (out, *plane), sorted(own))]
+
+        kernel = _written_kernel(name, methods, own, written)
+        kernel.fused = None if epilogue else convolution
+        return kernel
+
+    return convolution(None)
 
 
 def _decoded_kernel(
@@ -297,7 +329,12 @@ def _decoded_kernel(
     small = [p for p in payloads if counts[p] * 4 <= out * features]
     first = small[0] if small else None
 
-    def written(shape: tuple[int, ...]) -> list[tuple[Any, ...]]:
+    def build(relu: bool) -> LayerKernel:
+        return _written_kernel(
+            name, f"{step.methods}, decoded in lanes", arrays, partial(written, relu=relu)
+        )
+
+    def written(shape: tuple[int, ...], relu: bool) -> list[tuple[Any, ...]]:
         names = sorted(arrays)
         buffers = {
             key: tirx.decl_buffer(arrays[key].shape, str(arrays[key].dtype), name=f"a{i}")
@@ -320,11 +357,24 @@ def _decoded_kernel(
             buffers[DECODED] = decoded
         kernel = decoded_linear(
             shape[0], features, out, [buffers[key] for key in reads], buffers["bias"],
-            layer.element(own, elements),
+            layer.element(own, elements), relu,
         )
         return [*steps, (kernel, (out,), reads)]
 
-    return _written_kernel(name, f"{step.methods}, decoded in lanes", arrays, written)
+    return _with_relu(build)
+
+
+def _with_relu(build: Callable[[bool], LayerKernel]) -> LayerKernel:
+    """A Linear's written-out kernel, ``build(False)``, whose epilogue can take a ReLU (and
+    nothing else): ``build(True)``."""
+    kernel = build(False)
+
+    def fused(epilogue: Epilogue) -> LayerKernel | None:
+        alone = epilogue.scale is None and epilogue.pool is None
+        return build(True) if alone and epilogue.relu else None
+
+    kernel.fused = fused
+    return kernel
 
 
 def _tabled(lowered: LoweredValue | None) -> bool:

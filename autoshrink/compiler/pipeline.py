@@ -39,6 +39,7 @@ from autoshrink.compiler.densify import (
     fold_batchnorm,
     layer_shapes,
 )
+from autoshrink.compiler.epilogue import fuse_epilogues
 from autoshrink.compiler.export import KernelCall, to_relax_lowered
 from autoshrink.compiler.lowering import compressed_kernels, dense_kernel
 from autoshrink.compiler.machine import available_cores, cpu_flags, cpu_model
@@ -226,6 +227,7 @@ def compile_artifact(
             for name, kernel in kernels.items():
                 replace_module(stubbed, name, KernelCall(kernel, outputs[name]))
             try:
+                fuse_epilogues(stubbed, kernels, outputs, shape, notes)
                 mod = to_relax_lowered(stubbed, shape, batches)
             except Exception as exc:
                 raise CompileError(f"{path}: the model cannot be exported to TVM: {exc}") from exc

@@ -19,7 +19,10 @@ from autoshrink.compiler.vector import (
     vector_lookup,
 )
 
-__all__ = ["MAX_UNFOLD", "conv_output", "sparse_table_conv2d", "sparse_table_linear", "unfolded"]
+__all__ = [
+    "MAX_UNFOLD", "conv_output", "epilogue_output", "sparse_table_conv2d", "sparse_table_linear",
+    "unfolded",
+]
 
 #: Vectors of output positions a convolution accumulates in registers at a time.
 BLOCK = 16
@@ -30,7 +33,8 @@ MAX_UNFOLD = 1 << 22
 
 @functools.cache
 def sparse_table_linear(
-    batch: int, in_features: int, out_features: int, table_size: int, column_dtype: str
+    batch: int, in_features: int, out_features: int, table_size: int, column_dtype: str,
+    relu: bool = False,
 ) -> Any:
     """The kernel ``y = x @ W.T + bias`` for a weight stored as CSR rows whose values are
     codes into a table: a scheduled PrimFunc taking ``(x, bias, codes, columns, starts,
@@ -42,7 +46,8 @@ def sparse_table_linear(
     transposed, so that each stored value multiplies 16 batch rows at once (one vector load
     of the transposed input). Other batches take a row's stored values 16 at a time: their
     codes looked up as :func:`table_linear` looks them up, their inputs loaded lane by lane,
-    and the lanes past the row's end masked (the padding keeps their loads in bounds)."""
+    and the lanes past the row's end masked (the padding keeps their loads in bounds).
+    With ``relu``, ``y`` is the ReLU of that."""
     n, k, b = out_features, in_features, batch
     entries = table_entries(table_size)
     vectors = b // LANES if b % LANES == 0 else 0  # batch vectors of 16 rows
@@ -89,6 +94,8 @@ def sparse_table_linear(
                             )
                     for r in range(vectors * LANES):
                         y[r, o] = acc[r] + bias[o]
+                        if relu:
+                            y[r, o] = T.max(y[r, o], T.float32(0))
                     for outer in range(tiles):
                         for t in T.unroll(tile):
                             sums[lanes(t * LANES)] = zero
@@ -108,6 +115,8 @@ def sparse_table_linear(
                                 y[outer * tile + t, o] = (
                                     y[outer * tile + t, o] + sums[t * LANES + lane]
                                 )
+                            if relu:
+                                y[outer * tile + t, o] = T.max(y[outer * tile + t, o], T.float32(0))
 
     return kernel
 
@@ -136,6 +145,17 @@ def conv_output(height: int, width: int, geometry: tuple[tuple[int, int], ...]) 
     ) // sw + 1
 
 
+def epilogue_output(
+    height: int, width: int, pool: tuple[tuple[int, int], tuple[int, int]] | None
+) -> tuple[int, int]:
+    """The plane a convolution's epilogue writes: its output plane, max-pooled by ``pool``
+    ((kh, kw), (sh, sw), no padding) when given."""
+    if pool is None:
+        return height, width
+    (kh, kw), (sh, sw) = pool
+    return (height - kh) // sh + 1, (width - kw) // sw + 1
+
+
 @functools.cache
 def sparse_table_conv2d(
     batch: int,
@@ -145,14 +165,21 @@ def sparse_table_conv2d(
     table_size: int,
     column_dtype: str,
     dense: bool = False,
+    relu: bool = False,
+    pool: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> Any:
     """The kernel of an ungrouped, zero-padded Conv2d whose weight is stored as CSR rows (one
     per output channel, columns ``c * kh * kw + dy * kw + dx``) of codes into a table: a
-    scheduled PrimFunc taking ``(x, bias, codes, columns, starts, table, y)`` as
+    scheduled PrimFunc taking ``(x, bias, codes, columns, scale, starts, table, y)`` as
     :func:`sparse_table_linear` does, for ``x`` of shape (batch, *image) (channels, height,
     width) and ``geometry`` ((kh, kw), stride, padding, dilation). With ``dense`` every row
     holds every column in order (a dense convolution's codes, row-major): ``columns`` is
     then never read (one entry will do).
+
+    The epilogue computes what follows the convolution: each output channel's sums times
+    ``scale`` plus ``bias`` (a batch norm folded in: ones and the bias without one), then
+    ``pool`` ((kh, kw), (sh, sw)) a max pool without padding, then ``relu``. ``y`` has the
+    pooled plane (:func:`epilogue_output`).
 
     Each image is unfolded once into a scratch block of columns (one per kernel tap, its
     output positions padded to a whole number of blocks; copied from each channel framed by
@@ -166,6 +193,9 @@ def sparse_table_conv2d(
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geometry
     oh, ow = conv_output(height, width, geometry)
     positions = oh * ow
+    (qh, qw), (qsh, qsw) = pool or ((1, 1), (1, 1))
+    yh, yw = epilogue_output(oh, ow, pool)
+    kept = yh * yw  # outputs a channel writes
     block, blocks, padded = _blocks(positions)  # accumulator vectors in registers at a time
     taps, n, b = channels * kh * kw, out_channels, batch
     entries = table_entries(table_size)
@@ -204,7 +234,7 @@ def sparse_table_conv2d(
                     cols[tap * padded + p] = T.float32(0)
 
     @T.macro
-    def channel(cols, acc, spill, code, column, starts, table, bias, out, i, o):
+    def channel(cols, acc, spill, best, code, column, starts, table, scale, bias, out, i, o):
         # A block of positions at a time: ``acc`` is only read at fixed lanes, so it stays in
         # registers; ``spill`` takes it out to the plane, whose last vector is partly past
         # the positions.
@@ -217,11 +247,19 @@ def sparse_table_conv2d(
                     at = T.meta_var(tap(column, j, o) * padded + (start * block + v) * LANES)
                     acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
             for v in T.unroll(block):
-                spill[lanes((start * block + v) * LANES)] = acc[lanes(v * LANES)] + T.broadcast(
-                    bias[o], LANES
-                )
-        for p in range(positions):
-            out[(i * n + o) * positions + p] = spill[p]
+                spill[lanes((start * block + v) * LANES)] = acc[lanes(v * LANES)] * T.broadcast(
+                    scale[o], LANES
+                ) + T.broadcast(bias[o], LANES)
+        for py in range(yh):
+            for px in range(yw):
+                first = T.meta_var((py * qsh) * ow + px * qsw)
+                best[0] = spill[first]
+                for dy in T.unroll(qh):
+                    for dx in T.unroll(qw):
+                        best[0] = T.max(best[0], spill[first + dy * ow + dx])
+                if relu:
+                    best[0] = T.max(best[0], T.float32(0))
+                out[(i * n + o) * kept + py * yw + px] = best[0]
 
     @T.prim_func(private=True)
     def kernel(
@@ -229,24 +267,27 @@ def sparse_table_conv2d(
         bias: T.Buffer((n,), "float32"),
         codes: T.handle,
         columns: T.handle,
+        scale: T.Buffer((n,), "float32"),
         starts: T.Buffer((n + 1,), "int32"),
         table: T.Buffer((entries,), "float32"),
-        y: T.Buffer((b, n, oh, ow), "float32"),
+        y: T.Buffer((b, n, yh, yw), "float32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         count, stored = T.int32(), T.int32()
         code = T.match_buffer(codes, (count,), "uint8")
         column = T.match_buffer(columns, (stored,), column_dtype)
-        out = T.decl_buffer((b * n * positions,), "float32", data=y.data)
+        out = T.decl_buffer((b * n * kept,), "float32", data=y.data)
         for i in T.parallel(images):
             cols = T.alloc_buffer((taps * padded,), "float32")
             acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
+            best = T.alloc_buffer((1,), "float32", scope="local")
             held = T.alloc_buffer((fh * fw,), "float32")
             for plane in range(channels):
                 unfold(x, held, cols, i, plane)
             for o in range(n):
-                channel(cols, acc, spill, code, column, starts, table, bias, out, i, o)
+                channel(cols, acc, spill, best, code, column, starts, table, scale, bias, out,
+                        i, o)
         shared = T.alloc_buffer((shared_size,), "float32")
         for plane in T.parallel(channels * single):
             held = T.alloc_buffer((fh * fw,), "float32")
@@ -254,9 +295,10 @@ def sparse_table_conv2d(
         for task in T.parallel(tasks * single):
             acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
+            best = T.alloc_buffer((1,), "float32", scope="local")
             for member in range(per_task):
                 if task * per_task + member < n:  # the last task may hold fewer
-                    channel(shared, acc, spill, code, column, starts, table, bias, out, 0,
-                            task * per_task + member)
+                    channel(shared, acc, spill, best, code, column, starts, table, scale, bias,
+                            out, 0, task * per_task + member)
 
     return kernel

@@ -206,12 +206,14 @@ def pack_codes(codes: np.ndarray, table_size: int, vbmi: bool = False) -> np.nda
 
 @functools.cache  # a compile emits each kernel more than once (choice, then the model)
 def table_linear(
-    batch: int, in_features: int, out_features: int, table_size: int, vbmi: bool = False
+    batch: int, in_features: int, out_features: int, table_size: int, vbmi: bool = False,
+    relu: bool = False,
 ) -> Any:
     """The kernel ``y = x @ table[codes].T + bias`` for ``x`` of shape (batch, in), as a
     scheduled PrimFunc taking ``(x, bias, table, words, y)``: ``bias`` has ``out_features``
     entries (zeros when the layer has none), ``table`` is :func:`kernel_table` of the
-    codebook, ``words`` :func:`pack_codes` of the codes (both with the same ``vbmi``)."""
+    codebook, ``words`` :func:`pack_codes` of the codes (both with the same ``vbmi``).
+    With ``relu``, ``y`` is the ReLU of that."""
     bits = _bits(table_size, vbmi)
     per = 32 // bits
     full, tail = divmod(in_features, per)
@@ -286,6 +288,10 @@ def table_linear(
                                         y[outer * tile + t, g * LANES + lane] = (
                                             y[outer * tile + t, g * LANES + lane]
                                             + acc[(t * partials + p) * LANES + lane]
+                                        )
+                                    if relu:
+                                        y[outer * tile + t, g * LANES + lane] = T.max(
+                                            y[outer * tile + t, g * LANES + lane], T.float32(0)
                                         )
 
     return kernel
