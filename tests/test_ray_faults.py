@@ -75,7 +75,8 @@ def killing_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return installed(tmp_path_factory, "autoshrink-killing", KILLING)
 
 
-@pytest.mark.parametrize("retries", [1, 0])
+# Each Ray search here costs 15-25 s: the second case of each pair runs with `-m slow`.
+@pytest.mark.parametrize("retries", [1, pytest.param(0, marks=pytest.mark.slow)])
 def test_a_lost_worker_fails_its_attempt_and_the_search_goes_on(
     tmp_path: Path, killing_site: Path, retries: int
 ) -> None:
@@ -191,7 +192,7 @@ def blind_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return installed(tmp_path_factory, "autoshrink-blind", BLIND)
 
 
-@pytest.mark.parametrize("missing", ["plugin", "data"])
+@pytest.mark.parametrize("missing", ["plugin", pytest.param("data", marks=pytest.mark.slow)])
 def test_a_worker_without_a_plugin_or_the_data_fails_its_trials_in_one_line(
     tmp_path: Path, blind_site: Path, missing: str
 ) -> None:
