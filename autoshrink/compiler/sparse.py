@@ -234,7 +234,7 @@ def sparse_table_conv2d(
                     cols[tap * padded + p] = T.float32(0)
 
     @T.macro
-    def channel(cols, acc, spill, best, code, column, starts, table, scale, bias, out, i, o):
+    def channel(cols, acc, spill, row, code, column, starts, table, scale, bias, out, i, o):
         # A block of positions at a time: ``acc`` is only read at fixed lanes, so it stays in
         # registers; ``spill`` takes it out to the plane, whose last vector is partly past
         # the positions.
@@ -247,19 +247,28 @@ def sparse_table_conv2d(
                     at = T.meta_var(tap(column, j, o) * padded + (start * block + v) * LANES)
                     acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
             for v in T.unroll(block):
-                spill[lanes((start * block + v) * LANES)] = acc[lanes(v * LANES)] * T.broadcast(
-                    scale[o], LANES
-                ) + T.broadcast(bias[o], LANES)
-        for py in range(yh):
-            for px in range(yw):
-                first = T.meta_var((py * qsh) * ow + px * qsw)
-                best[0] = spill[first]
-                for dy in T.unroll(qh):
-                    for dx in T.unroll(qw):
-                        best[0] = T.max(best[0], spill[first + dy * ow + dx])
-                if relu:
-                    best[0] = T.max(best[0], T.float32(0))
-                out[(i * n + o) * kept + py * yw + px] = best[0]
+                at = T.meta_var(lanes((start * block + v) * LANES))
+                spill[at] = acc[lanes(v * LANES)] * T.broadcast(scale[o], LANES) + T.broadcast(
+                    bias[o], LANES
+                )
+                if relu:  # before the pool: the two commute
+                    spill[at] = T.max(spill[at], zero)
+        base = T.meta_var((i * n + o) * kept)
+        if pool is None:
+            for p in range(positions):
+                out[base + p] = spill[p]
+        else:  # the window's rows first (whole rows: vector lanes), then its columns
+            for py in range(yh):
+                for x in range(ow):
+                    row[x] = spill[py * qsh * ow + x]
+                    for dy in T.unroll(qh - 1):
+                        row[x] = T.max(row[x], spill[(py * qsh + dy + 1) * ow + x])
+                for px in range(yw):
+                    out[base + py * yw + px] = row[px * qsw]
+                    for dx in T.unroll(qw - 1):
+                        out[base + py * yw + px] = T.max(
+                            out[base + py * yw + px], row[px * qsw + dx + 1]
+                        )
 
     @T.prim_func(private=True)
     def kernel(
@@ -281,12 +290,12 @@ def sparse_table_conv2d(
             cols = T.alloc_buffer((taps * padded,), "float32")
             acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
-            best = T.alloc_buffer((1,), "float32", scope="local")
+            row = T.alloc_buffer((ow,), "float32")
             held = T.alloc_buffer((fh * fw,), "float32")
             for plane in range(channels):
                 unfold(x, held, cols, i, plane)
             for o in range(n):
-                channel(cols, acc, spill, best, code, column, starts, table, scale, bias, out,
+                channel(cols, acc, spill, row, code, column, starts, table, scale, bias, out,
                         i, o)
         shared = T.alloc_buffer((shared_size,), "float32")
         for plane in T.parallel(channels * single):
@@ -295,10 +304,10 @@ def sparse_table_conv2d(
         for task in T.parallel(tasks * single):
             acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
-            best = T.alloc_buffer((1,), "float32", scope="local")
+            row = T.alloc_buffer((ow,), "float32")
             for member in range(per_task):
                 if task * per_task + member < n:  # the last task may hold fewer
-                    channel(shared, acc, spill, best, code, column, starts, table, scale, bias,
+                    channel(shared, acc, spill, row, code, column, starts, table, scale, bias,
                             out, 0, task * per_task + member)
 
     return kernel

@@ -6,9 +6,9 @@ Pruning, quantization and low-rank papers report accuracy after retraining to co
 this stage does that for a few members spread along the front (:func:`spread_along`).
 Retraining recovers what compression cost, so each member's epochs follow what it lost: the
 setting's epochs times its shortfall from the baseline's validation figure in percents of
-that figure, kept between half and three times the setting (:func:`member_epochs`). A member
+that figure, kept between half and five times the setting (:func:`member_epochs`). A member
 at the baseline's figure gets half; a distilled student trained from scratch, far below it,
-gets three times.
+gets five times.
 
 The figures are cached in ``retrained.json`` under the study id, the trial, the search
 artifact's hash and the setting, so a report never shows a figure of another plan or
