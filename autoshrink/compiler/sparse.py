@@ -129,11 +129,28 @@ def _blocks(positions: int) -> tuple[int, int, int]:
     return block, blocks, blocks * block * LANES
 
 
-def unfolded(image: tuple[int, int, int], geometry: tuple[tuple[int, int], ...]) -> int:
-    """Floats of the block :func:`sparse_table_conv2d` unfolds one image into."""
-    (kh, kw) = geometry[0]
+def _layout(
+    image: tuple[int, int, int], geometry: tuple[tuple[int, int], ...]
+) -> tuple[bool, int, int]:
+    """How :func:`sparse_table_conv2d` lays out one image: (framed, the pitch of its output
+    rows, floats a framed channel or an unfolded tap takes).
+
+    Framed (stride and dilation 1): each channel framed by its zero padding, and output
+    positions counted over the frame's width (a row's last ``kw - 1`` are computed and
+    dropped), so that every tap reads the frame at a fixed offset: no unfolding. Otherwise
+    one column per tap, its output positions in rows of the output's width."""
+    (kh, kw), stride, (_, pw), dilation = geometry
     oh, ow = conv_output(image[1], image[2], geometry)
-    return image[0] * kh * kw * _blocks(oh * ow)[2]
+    if stride == (1, 1) and dilation == (1, 1):
+        pitch = image[2] + 2 * pw
+        return True, pitch, _blocks(oh * pitch)[2] + (kh - 1) * pitch + kw - 1
+    return False, ow, _blocks(oh * ow)[2]
+
+
+def unfolded(image: tuple[int, int, int], geometry: tuple[tuple[int, int], ...]) -> int:
+    """Floats of the block :func:`sparse_table_conv2d` lays one image out in."""
+    framed, _, per = _layout(image, geometry)
+    return (image[0] if framed else image[0] * geometry[0][0] * geometry[0][1]) * per
 
 
 def conv_output(height: int, width: int, geometry: tuple[tuple[int, int], ...]) -> tuple[int, int]:
@@ -181,11 +198,12 @@ def sparse_table_conv2d(
     ``pool`` ((kh, kw), (sh, sw)) a max pool without padding, then ``relu``. ``y`` has the
     pooled plane (:func:`epilogue_output`).
 
-    Each image is unfolded once into a scratch block of columns (one per kernel tap, its
-    output positions padded to a whole number of blocks; copied from each channel framed by
-    its zero padding, so without bounds checks; :func:`unfolded` floats), so that each stored
-    value multiplies 16 output positions at once, into registers that hold up to
-    :data:`BLOCK` vectors of a channel's output plane.
+    Each image is laid out once in a scratch block (:func:`unfolded` floats): for stride and
+    dilation 1 its channels framed by their zero padding, each tap then a fixed offset into
+    its channel's frame; otherwise one column per kernel tap, copied from the frames (see
+    :func:`_layout`). Output positions are padded to a whole number of blocks, so that each
+    stored value multiplies 16 output positions at once, into registers that hold up to
+    :data:`BLOCK` vectors of a channel's output plane, without bounds checks.
     Batches run images in parallel; one image runs its input channels, then its output
     channels, in parallel.
     """
@@ -196,42 +214,64 @@ def sparse_table_conv2d(
     (qh, qw), (qsh, qsw) = pool or ((1, 1), (1, 1))
     yh, yw = epilogue_output(oh, ow, pool)
     kept = yh * yw  # outputs a channel writes
-    block, blocks, padded = _blocks(positions)  # accumulator vectors in registers at a time
+    framed, pitch, per = _layout(image, geometry)
+    # accumulator vectors in registers at a time, blocks of them, positions they cover
+    block, blocks, padded = _blocks(oh * pitch)
     taps, n, b = channels * kh * kw, out_channels, batch
     entries = table_entries(table_size)
     images = b if b > 1 else 0  # a batch: one task per image
     single = 1 if b == 1 else 0  # one image: its taps, then its channels, in parallel
     tasks, per_task = split_tasks(n, n * taps * positions if single else 0)
-    shared_size = taps * padded if single else 1
+    laid_out = unfolded(image, geometry)
+    shared_size = laid_out if single else 1
     fh, fw = height + 2 * ph, width + 2 * pw  # a channel framed by its zero padding
+    held_size = 1 if framed else fh * fw  # framed in place, or framed here to be unfolded
     zero = T.broadcast(T.float32(0), LANES)
 
     def tap(column: Any, j: Any, o: Any) -> Any:
-        # the kernel tap (unfolded column) of stored value ``j``, of output channel ``o``
-        return j - o * taps if dense else T.Cast("int32", column[j])
+        # where the taps of stored value ``j`` (of output channel ``o``) start in the block
+        t = j - o * taps if dense else T.Cast("int32", column[j])
+        if framed:
+            return t // (kh * kw) * per + t % (kh * kw) // kw * fw + t % kw
+        return t * per
 
     @T.macro
-    def unfold(x, held, cols, i, plane):
-        # channel ``plane`` of image ``i`` framed by its zero padding, then its taps' columns
-        # copied from the frame without bounds checks
+    def frame(x, held, i, plane, at):
+        # channel ``plane`` of image ``i`` framed by its zero padding (then, framed, zeros up
+        # to the last tap's reads), from ``held[at]`` on
         for fy in range(fh):
             for fx in range(fw):
                 inside = T.meta_var(
                     (fy >= ph) & (fy < ph + height) & (fx >= pw) & (fx < pw + width)
                 )
-                held[fy * fw + fx] = T.if_then_else(
+                held[at + fy * fw + fx] = T.if_then_else(
                     inside, x[i, plane, fy - ph, fx - pw], T.float32(0)
                 )
+        for rest in range(fh * fw, per if framed else fh * fw):
+            held[at + rest] = T.float32(0)
+
+    @T.macro
+    def unfold_taps(held, cols, plane):
         for ky in range(kh):
             for kx in range(kw):
                 tap = T.meta_var((plane * kh + ky) * kw + kx)
                 for oy in range(oh):
                     for ox in range(ow):
-                        cols[tap * padded + oy * ow + ox] = held[
+                        cols[tap * per + oy * ow + ox] = held[
                             (oy * sh + ky * dh) * fw + ox * sw + kx * dw
                         ]
                 for p in range(positions, padded):
-                    cols[tap * padded + p] = T.float32(0)
+                    cols[tap * per + p] = T.float32(0)
+
+    @T.macro
+    def unfold(x, held, cols, i, plane):
+        # channel ``plane`` of image ``i`` framed by its zero padding, then (not framed) its
+        # taps' columns copied from the frame without bounds checks
+        if framed:
+            frame(x, cols, i, plane, plane * per)
+        else:
+            frame(x, held, i, plane, 0)
+            unfold_taps(held, cols, plane)
 
     @T.macro
     def channel(cols, acc, spill, row, code, column, starts, table, scale, bias, out, i, o):
@@ -244,7 +284,7 @@ def sparse_table_conv2d(
             for j in T.serial(starts[o], starts[o + 1]):
                 weight = T.meta_var(T.broadcast(table[T.Cast("int32", code[j])], LANES))
                 for v in T.unroll(block):
-                    at = T.meta_var(tap(column, j, o) * padded + (start * block + v) * LANES)
+                    at = T.meta_var(tap(column, j, o) + (start * block + v) * LANES)
                     acc[lanes(v * LANES)] = acc[lanes(v * LANES)] + weight * cols[lanes(at)]
             for v in T.unroll(block):
                 at = T.meta_var(lanes((start * block + v) * LANES))
@@ -255,14 +295,15 @@ def sparse_table_conv2d(
                     spill[at] = T.max(spill[at], zero)
         base = T.meta_var((i * n + o) * kept)
         if pool is None:
-            for p in range(positions):
-                out[base + p] = spill[p]
+            for oy in range(oh):
+                for ox in range(ow):
+                    out[base + oy * ow + ox] = spill[oy * pitch + ox]
         else:  # the window's rows first (whole rows: vector lanes), then its columns
             for py in range(yh):
                 for x in range(ow):
-                    row[x] = spill[py * qsh * ow + x]
+                    row[x] = spill[py * qsh * pitch + x]
                     for dy in T.unroll(qh - 1):
-                        row[x] = T.max(row[x], spill[(py * qsh + dy + 1) * ow + x])
+                        row[x] = T.max(row[x], spill[(py * qsh + dy + 1) * pitch + x])
                 for px in range(yw):
                     out[base + py * yw + px] = row[px * qsw]
                     for dx in T.unroll(qw - 1):
@@ -287,11 +328,11 @@ def sparse_table_conv2d(
         column = T.match_buffer(columns, (stored,), column_dtype)
         out = T.decl_buffer((b * n * kept,), "float32", data=y.data)
         for i in T.parallel(images):
-            cols = T.alloc_buffer((taps * padded,), "float32")
+            cols = T.alloc_buffer((laid_out,), "float32")
             acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
             spill = T.alloc_buffer((padded,), "float32")
             row = T.alloc_buffer((ow,), "float32")
-            held = T.alloc_buffer((fh * fw,), "float32")
+            held = T.alloc_buffer((held_size,), "float32")
             for plane in range(channels):
                 unfold(x, held, cols, i, plane)
             for o in range(n):
@@ -299,7 +340,7 @@ def sparse_table_conv2d(
                         i, o)
         shared = T.alloc_buffer((shared_size,), "float32")
         for plane in T.parallel(channels * single):
-            held = T.alloc_buffer((fh * fw,), "float32")
+            held = T.alloc_buffer((held_size,), "float32")
             unfold(x, held, shared, 0, plane)
         for task in T.parallel(tasks * single):
             acc = T.alloc_buffer((block * LANES,), "float32", scope="local")
