@@ -41,7 +41,7 @@ from autoshrink.studies.pareto import (
     record_facts,
 )
 from autoshrink.studies.progress import SearchProgress, TrainingBar
-from autoshrink.studies.retrain import retrain_front
+from autoshrink.studies.retrain import members_to_retrain, retrain_front
 from autoshrink.studies.setup import (
     Provided,
     SearchOptions,
@@ -124,7 +124,7 @@ def search_options(settings: Settings, folder: StudyFolder) -> SearchOptions:
         trials=trials_asked(settings),
         stop_early=settings.stop_early,
         retrain_epochs=settings.retrain_epochs,
-        retrain_top=settings.retrain_top,
+        retrain_top=settings.retrain_top or members_to_retrain(trials_asked(settings)),
         tune_trials=settings.tune_trials,
         data_dir=settings.data_dir,
         strict_plugins=settings.strict_plugins,

@@ -65,9 +65,10 @@ class Settings(BaseSettings):
     # After the search, `retrain_top` front members spread along it are trained again from
     # the baseline for about `retrain_epochs` epochs (0 = off; each gets between half and
     # five times that, by how far it fell short of the baseline): the search's short
-    # fine-tunes measure how fast a plan recovers, retraining how good it gets.
+    # fine-tunes measure how fast a plan recovers, retraining how good it gets. Unset: one
+    # member per 12 trials, at least 4 (a longer search finds a longer front).
     retrain_epochs: float = Field(default=2.0, ge=0, le=1000)
-    retrain_top: int = Field(default=4, ge=1)
+    retrain_top: int | None = Field(default=None, ge=1)
 
     @classmethod
     def settings_customise_sources(

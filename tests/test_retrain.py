@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from autoshrink.metric import Metric
-from autoshrink.studies.retrain import member_epochs, spread_along
+from autoshrink.settings import Settings
+from autoshrink.studies.retrain import member_epochs, members_to_retrain, spread_along
 from tests.conftest import run_cli
 
 
@@ -24,6 +25,12 @@ def test_epochs_follow_what_a_member_lost() -> None:
     # Lower is better: a 2 % higher error counts 2.
     assert member_epochs(2, {"val_accuracy": 0.51}, 0.50, error) == 4.0
     assert member_epochs(2, {"val_accuracy": 0.49}, 0.50, error) == 1.0
+
+
+def test_a_longer_search_retrains_more_members_unless_told() -> None:
+    assert [members_to_retrain(t) for t in (1, 24, 60, 100, None)] == [4, 4, 5, 8, 4]
+    assert Settings().retrain_top is None  # unset: the count follows the trials
+    assert Settings(retrain_top=2).retrain_top == 2
 
 
 def test_members_are_spread_along_the_front() -> None:

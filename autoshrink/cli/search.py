@@ -149,7 +149,8 @@ def search_command(
         int | None,
         typer.Option(
             "--retrain-top",
-            help="How many front members to retrain, spread along it by size (default 4).",
+            help="How many front members to retrain, spread along it by size (default: one "
+            "per 12 trials, at least 4).",
         ),
     ] = None,
     data_dir: DataDirOption = None,

@@ -35,18 +35,28 @@ from autoshrink.training import evaluate, steps_for
 from autoshrink.trial import TrialBudget, run_trial
 
 __all__ = [
-    "CACHE", "EPOCH_SHARES", "member_epochs", "retrain_front", "retrained_figures", "spread_along",
+    "CACHE", "EPOCH_SHARES", "member_epochs", "members_to_retrain", "retrain_front",
+    "retrained_figures", "spread_along",
 ]
 
 CACHE = "retrained.json"
 
 #: the least and the most of the setting's epochs one member gets
 EPOCH_SHARES = (0.5, 5.0)
+#: members retrained by default: one per this many trials, and at least this many
+TRIALS_PER_MEMBER, LEAST_MEMBERS = 12, 4
 
 
 def _searched(member: dict[str, Any]) -> dict[str, Any]:
     """A front member's figures as the search measured them (before any retraining)."""
     return member.get("search", member)
+
+
+def members_to_retrain(trials: int | None) -> int:
+    """How many front members are retrained unless the user says: one per
+    :data:`TRIALS_PER_MEMBER` trials, at least :data:`LEAST_MEMBERS` (a search bounded by
+    time alone gets the least)."""
+    return max(LEAST_MEMBERS, (trials or 0) // TRIALS_PER_MEMBER)
 
 
 def member_epochs(epochs: float, member: dict[str, Any], baseline: float, metric: Metric) -> float:
