@@ -20,8 +20,8 @@ from tvm import relax
 from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.compiler import compile_artifact
 from autoshrink.compiler.build import fuse
-from autoshrink.compiler.epilogue import fuse_epilogues
 from autoshrink.compiler.export import KernelCall, to_relax_lowered
+from autoshrink.compiler.fusion import fuse_epilogues
 from autoshrink.compiler.lowering import compressed_kernels
 from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs

@@ -39,8 +39,8 @@ from autoshrink.compiler.densify import (
     fold_batchnorm,
     layer_shapes,
 )
-from autoshrink.compiler.epilogue import fuse_epilogues
 from autoshrink.compiler.export import KernelCall, to_relax_lowered
+from autoshrink.compiler.fusion import fuse_epilogues
 from autoshrink.compiler.lowering import compressed_kernels, dense_kernel
 from autoshrink.compiler.machine import available_cores, cpu_flags, cpu_model
 from autoshrink.compiler.target import Target, load_tensor_intrinsics, resolve_target

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoshrink.compiler.epilogue import find_epilogues
 from autoshrink.compiler.export import KernelCall
+from autoshrink.compiler.fusion import find_epilogues
 from autoshrink.compiler.lowering import dense_kernel
 
 
