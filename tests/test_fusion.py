@@ -21,6 +21,7 @@ class Block(nn.Module):
         self.conv = nn.Conv2d(2, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.relu = nn.ReLU()
+        self.relu_in_place = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2)
         self.padded_pool = nn.MaxPool2d(3, stride=2, padding=1)
 
@@ -28,6 +29,8 @@ class Block(nn.Module):
         y = self.conv(x)
         if self.wiring == "block":
             return self.pool(self.relu(self.bn(y)))
+        if self.wiring == "in place":  # export makes the in-place ReLU a plain one
+            return self.pool(self.relu_in_place(self.bn(y)))
         if self.wiring == "pool first":
             return self.relu(self.pool(self.bn(y)))
         if self.wiring == "residual":  # the sums are read twice: nothing can be taken
@@ -47,6 +50,7 @@ class Block(nn.Module):
     ("wiring", "absorbed", "relu", "pool"),
     [
         ("block", ("bn", "relu", "pool"), True, ((2, 2), (2, 2))),
+        ("in place", ("bn", "relu_in_place", "pool"), True, ((2, 2), (2, 2))),
         ("pool first", ("bn", "pool", "relu"), True, ((2, 2), (2, 2))),
         ("residual", None, False, None),
         ("shared relu", ("bn",), False, None),
