@@ -9,7 +9,7 @@ from torch import nn
 
 from autoshrink.compiler.export import KernelCall
 from autoshrink.compiler.fusion import find_epilogues
-from autoshrink.compiler.lowering import dense_kernel
+from autoshrink.compiler.layer_kernel import dense_kernel
 
 
 class Block(nn.Module):

@@ -465,7 +465,7 @@ def test_both_forms_of_a_float32_layer_name_their_stages_alike(methods, tmp_path
 
     import tvm_ffi
 
-    from autoshrink.compiler.lowering import dense_kernel
+    from autoshrink.compiler.layer_kernel import dense_kernel
 
     plan = Plan(layers={"fc1": LayerPlan(value=Choice(method="float", config={"bits": 32}))})
     _, _, _, kernels = _compile(tmp_path, methods, "digits-mlp", plan, 1.0, 2)

@@ -21,7 +21,7 @@ from rich.console import Console
 from tvm import relax
 
 from autoshrink.compiler.build import build_tuned, fuse
-from autoshrink.compiler.lowering import LayerKernel
+from autoshrink.compiler.layer_kernel import LayerKernel
 from autoshrink.compiler.target import Target
 from autoshrink.compiler.tuning import tune
 

@@ -3,7 +3,7 @@
 The model goes through ``torch.export`` with each such layer replaced by a
 :class:`KernelCall`, a call of the custom operator ``autoshrink::compiled_layer``, which the
 Relax importer turns into the layer's ``call_tir`` (:meth:`LayerKernel.emit
-<autoshrink.compiler.lowering.LayerKernel.emit>`).
+<autoshrink.compiler.layer_kernel.LayerKernel.emit>`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from autoshrink.compiler.build import entry
 
 if TYPE_CHECKING:
-    from autoshrink.compiler.lowering import LayerKernel
+    from autoshrink.compiler.layer_kernel import LayerKernel
 
 __all__ = ["KernelCall", "to_relax_lowered"]
 

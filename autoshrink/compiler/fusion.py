@@ -24,7 +24,7 @@ from autoshrink.compiler.sparse import epilogue_output
 from autoshrink.compress import replace_module
 
 if TYPE_CHECKING:
-    from autoshrink.compiler.lowering import LayerKernel
+    from autoshrink.compiler.layer_kernel import LayerKernel
 
 __all__ = ["find_epilogues", "fuse_epilogues"]
 

@@ -41,7 +41,8 @@ from autoshrink.compiler.densify import (
 )
 from autoshrink.compiler.export import KernelCall, to_relax_lowered
 from autoshrink.compiler.fusion import fuse_epilogues
-from autoshrink.compiler.lowering import compressed_kernels, dense_kernel
+from autoshrink.compiler.layer_kernel import dense_kernel
+from autoshrink.compiler.lowering import compressed_kernels
 from autoshrink.compiler.machine import available_cores, cpu_flags, cpu_model
 from autoshrink.compiler.target import Target, load_tensor_intrinsics, resolve_target
 from autoshrink.compiler.timing import TvmEngine, measure, model_flops, prepare_peers, thread_count
