@@ -153,7 +153,10 @@ def _table_kernel(
     if layer.arrays.get("bias") is not None:
         arrays[f"{len(chain) - 1}.bias"] = layer.arrays["bias"]
 
-    def build(relu: bool) -> LayerKernel:
+    def build(epilogue: Epilogue | None) -> LayerKernel | None:
+        if (relu := _linear_relu(epilogue)) is None:
+            return None
+
         def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
             return [
                 (table_linear(shape[0], *stage, vbmi, relu and i == len(stages) - 1),
@@ -163,7 +166,7 @@ def _table_kernel(
 
         return _written_kernel(name, f"{step.methods}, table lookup", arrays, written)
 
-    return _with_relu(build)
+    return _fusable(build)
 
 
 def _sparse_kernel(
@@ -204,14 +207,17 @@ def _sparse_kernel(
     dtype = str(columns.dtype)
     methods = f"{step.methods}, sparse table lookup"
     if isinstance(template, nn.Linear):
-        def linear(relu: bool) -> LayerKernel:
+        def linear(epilogue: Epilogue | None) -> LayerKernel | None:
+            if (relu := _linear_relu(epilogue)) is None:
+                return None
+
             def written(shape: tuple[int, ...]) -> list[tuple[Any, tuple[int, ...], list[str]]]:
                 kernel = sparse_table_linear(shape[0], shape[1], out, size, dtype, relu)
                 return [(kernel, (out,), sorted(arrays))]
 
             return _written_kernel(name, methods, arrays, written)
 
-        return _with_relu(linear)
+        return _fusable(linear)
 
     def convolution(epilogue: Epilogue | None) -> LayerKernel:
         # The epilogue: a batch norm's scale and shift fold into the kernel's scale and bias
@@ -229,11 +235,9 @@ def _sparse_kernel(
             plane = epilogue_output(*conv_output(*shape[2:], geometry), pool)
             return [(kernel, (out, *plane), sorted(own))]
 
-        kernel = _written_kernel(name, methods, own, written)
-        kernel.fused = None if epilogue else convolution
-        return kernel
+        return _written_kernel(name, methods, own, written)
 
-    return convolution(None)
+    return _fusable(convolution)
 
 
 def _decoded_kernel(
@@ -258,7 +262,9 @@ def _decoded_kernel(
     small = [p for p in payloads if counts[p] * 4 <= out * features]
     first = small[0] if small else None
 
-    def build(relu: bool) -> LayerKernel:
+    def build(epilogue: Epilogue | None) -> LayerKernel | None:
+        if (relu := _linear_relu(epilogue)) is None:
+            return None
         return _written_kernel(
             name, f"{step.methods}, decoded in lanes", arrays, partial(written, relu=relu)
         )
@@ -290,20 +296,23 @@ def _decoded_kernel(
         )
         return [*steps, (kernel, (out,), reads)]
 
-    return _with_relu(build)
+    return _fusable(build)
 
 
-def _with_relu(build: Callable[[bool], LayerKernel]) -> LayerKernel:
-    """A Linear's written-out kernel, ``build(False)``, whose epilogue can take a ReLU (and
-    nothing else): ``build(True)``."""
-    kernel = build(False)
-
-    def fused(epilogue: Epilogue) -> LayerKernel | None:
-        alone = epilogue.scale is None and epilogue.pool is None
-        return build(True) if alone and epilogue.relu else None
-
-    kernel.fused = fused
+def _fusable(build: Callable[[Epilogue | None], LayerKernel | None]) -> LayerKernel:
+    """The written-out kernel ``build(None)``, which computes the epilogues ``build`` takes
+    (``build(epilogue)``; ``None`` for one it cannot compute)."""
+    kernel = build(None)
+    kernel.fused = build
     return kernel
+
+
+def _linear_relu(epilogue: Epilogue | None) -> bool | None:
+    """What a Linear's kernel computes of ``epilogue``: whether a ReLU, or ``None`` when it
+    asks for more (a batch norm, a pool)."""
+    if epilogue is None:
+        return False
+    return None if epilogue.scale is not None or epilogue.pool is not None else epilogue.relu
 
 
 def _tabled(lowered: LoweredValue | None) -> bool:
