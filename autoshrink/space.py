@@ -316,23 +316,29 @@ def _with_defaults(plan: Plan, registry: Registry) -> Plan:
 
 
 def _starts(preset: Preset, space: Space, registry: Registry) -> list[Plan]:
-    """The preset's ``[[start]]`` plans: ``model``, ``encoding`` and ``every_layer`` (a
-    structure and value choice applied to each layer) with full knob values. A start that
-    names an unknown method is an error; one that does not fit this task's space is skipped.
+    """The preset's ``[[start]]`` plans: ``model``, ``encoding``, ``every_layer`` (a
+    structure and value choice applied to each layer) and optionally ``last_layer`` (the
+    choice for the model's last compressible layer instead: the output layer is small and
+    decides every prediction, so quantization papers keep it finer), with full knob values.
+    A start that names an unknown method is an error; one that does not fit this task's
+    space is skipped.
     """
     starts = []
     for number, entry in enumerate(preset.data.get("start", [])):
         keys = ("start",)
         try:
             every = LayerPlan.model_validate(entry.get("every_layer", {}))
+            last = LayerPlan.model_validate(entry.get("last_layer", every.model_dump()))
+            names = [layer.name for layer in space.layers]
             plan = Plan(
                 model=entry.get("model"),
                 encoding=entry.get("encoding"),
-                layers={layer.name: every for layer in space.layers},
+                layers={name: last if name == names[-1] else every for name in names},
             )
         except (ValueError, TypeError, AttributeError) as exc:
             raise preset.error(keys, f"entry {number + 1} is not a plan: {exc}") from exc
-        for choice in (plan.model, plan.encoding, every.structure, every.value):
+        for choice in (plan.model, plan.encoding, every.structure, every.value, last.structure,
+                       last.value):
             if choice is not None and choice.method not in registry.methods:
                 raise preset.error(keys, f"entry {number + 1} names unknown `{choice.method}`")
         try:

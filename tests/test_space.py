@@ -113,12 +113,30 @@ def test_default_preset_starts_replay_exactly(registry, mlp) -> None:
     from autoshrink.space import params_of
 
     space = build_space(mlp, registry, load_preset("default"))
-    assert len(space.starts) == 3
-    assert space.starts[2].model is not None  # the small end: a distilled student
+    assert len(space.starts) == 4
+    assert all(start.model is not None for start in space.starts[2:])  # distilled students
+    assert space.starts[3].layers["out"] != space.starts[3].layers["fc1"]  # its own last layer
     for plan in space.starts:
         params = params_of(space, plan)
         assert params is not None
         assert space.sample(optuna.trial.FixedTrial(params)) == plan
+
+
+def test_a_start_gives_the_last_layer_its_own_choice(tmp_path: Path, registry, mlp) -> None:
+    kmeans = 'method = "quantization", config = { bits = %d, mode = "kmeans" }'
+    path = preset(
+        tmp_path,
+        '[[start]]\nevery_layer.structure = { method = "dense", config = {} }\n'
+        f"every_layer.value = {{ {kmeans % 2} }}\n"
+        'last_layer.structure = { method = "dense", config = {} }\n'
+        f"last_layer.value = {{ {kmeans % 6} }}\n",
+    )
+    (start,) = build_space(mlp, registry, load_preset(str(path))).starts
+    bits = {name: layer.value.config["bits"] for name, layer in start.layers.items()}
+    assert bits == {"fc1": 2, "fc2": 2, "out": 6}
+    typo = preset(tmp_path, '[[start]]\nlast_layer.value = { method = "zstd", config = {} }\n')
+    with pytest.raises(UsageError, match="names unknown `zstd`"):
+        build_space(mlp, registry, load_preset(str(typo)))
 
 
 def test_start_outside_the_space_is_skipped_and_unknown_method_is_an_error(
