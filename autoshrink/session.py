@@ -52,6 +52,7 @@ from autoshrink.studies.setup import (
 )
 from autoshrink.studies.storage import address_of, display, open_storage
 from autoshrink.studies.study import (
+    START,
     StudyFolder,
     check_metric,
     fail_interrupted,
@@ -158,9 +159,10 @@ def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -
     (folder.root / "command.txt").write_text(shlex.join(command) + "\n")
 
 
-def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[Plan]:
-    """The space's starting plans, each tightened to fit ``budget`` where it does not (the
-    methods kept); a start no setting of its methods fits is left out. Says which."""
+def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[tuple[int, Plan]]:
+    """The space's starting plans with their numbers in the preset, each tightened to fit
+    ``budget`` where it does not (the methods kept); a start no setting of its methods fits
+    is left out. Says which."""
     fitted = []
     with console.status("checking the starting plans against the budget"):
         for number, plan in enumerate(setup.space.starts, start=1):
@@ -172,7 +174,7 @@ def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[Pla
             elif found != plan:
                 console.print(f"start {number} tightened to fit the budget", highlight=False)
             if found is not None and params_of(setup.space, found) is not None:
-                fitted.append(found)
+                fitted.append((number, found))
     return fitted
 
 
@@ -304,8 +306,11 @@ def _run(
     facts = facts_of(setup)
     record_facts(folder, facts)
     if not resume:
-        for plan in fitted_starts(setup, options.budget, console):
-            study.enqueue_trial(params_of(setup.space, plan) or {}, skip_if_exists=True)
+        for number, plan in fitted_starts(setup, options.budget, console):
+            study.enqueue_trial(
+                params_of(setup.space, plan) or {}, user_attrs={START: number},
+                skip_if_exists=True,
+            )
     if resume:
         stale = fail_interrupted(study)
         if stale:

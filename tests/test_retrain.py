@@ -8,7 +8,12 @@ from pathlib import Path
 
 from autoshrink.metric import Metric
 from autoshrink.settings import Settings
-from autoshrink.studies.retrain import member_epochs, members_to_retrain, spread_along
+from autoshrink.studies.retrain import (
+    member_epochs,
+    members_to_retrain,
+    spread_along,
+    to_retrain,
+)
 from tests.conftest import run_cli
 
 
@@ -44,6 +49,18 @@ def test_members_are_spread_along_the_front() -> None:
     assert [m["trial"] for m in spread_along(front, 1, Metric("mse", "minimize"))] == [0]
 
 
+def test_starting_plans_on_the_front_are_retrained_too() -> None:
+    front = [
+        {"trial": n, "bytes": 1000 * (n + 1), "val_accuracy": 0.5 + n / 100, "start": None}
+        for n in range(7)
+    ]
+    front[3]["start"] = 2
+    picked = [m["trial"] for m in to_retrain(front, 2, Metric())]
+    assert picked == [6, 3, 0]  # the spread's two and the start, best validation first
+    front[6]["start"] = 1  # a start the spread picked already counts once
+    assert [m["trial"] for m in to_retrain(front, 2, Metric())] == [6, 3, 0]
+
+
 def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> None:
     done = run_cli(
         "search", "--task", "digits-mlp", "--finetune-steps", "20", "--budget", "40kB",
@@ -54,10 +71,14 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
     folder = tmp_path / "r"
     pareto = json.loads((folder / "pareto.json").read_text())
     tried = [m for m in pareto["front"] if "retrained" in m]
-    assert 1 <= len(tried) <= 2
-    # Two spread along the front: its smallest and its largest member.
+    # Two spread along the front (its smallest and its largest member), and the members that
+    # ran the preset's starting plans.
     by_size = sorted(pareto["front"], key=lambda m: m.get("search", m)["bytes"])
-    assert {m["trial"] for m in tried} == {by_size[0]["trial"], by_size[-1]["trial"]}
+    starts = {m["trial"] for m in pareto["front"] if m["start"] is not None}
+    assert starts and {m["trial"] for m in tried} == {
+        by_size[0]["trial"], by_size[-1]["trial"], *starts
+    }
+    assert all(t["start"] == t["trial"] + 1 for t in pareto["trials"][:4] if t["start"])
     cache = json.loads((folder / "retrained.json").read_text())
     assert len(cache) == len(tried)
     for member in tried:

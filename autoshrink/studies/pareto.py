@@ -30,7 +30,8 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
 - ``trials``: every trial with ``state`` (complete / fail / pruned / running), ``bytes``,
   ``val_accuracy``, ``feasible``, ``failure`` (the reason a trial failed), ``plan`` (the plan
   built), ``untrained`` / ``fitted`` (why it was measured untrained / why its plan is not the
-  one sampled: tightened to fit the budget), and for a trial stopped early (pruned)
+  one sampled: tightened to fit the budget), ``start`` (the number of the preset's starting
+  plan it ran), and for a trial stopped early (pruned)
   ``stopped`` (why) and ``checkpoint`` (its bytes and validation metric where it stopped)
 - ``counts``: ``complete``, ``failed``, ``over_budget``, ``running``, ``pruned``
 - ``settings``, ``command`` and ``versions``: what reproduces the run
@@ -95,6 +96,8 @@ class TrialRow(BaseModel):
     plan: dict[str, Any] | None
     #: why ``plan`` is not the plan sampled (it was tightened to fit the budget)
     fitted: str | None = None
+    #: the preset's starting plan this trial ran (its number among the ``[[start]]`` entries)
+    start: int | None = None
     #: why a pruned trial stopped early, and its ``[bytes, validation metric]`` there
     stopped: str | None = None
     checkpoint: list[float] | None = None

@@ -3,7 +3,9 @@ longer schedule, its artifact written beside the search's, its metric measured a
 
 The search fine-tunes every trial briefly, so its front measures how fast a plan recovers.
 Pruning, quantization and low-rank papers report accuracy after retraining to convergence;
-this stage does that for a few members spread along the front (:func:`spread_along`).
+this stage does that for a few members spread along the front (:func:`spread_along`), and
+for every front member that ran one of the preset's starting plans: those are the
+literature's recipes, whose figures are claims about retrained models.
 Retraining recovers what compression cost, so each member's epochs follow what it lost: the
 setting's epochs times its shortfall from the baseline's validation figure in percents of
 that figure, kept between half and five times the setting (:func:`member_epochs`). A member
@@ -36,7 +38,7 @@ from autoshrink.trial import TrialBudget, run_trial
 
 __all__ = [
     "CACHE", "EPOCH_SHARES", "member_epochs", "members_to_retrain", "retrain_front",
-    "retrained_figures", "spread_along",
+    "retrained_figures", "spread_along", "to_retrain",
 ]
 
 CACHE = "retrained.json"
@@ -82,6 +84,14 @@ def spread_along(front: list[dict[str, Any]], count: int, metric: Metric) -> lis
         return order
     picks = sorted({round(k * (len(order) - 1) / (count - 1)) for k in range(count)})
     return [order[p] for p in picks]
+
+
+def to_retrain(front: list[dict[str, Any]], count: int, metric: Metric) -> list[dict[str, Any]]:
+    """The members retrained, best validation figure first: ``count`` spread along the front
+    (:func:`spread_along`), and the members that ran a starting plan of the preset."""
+    chosen = spread_along(front, count, metric)
+    chosen += [m for m in front if m.get("start") is not None and m not in chosen]
+    return sorted(chosen, key=lambda m: -metric.score(_searched(m)["val_accuracy"]))
 
 
 def _key(folder: StudyFolder, member: dict[str, Any], epochs: float) -> str | None:
@@ -148,20 +158,16 @@ def _retrain(
 def retrain_front(
     folder: StudyFolder, summary: dict[str, Any], setup: SearchSetup, console: Console
 ) -> int:
-    """Retrain ``retrain_top`` members spread along the front (:func:`spread_along`), best
-    validation first, each for its :func:`member_epochs` (those not already cached); returns
-    how many were trained."""
+    """Retrain the members :func:`to_retrain` picks (``retrain_top`` spread along the front,
+    and the starting plans), each for its :func:`member_epochs` (those not already cached);
+    returns how many were trained."""
     options = setup.options
     epochs = options.retrain_epochs
     if epochs <= 0 or not summary["front"]:
         return 0
     metric = setup.task.judged_by
-    chosen = sorted(
-        spread_along(summary["front"], options.retrain_top, metric),
-        key=lambda m: -metric.score(_searched(m)["val_accuracy"]),
-    )
     done = 0
-    for member in chosen:
+    for member in to_retrain(summary["front"], options.retrain_top, metric):
         key = _key(folder, member, epochs)
         if key is None or retrained_figures(folder, member, epochs) is not None:
             continue

@@ -48,6 +48,8 @@ UNTRAINED = "untrained"
 UNTRAINED_REASON = "over the budget before training, so not trained"
 #: why a trial's plan is not the one sampled: it was tightened to fit the budget
 FITTED = "fitted"
+#: the number in the preset of the starting plan a trial ran (see ``[[start]]``)
+START = "start"
 FITTED_REASON = "tightened to fit the budget before training"
 PLAN = "plan"
 ARTIFACT = "artifact"
@@ -210,6 +212,7 @@ def trial_summary(trial: FrozenTrial) -> dict:
         "failure": trial.user_attrs.get(FAILURE),
         "untrained": trial.user_attrs.get(UNTRAINED),
         "fitted": trial.user_attrs.get(FITTED),
+        "start": trial.user_attrs.get(START),
         "plan": trial.user_attrs.get(PLAN),
         "stopped": trial.user_attrs.get(STOPPED),
         "checkpoint": trial.user_attrs.get(CHECKPOINT),
