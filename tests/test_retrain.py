@@ -108,6 +108,9 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
         m["val_accuracy"] for m in pareto["front"]
     ]
     report = (folder / "report.md").read_text()
+    for member in pareto["front"]:
+        if member["start"] is not None:
+            assert f"| {member['trial']} (start {member['start']}) |" in report
     for member in tried:
         if member["retrained"]["taken"]:
             assert f"retrained {member['retrained']['epochs']:g} epochs" in report

@@ -97,11 +97,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
             f"(retrained {m['retrained']['epochs']:g} epochs)" if search
             else "(retraining validated worse)" if m.get("retrained") else "(not retrained)"
         )
+        trial = f"{m['trial']} (start {m['start']})" if m.get("start") else str(m["trial"])
         lines.append(
-            f"| {m['trial']} | {m['bytes']:,} | {m['ratio']:.1f}x | "
+            f"| {trial} | {m['bytes']:,} | {m['ratio']:.1f}x | "
             f"{value(m['val_accuracy'])} | {value(m['test_accuracy'])} | {before} | "
             f"`{m['artifact']}` |"
         )
+    if any(m.get("start") for m in summary["front"]):
+        lines += ["", "A trial marked *start N* ran the preset's N-th starting plan; when the "
+                  "front is retrained, every start on it is."]
     budget = summary["budget_bytes"]
     over = [t for t in summary["trials"] if t["state"] == "complete" and not t["feasible"]]
     if over:
