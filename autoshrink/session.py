@@ -159,13 +159,16 @@ def save_settings(folder: StudyFolder, settings: Settings, identity: Identity) -
     (folder.root / "command.txt").write_text(shlex.join(command) + "\n")
 
 
-def fitted_starts(setup: SearchSetup, budget: int, console: Console) -> list[tuple[int, Plan]]:
-    """The space's starting plans with their numbers in the preset, each tightened to fit
+def fitted_starts(
+    setup: SearchSetup, budget: int, console: Console, trials: int | None = None
+) -> list[tuple[int, Plan]]:
+    """The space's starting plans (the first ``trials`` of them: a search of fewer trials
+    than starts leaves none waiting) with their numbers in the preset, each tightened to fit
     ``budget`` where it does not (the methods kept); a start no setting of its methods fits
     is left out. Says which."""
     fitted = []
     with console.status("checking the starting plans against the budget"):
-        for number, plan in enumerate(setup.space.starts, start=1):
+        for number, plan in enumerate(setup.space.starts[:trials], start=1):
             found = tighten_to_fit(plan, setup.task, setup.space, setup.registry, budget,
                                    setup.baseline.model)
             if found is None:
@@ -306,7 +309,7 @@ def _run(
     facts = facts_of(setup)
     record_facts(folder, facts)
     if not resume:
-        for number, plan in fitted_starts(setup, options.budget, console):
+        for number, plan in fitted_starts(setup, options.budget, console, options.trials):
             study.enqueue_trial(
                 params_of(setup.space, plan) or {}, user_attrs={START: number},
                 skip_if_exists=True,

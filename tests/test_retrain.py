@@ -125,3 +125,6 @@ def test_retraining_off(tmp_path: Path) -> None:
     pareto = json.loads((tmp_path / "n" / "pareto.json").read_text())
     assert all("retrained" not in m for m in pareto["front"])
     assert not (tmp_path / "n" / "retrained.json").exists()
+    # Two trials of four starts: the first two ran, none is left waiting in the study.
+    ran = [(t["state"], t["start"]) for t in pareto["trials"]]
+    assert ran == [("complete", 1), ("complete", 2)]
