@@ -150,7 +150,7 @@ def search_command(
         typer.Option(
             "--retrain-top",
             help="How many front members to retrain, spread along it by size (default: one "
-            "per 12 trials, at least 4).",
+            "per 12 trials, at least 4); the preset's starting plans on it are retrained too.",
         ),
     ] = None,
     data_dir: DataDirOption = None,
