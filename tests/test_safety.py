@@ -396,6 +396,23 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_a_full_disk_is_found_behind_the_error_optuna_raises_while_handling_it() -> None:
+    import errno
+
+    from autoshrink.studies.local import storage_failure
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        try:
+            raise full
+        finally:
+            raise AssertionError("Should not reach.")  # as Optuna's trial end does
+    except AssertionError as exc:
+        assert storage_failure(exc) is full
+    assert storage_failure(ValueError("x")) is None
+    assert storage_failure(OSError(errno.ENOENT, "missing")) is None
+
+
 def test_a_full_disk_stops_the_search_in_one_line_and_resume_continues(small_disk) -> None:
     import subprocess
 

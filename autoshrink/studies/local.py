@@ -60,12 +60,10 @@ class Objective:
                 raise
             # The study folder cannot take writes: this trial fails, and so would every next
             # one. Record it if the journal still can, and stop the search.
-            where = f" ({exc.filename})" if exc.filename else ""
-            reason = f"the study folder cannot be written: {exc.strerror}{where}"
             with contextlib.suppress(OSError):
-                trial.set_user_attr(FAILURE, reason)
+                trial.set_user_attr(FAILURE, unwritable(exc))
             trial.study.stop()
-            self.stopped_by = StorageFull(f"{reason}; free space, then `autoshrink resume`")
+            self.stopped_by = StorageFull(f"{unwritable(exc)}; {AFTER_FREEING}")
             raise self.stopped_by from exc
         except Exception as exc:
             trial.set_user_attr(FAILURE, f"{type(exc).__name__}: {exc}")
@@ -82,6 +80,26 @@ class StorageFull(AutoshrinkError):
 
 #: OS errors that mean "the study folder cannot be written at all" rather than a failed trial.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+AFTER_FREEING = "free space, then `autoshrink resume`"
+
+
+def unwritable(exc: OSError) -> str:
+    """Why the study folder takes no more writes, in words."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"the study folder cannot be written: {exc.strerror}{where}"
+
+
+def storage_failure(exc: BaseException | None) -> OSError | None:
+    """The OS error of :data:`STORAGE_ERRNOS` behind ``exc``, if any. Optuna may raise an
+    error of its own while handling one (a journal write that fails as a trial ends leaves
+    it asserting on the trial's state), so the chain of causes is searched."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def run_trials(
@@ -104,13 +122,20 @@ def run_trials(
         search_on_ray(setup, folder, study, trials=remaining, callbacks=callbacks)
         return
     run = Objective(setup, folder)
-    study.optimize(
-        run,
-        n_trials=remaining,
-        timeout=options.timeout,
-        catch=(Exception,),
-        callbacks=list(callbacks),
-        gc_after_trial=True,
-    )
+    try:
+        study.optimize(
+            run,
+            n_trials=remaining,
+            timeout=options.timeout,
+            catch=(Exception,),
+            callbacks=list(callbacks),
+            gc_after_trial=True,
+        )
+    except Exception as exc:
+        full = storage_failure(exc)
+        if full is None or run.stopped_by is not None:
+            raise
+        # A journal write failed outside the trial's own code (as Optuna records its end).
+        raise StorageFull(f"{unwritable(full)}; {AFTER_FREEING}") from exc
     if run.stopped_by is not None:
         raise run.stopped_by
