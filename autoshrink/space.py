@@ -324,12 +324,12 @@ def _starts(preset: Preset, space: Space, registry: Registry) -> list[Plan]:
     space is skipped.
     """
     starts = []
+    names = [layer.name for layer in space.layers]
     for number, entry in enumerate(preset.data.get("start", [])):
         keys = ("start",)
         try:
             every = LayerPlan.model_validate(entry.get("every_layer", {}))
             last = LayerPlan.model_validate(entry.get("last_layer", every.model_dump()))
-            names = [layer.name for layer in space.layers]
             plan = Plan(
                 model=entry.get("model"),
                 encoding=entry.get("encoding"),
