@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from autoshrink.errors import PluginError
 
 __all__ = [
+    "Columns",
     "EncodingMethod",
     "LayerCode",
     "LoweredLayer",
@@ -132,6 +133,25 @@ class LoweredLayer:
     element: Callable[[Mapping[str, Any], Mapping[str, Callable[[Any], Any]]], Callable] | None = (
         None
     )
+    #: Optional, beside ``element``: ``columns(tensors, payloads)`` returns the
+    #: :class:`Columns` of a method that computes a column's 16 weights together more cheaply
+    #: than one by one (hashed runs: one hash, one contiguous read). The decoding kernel then
+    #: uses it instead of ``element``.
+    columns: Callable[[Mapping[str, Any], Mapping[str, Callable[[Any], Any]]], Columns] | None = (
+        None
+    )
+
+
+@dataclass
+class Columns:
+    """A Linear's weights a column of 16 rows at a time, in two steps: ``key(g, c)`` gives a
+    32-bit integer for row group ``g`` (rows ``16g`` to ``16g + 15``) and column ``c``, int32
+    ``c`` of one lane or 16 (then 16 keys: the kernel computes 16 columns' keys at once), and
+    ``weights(g, key)`` the column's 16 weights, one float32x16 vector, from its scalar key
+    (lanes past the last row may hold anything)."""
+
+    key: Callable[[Any, Any], Any]
+    weights: Callable[[Any, Any], Any]
 
 
 class Method(ABC):

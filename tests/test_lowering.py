@@ -172,18 +172,22 @@ def test_codebook_layers_get_the_table_lookup_kernel(
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the decoding kernel needs AVX-512")
 @pytest.mark.parametrize(
-    ("value", "batch"),
-    [("kmeans3", 1), ("kmeans8", 16), ("float16", 3), ("float32", 8), ("binary", 2),
-     ("ternary", 1)],
+    ("value", "batch", "run", "ratio"),
+    [("kmeans3", 1, 1, 0.1), ("kmeans8", 16, 1, 0.1), ("float16", 3, 1, 0.1),
+     ("float32", 8, 1, 0.5), ("binary", 2, 1, 0.1), ("ternary", 1, 1, 0.1),
+     ("kmeans3", 1, 16, 0.1), ("kmeans8", 16, 16, 0.1), ("float32", 8, 16, 0.5),
+     ("uniform4", 2, 16, 0.02)],
 )
-def test_hashed_layers_get_the_decoding_kernel(methods, tmp_path, value, batch) -> None:
+def test_hashed_layers_get_the_decoding_kernel(methods, tmp_path, value, batch, run, ratio) -> None:
     """On a CPU with AVX-512 a hashed Linear is decoded 16 rows at a time in vector lanes
     (its hash computed in the kernel, its K values decoded once a call when they are few),
-    and gives what PyTorch gives, for every value method and batch tile."""
-    method, config = VALUES[value]
-    ratio = {"float32": 0.5}.get(value, 0.1)  # 0.5: K too many to decode ahead
+    and gives what PyTorch gives, for every value method and batch tile. In the run layout
+    too: a column's 16 weights read at once, K values read where they are stored when too
+    many to decode ahead (ratio 0.5), and runs that wrap around fewer than 16 values (the
+    output layer's 13 at ratio 0.02)."""
+    method, config = {**VALUES, "uniform4": ("quantization", {"bits": 4, "mode": "uniform"})}[value]
     layer = LayerPlan(
-        structure=Choice(method="hashing", config={"ratio": ratio}),
+        structure=Choice(method="hashing", config={"ratio": ratio, "run": run}),
         value=Choice(method=method, config=config),
     )
     plan = Plan(layers={name: layer for name in ("fc1", "fc2", "out")})
@@ -192,6 +196,9 @@ def test_hashed_layers_get_the_decoding_kernel(methods, tmp_path, value, batch) 
     )
     assert notes == [f"fc{n}: `relu{n}` computed in its kernel's epilogue" for n in (1, 2)]
     assert all("decoded in lanes" in kernel.methods for kernel in kernels.values())
+    runs = {name for name, kernel in kernels.items() if "a run a vector" in kernel.methods}
+    wrapped = {"out"} if ratio < 0.05 else set()  # K below 16: element by element
+    assert runs == ({"fc1", "fc2", "out"} - wrapped if run > 1 else set())
     # Only the K values (at most float32 each) and the bias are stored: no index array.
     assert kernels["fc1"].bytes <= 64 * 128 * 4 * ratio + 128 * 4 + 64
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))

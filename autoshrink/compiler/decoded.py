@@ -5,12 +5,17 @@ The TE form of such a layer rebuilds each weight inside the matrix product's red
 element at a time, and MetaSchedule cannot schedule it when the element is more than a load
 (a hash's let-bound stages): it runs as plain scalar loops. Here each parallel task takes
 groups of 16 output rows; for every column it computes the 16 rows' weights at once (the
-method's element at a vector of 16 flat indices) into a scratch block, then multiplies that
-block into every batch row, as :mod:`autoshrink.compiler.vector`'s kernels do with their
-looked-up weights. A payload far smaller than the weight (HashedNets' K shared values) is
-first decoded to float32 by a kernel of its own (:func:`decoded_values`), once a call, and
-the weights read that. (Decoded inside the same kernel, into a buffer of its own, TVM would
-shrink that buffer to the region the hashed reads cover: an expression of the hash.)
+method's element at a vector of 16 flat indices) and multiplies them into every batch row,
+as :mod:`autoshrink.compiler.vector`'s kernels do with their looked-up weights: at once for
+a batch of one tile, else through a scratch block decoded once for all tiles. A method that
+computes a column's 16 weights together (``LoweredLayer.columns``: hashed runs, one hash and
+one contiguous read) gives them in place of the 16 elements, from a key per column that is
+computed for 16 columns at once.
+
+A payload far smaller than the weight (HashedNets' K shared values) is first decoded to
+float32 by a kernel of its own (:func:`decoded_values`), once a call, and the weights read
+that. (Decoded inside the same kernel, into a buffer of its own, TVM would shrink that
+buffer to the region the hashed reads cover: an expression of the hash.)
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 from autoshrink.compiler.vector import LANES, split_tasks
+from autoshrink.methods import Columns
 
-__all__ = ["decoded_linear", "decoded_values"]
+__all__ = ["decoded_linear", "decoded_values", "element_columns"]
 
 Expr = Any  # a tvm PrimExpr
 
@@ -67,49 +74,80 @@ def decoded_linear(
     out_features: int,
     arrays: list[Any],
     bias: Any,
-    weight: Callable[[Expr], Expr],
+    columns: Columns,
     relu: bool = False,
 ) -> Any:
     """The kernel ``y = x @ W.T + bias`` for ``x`` of shape (batch, in), as a scheduled
     PrimFunc taking ``(x, *arrays, y)``: ``arrays`` are TIR buffers (``bias`` among them)
-    that ``weight(f)`` reads to give the weights at the int32x16 flat indices ``f``. With
-    ``relu``, ``y`` is the ReLU of that."""
+    that ``columns`` reads to give the weights of rows ``16g`` to ``16g + 15`` a column at a
+    time (``LoweredLayer.columns``; :func:`element_columns` for a method's ``element``), the
+    keys of 16 columns computed at once. With ``relu``, ``y`` is the ReLU of that."""
     n, k, b = out_features, in_features, batch
-    groups = -(-n // LANES)
+    groups, chunks = -(-n // LANES), -(-k // LANES)
     tile = next(t for t in (8, 4, 2, 1) if b % t == 0)
     tasks, per_task = split_tasks(groups, n * k * b)
+    # A batch of more than one tile decodes its row group's weights once into a block that
+    # every tile reads; a batch of one tile multiplies each column as it is decoded.
+    staged = b > tile
+    # Independent sums a batch row, so that at least 4 multiply-adds are in flight (their
+    # latency, not their throughput, would bound a batch of one).
+    splits = max(1, 4 // tile)
+    probe = columns.key(tirx.Var("g", "int32"), tirx.Var("c", "int32"))
+    key_dtype = str(tvm.DataType(str(probe.ty)))
+    if key_dtype not in ("int32", "uint32"):
+        raise ValueError(f"a column's key must be a 32-bit integer, not {key_dtype}")
 
-    def rows(g: Expr, column: Expr) -> Expr:
-        # the flat indices of one column of a row group (rows past the layer repeat the last)
-        row = T.min(T.broadcast(g * LANES, LANES) + T.ramp(0, 1, LANES), T.broadcast(n - 1, LANES))
-        return row * T.broadcast(k, LANES) + T.broadcast(column, LANES)
+    def sum_at(t: Expr, j: Expr) -> Expr:
+        return T.ramp((t * splits + j % splits) * LANES, 1, LANES)
+
+    def at(c: Expr) -> Expr:
+        return T.ramp(c * LANES if staged else 0, 1, LANES)
+
+    def chunk(g: Expr, c0: Expr) -> Expr:
+        # the keys of 16 columns (columns past the layer's last repeat it)
+        ramp = T.ramp(c0 * LANES, 1, LANES)
+        return columns.key(g, ramp if k % LANES == 0 else T.min(ramp, T.broadcast(k - 1, LANES)))
 
     @T.prim_func(private=True, check_well_formed=False)  # `arrays` become parameters below
     def kernel(x: T.Buffer((b, k), "float32"), y: T.Buffer((b, n), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for task in T.parallel(tasks):
-            acc = T.alloc_buffer((tile * LANES,), "float32", scope="local")
-            scratch = T.alloc_buffer((k * LANES,), "float32")
+            acc = T.alloc_buffer((tile * splits * LANES,), "float32", scope="local")
+            keys = T.alloc_buffer((LANES,), key_dtype, scope="local")
+            scratch = T.alloc_buffer(((k if staged else 1) * LANES,), "float32")
             for member in range(per_task):
                 g = T.meta_var(task * per_task + member)
                 if g < groups:
-                    for c in range(k):
-                        scratch[T.ramp(c * LANES, 1, LANES)] = weight(rows(g, c))
+                    if staged:
+                        for c0 in range(chunks):
+                            keys[T.ramp(0, 1, LANES)] = chunk(g, c0)
+                            for j in range(LANES):
+                                if c0 * LANES + j < k:
+                                    scratch[at(c0 * LANES + j)] = columns.weights(g, keys[j])
                     for outer in range(b // tile):
-                        for t in T.unroll(tile):
+                        for t in T.unroll(tile * splits):
                             acc[T.ramp(t * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-                        for c in range(k):
-                            for t in T.unroll(tile):
-                                acc[T.ramp(t * LANES, 1, LANES)] = acc[
-                                    T.ramp(t * LANES, 1, LANES)
-                                ] + T.broadcast(x[outer * tile + t, c], LANES) * scratch[
-                                    T.ramp(c * LANES, 1, LANES)
-                                ]
+                        for c0 in range(chunks):
+                            if not staged:
+                                keys[T.ramp(0, 1, LANES)] = chunk(g, c0)
+                            for j in range(LANES):
+                                if c0 * LANES + j < k:
+                                    if not staged:
+                                        scratch[at(0)] = columns.weights(g, keys[j])
+                                    for t in T.unroll(tile):
+                                        acc[sum_at(t, j)] = acc[sum_at(t, j)] + T.broadcast(
+                                            x[outer * tile + t, c0 * LANES + j], LANES
+                                        ) * scratch[at(c0 * LANES + j)]
                         for t in T.unroll(tile):
+                            for part in T.unroll(1, splits):
+                                acc[T.ramp(t * splits * LANES, 1, LANES)] = (
+                                    acc[T.ramp(t * splits * LANES, 1, LANES)]
+                                    + acc[T.ramp((t * splits + part) * LANES, 1, LANES)]
+                                )
                             for lane in range(LANES):
                                 if g * LANES + lane < n:
                                     y[outer * tile + t, g * LANES + lane] = (
-                                        bias[g * LANES + lane] + acc[t * LANES + lane]
+                                        bias[g * LANES + lane] + acc[t * splits * LANES + lane]
                                     )
                                     if relu:
                                         y[outer * tile + t, g * LANES + lane] = T.max(
@@ -120,3 +158,18 @@ def decoded_linear(
     return tirx.PrimFunc(
         [x_param, *arrays, y_param], kernel.body, kernel.ret_type, kernel.attrs
     )
+
+
+def element_columns(
+    element: Callable[[Expr], Expr], out_features: int, in_features: int
+) -> Columns:
+    """The :class:`Columns` of a method's ``element``: a column's key is its index, and its
+    weights those at the flat indices of that column in rows ``16g`` to ``16g + 15`` (rows
+    past the layer's last repeat it)."""
+    n, k = out_features, in_features
+
+    def weights(g: Expr, c: Expr) -> Expr:
+        row = T.min(T.broadcast(g * LANES, LANES) + T.ramp(0, 1, LANES), T.broadcast(n - 1, LANES))
+        return element(row * T.broadcast(k, LANES) + T.broadcast(c, LANES))
+
+    return Columns(key=lambda g, c: c, weights=weights)

@@ -23,7 +23,7 @@ from torch import nn
 from tvm import tirx
 
 from autoshrink.artifact import layer_arrays
-from autoshrink.compiler.decoded import decoded_linear, decoded_values
+from autoshrink.compiler.decoded import decoded_linear, decoded_values, element_columns
 from autoshrink.compiler.kernels import conv_geometry, supports
 from autoshrink.compiler.layer_kernel import LayerKernel
 from autoshrink.compiler.sparse import (
@@ -265,9 +265,8 @@ def _decoded_kernel(
     def build(epilogue: Epilogue | None) -> LayerKernel | None:
         if (relu := _linear_relu(epilogue)) is None:
             return None
-        return _written_kernel(
-            name, f"{step.methods}, decoded in lanes", arrays, partial(written, relu=relu)
-        )
+        how = "decoded in lanes" + (", a run a vector" if layer.columns is not None else "")
+        return _written_kernel(name, f"{step.methods}, {how}", arrays, partial(written, relu=relu))
 
     def written(shape: tuple[int, ...], relu: bool) -> list[tuple[Any, ...]]:
         names = sorted(arrays)
@@ -290,9 +289,13 @@ def _decoded_kernel(
             elements[first] = lambda i: decoded[i]
             reads = [*names, DECODED]
             buffers[DECODED] = decoded
+        if layer.columns is not None:
+            columns = layer.columns(own, elements)
+        else:
+            columns = element_columns(layer.element(own, elements), out, features)
         kernel = decoded_linear(
-            shape[0], features, out, [buffers[key] for key in reads], buffers["bias"],
-            layer.element(own, elements), relu,
+            shape[0], features, out, [buffers[key] for key in reads], buffers["bias"], columns,
+            relu,
         )
         return [*steps, (kernel, (out,), reads)]
 

@@ -12,18 +12,19 @@ from torch import nn
 
 from autoshrink.testing import StructureMethodTests, code_bytes, sample_input
 from autoshrink_plugins.floating import Float
+from autoshrink_plugins.hash_positions import _finalize
 from autoshrink_plugins.hashing import (
     SEED,
     HashedConv2d,
     HashedEmbedding,
     HashedLinear,
     Hashing,
-    _finalize,
     _Spread,
     hashed_positions,
     mix32,
     mix_key,
     position_hash,
+    run_start,
 )
 
 METHOD = Hashing()
@@ -135,6 +136,44 @@ def test_layers_hashed_with_splitmix64_still_decode() -> None:
     assert torch.equal(restored.index, index)
     code.meta["hash"] = "md5"
     with pytest.raises(ValueError, match="not one of"):
+        METHOD.decode(code, layer, config)
+
+
+def test_a_run_reads_consecutive_values_signed_by_its_hash_bits() -> None:
+    """In the run layout, rows 16g .. 16g+15 of a column are one run: its mix32 hash picks
+    where its 16 consecutive values start (inside the K values) and its bits 0-15 the signs.
+    A conv's rows are its output channels over the flattened rest."""
+    index, sign = hashed_positions((20, 3, 2, 1), 100, SEED, run=16)
+    columns = 6
+    h = mix32(2 * columns, SEED)  # 2 row groups of 6 columns
+    start = run_start(h, 100)
+    assert int(start.max()) + 15 < 100
+    for row, col in [(0, 0), (5, 4), (15, 5), (16, 0), (19, 3)]:
+        run, lane = (row // 16) * columns + col, row % 16
+        flat = index.reshape(20, columns)[row, col]
+        assert int(flat) == int(start[run]) + lane
+        bit = (int(h[run]) >> lane) & 1
+        assert float(sign.reshape(20, columns)[row, col]) == 1.0 - 2.0 * bit
+    # Fewer than 16 values: a run wraps around them.
+    index, _ = hashed_positions((16, 2), 5, SEED, run=16)
+    assert sorted(set(index[:, 0].tolist())) == [0, 1, 2, 3, 4]
+
+
+def test_runs_round_trip_and_keep_their_layout() -> None:
+    torch.manual_seed(5)
+    layer = nn.Linear(24, 40)
+    config = METHOD.config({"ratio": 0.1, "run": 16})
+    module = METHOD.build(layer, config)
+    assert module.run == 16 and "run=16" in repr(module)
+    assert not torch.equal(module.index, METHOD.build(layer, METHOD.config({"ratio": 0.1})).index)
+    restored = METHOD.decode(METHOD.encode(module, config), layer, config)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        assert torch.equal(module(x), restored(x))
+    # Runs are only hashed with mix32: an older hash cannot claim them.
+    code = METHOD.encode(module, config)
+    code.meta["hash"] = "splitmix64"
+    with pytest.raises(ValueError, match="runs of 16"):
         METHOD.decode(code, layer, config)
 
 
