@@ -78,6 +78,9 @@ PLANS = (
         "fc1": _layer("lowrank", {"rank": 0.1}, KMEANS, {"bits": 4, "mode": "uniform"}),
         "out": _layer("dense", {}, KMEANS, {"bits": 8}),
     })),
+    # last, so that the artifacts of the rows above keep their file names
+    ("mlp hashed 1/16, runs", "fashion-mnist-mlp",
+     _every(MLP, _layer("hashing", {"ratio": 0.0625, "run": 16}, KMEANS, {"bits": 6}))),
 )
 
 
