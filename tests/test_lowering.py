@@ -27,7 +27,15 @@ from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs
 from autoshrink.compiler.sparse import sparse_table_conv2d, sparse_table_linear
 from autoshrink.compiler.target import resolve_target
-from autoshrink.compiler.vector import kernel_table, pack_codes, table_entries, table_linear
+from autoshrink.compiler.vector import (
+    kernel_table,
+    pack_codes,
+    pack_values,
+    table_entries,
+    table_linear,
+    table_values,
+    table_values_length,
+)
 from autoshrink.compress import compress, replace_module
 from autoshrink.header import read_header
 from autoshrink.hookspecs import hookimpl
@@ -236,6 +244,30 @@ def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size, 
     ]
     library["main"](*arrays)
     np.testing.assert_allclose(arrays[-1].numpy(), x @ table[codes].T + bias, atol=1e-4)
+
+
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
+@pytest.mark.parametrize(
+    ("count", "size", "vbmi"),
+    [(100, 16, False), (37, 32, False), (1000, 64, True), (77, 64, False), (5000, 256, True),
+     (16, 3, False), (1, 2, False)],
+)
+def test_the_value_decoding_kernel_gives_the_values_in_order(count, size, vbmi) -> None:
+    """The K values a hashed layer reads are decoded a chunk of codes at a time, as the
+    table-lookup kernel looks up its weights: every table width (in registers, as byte
+    planes, from memory), counts that do not fill a chunk, against numpy."""
+    if vbmi and "avx512vbmi" not in cpu_flags():
+        pytest.skip("byte-plane lookups need AVX-512 VBMI")
+    rng = np.random.default_rng(count)
+    codes = rng.integers(0, size, count)
+    table = rng.standard_normal(size).astype(np.float32)
+    kernel = table_values(count, size, vbmi).with_attr("global_symbol", "main")
+    library = tvm.compile(tvm.IRModule({"main": kernel}), target=resolve_target("cpu", 2).tvm)
+    values = tvm.runtime.tensor(np.zeros(table_values_length(count, size, vbmi), np.float32))
+    x = np.zeros(1, np.float32)  # read once and dropped
+    stored = (x, kernel_table(table, vbmi), pack_values(codes, size, vbmi))
+    library["main"](*[tvm.runtime.tensor(a) for a in stored], values)
+    assert np.array_equal(values.numpy()[:count], table[codes])
 
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")

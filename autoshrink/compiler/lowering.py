@@ -34,7 +34,16 @@ from autoshrink.compiler.sparse import (
     sparse_table_linear,
     unfolded,
 )
-from autoshrink.compiler.vector import LANES, MAX_TABLE, kernel_table, pack_codes, table_linear
+from autoshrink.compiler.vector import (
+    LANES,
+    MAX_TABLE,
+    kernel_table,
+    pack_codes,
+    pack_values,
+    table_linear,
+    table_values,
+    table_values_length,
+)
 from autoshrink.header import Header
 from autoshrink.methods import LayerCode, LoweredLayer, LoweredValue
 from autoshrink.pipeline import layer_step
@@ -99,7 +108,7 @@ def compressed_kernels(
             lookup = (
                 _table_kernel(name, step, layer, payloads, vbmi)
                 or _sparse_kernel(name, step, layer, payloads, (inputs or {}).get(name))
-                or _decoded_kernel(name, step, layer, payloads, counts)
+                or _decoded_kernel(name, step, layer, payloads, counts, vbmi)
             )
         if lookup is not None:
             kernels[name] = lookup
@@ -246,10 +255,13 @@ def _decoded_kernel(
     layer: LoweredLayer,
     payloads: dict[str, LoweredValue],
     counts: dict[str, int],
+    vbmi: bool,
 ) -> LayerKernel | None:
     """The decoding kernel (:mod:`autoshrink.compiler.decoded`) of a Linear whose method
     gives its weight element by element, else ``None``. A payload of at most a quarter as
-    many elements as the weight is decoded once a call, before the rows."""
+    many elements as the weight is decoded once a call, before the rows: as a table lookup
+    of 16 values at a time when it is codes into a table (its codes then stored in that
+    kernel's layout), else element by element."""
     template = step.module
     if layer.element is None or not isinstance(template, nn.Linear):
         return None
@@ -261,6 +273,13 @@ def _decoded_kernel(
         arrays.update({f"{payload}.{key}": value for key, value in lowered.arrays.items()})
     small = [p for p in payloads if counts[p] * 4 <= out * features]
     first = small[0] if small else None
+    tabled = first is not None and _tabled(payloads[first])
+    if tabled:  # the decoding step reads the codes in its own layout, and nothing else does
+        lowered = payloads[first]
+        for key in lowered.arrays:
+            del arrays[f"{first}.{key}"]
+        arrays[f"{first}.table"] = kernel_table(lowered.table, vbmi)
+        arrays[f"{first}.words"] = pack_values(lowered.codes, int(lowered.table.size), vbmi)
 
     def build(epilogue: Epilogue | None) -> LayerKernel | None:
         if (relu := _linear_relu(epilogue)) is None:
@@ -275,17 +294,29 @@ def _decoded_kernel(
             for i, key in enumerate(names)
         }
         own = {key: buffers[key] for key in layer.arrays}
-        elements = {p: _bind(lowered, p, buffers) for p, lowered in payloads.items()}
+        elements = {
+            p: _bind(lowered, p, buffers)
+            for p, lowered in payloads.items()
+            if not (tabled and p == first)
+        }
         steps: list[tuple[Any, ...]] = []
         reads = names
         if first is not None:  # its values decoded by a step of their own, read by the next
             count = counts[first]
-            values = decoded_values(
-                count, [buffers[key] for key in names], _bind(payloads[first], first, buffers),
-                shape,
-            )
-            steps.append((values, (-(-count // LANES) * LANES,), names, DECODED))
-            decoded = tirx.decl_buffer(values.params[-1].shape, "float32", name="decoded")
+            if tabled:
+                size = int(payloads[first].table.size)
+                values = table_values(count, size, vbmi, shape)
+                inputs, length = [f"{first}.table", f"{first}.words"], table_values_length(
+                    count, size, vbmi
+                )
+            else:
+                values = decoded_values(
+                    count, [buffers[key] for key in names], _bind(payloads[first], first, buffers),
+                    shape,
+                )
+                inputs, length = names, -(-count // LANES) * LANES
+            steps.append((values, (length,), inputs, DECODED))
+            decoded = tirx.decl_buffer((length,), "float32", name="decoded")
             elements[first] = lambda i: decoded[i]
             reads = [*names, DECODED]
             buffers[DECODED] = decoded

@@ -43,7 +43,10 @@ __all__ = [
     "pack_codes",
     "split_tasks",
     "table_entries",
+    "pack_values",
     "table_linear",
+    "table_values",
+    "table_values_length",
     "vector_lookup",
 ]
 
@@ -293,5 +296,62 @@ def table_linear(
                                         y[outer * tile + t, g * LANES + lane] = T.max(
                                             y[outer * tile + t, g * LANES + lane], T.float32(0)
                                         )
+
+    return kernel
+
+
+def pack_values(codes: np.ndarray, table_size: int, vbmi: bool = False) -> np.ndarray:
+    """A flat array of codes in the layout :func:`table_values` reads: :func:`pack_codes` of
+    one group of 16 rows whose column ``j`` holds codes ``16 j`` to ``16 j + 15``, so that
+    each column looked up is 16 consecutive values."""
+    columns = -(-int(codes.size) // LANES)
+    padded = np.zeros(columns * LANES, np.uint32)
+    padded[: codes.size] = codes.reshape(-1)
+    return pack_codes(padded.reshape(columns, LANES).T, table_size, vbmi).reshape(-1)
+
+
+def table_values_length(count: int, table_size: int, vbmi: bool = False) -> int:
+    """How many values :func:`table_values` writes for ``count`` codes: whole chunks."""
+    per = 32 // _bits(table_size, vbmi)
+    return -(-count // (per * LANES)) * per * LANES
+
+
+@functools.cache
+def table_values(
+    count: int, table_size: int, vbmi: bool = False, given: tuple[int, ...] = (1,)
+) -> Any:
+    """The kernel that decodes ``count`` codes into a table of ``table_size`` entries to
+    float32 values in order, 16 at a time as :func:`table_linear` looks up its weights, as a
+    scheduled PrimFunc taking ``(x, table, words, values)``: ``table`` is
+    :func:`kernel_table` of the codebook, ``words`` :func:`pack_values` of the codes, and
+    ``values`` holds ``count`` rounded up to a whole chunk. ``x`` (of shape ``given``) is read
+    once and dropped, so that Relax neither folds the call at compile time nor takes it for a
+    reshape (see :func:`autoshrink.compiler.decoded.decoded_values`)."""
+    per = 32 // _bits(table_size, vbmi)
+    chunks = table_values_length(count, table_size, vbmi) // (per * LANES)
+    lookup = _chunk_lookup(table_size, vbmi)
+    table_shape = kernel_table(np.zeros(table_size, np.float32), vbmi).shape
+    table_dtype = "int8" if _planes(table_size, vbmi) else "float32"
+    tasks, per_task = split_tasks(chunks, count * 4)
+    origin = (0,) * len(given)
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer(given, "float32"),
+        table: T.Buffer(table_shape, table_dtype),
+        words: T.Buffer((chunks * LANES,), "int32"),
+        values: T.Buffer((chunks * per * LANES,), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        T.evaluate(x[origin])
+        for task in T.parallel(tasks):
+            for member in range(per_task):
+                c = T.meta_var(task * per_task + member)
+                if c < chunks:
+                    word = words[T.ramp(c * LANES, 1, LANES)]
+                    for s in T.unroll(per):
+                        values[T.ramp((c * per + s) * LANES, 1, LANES)] = _pick(
+                            lookup(table, word), s
+                        )
 
     return kernel
