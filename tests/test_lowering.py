@@ -270,6 +270,19 @@ def test_the_value_decoding_kernel_gives_the_values_in_order(count, size, vbmi) 
     assert np.array_equal(values.numpy()[:count], table[codes])
 
 
+def test_a_convolution_hashed_in_runs_compiles_element_by_element(methods, tmp_path) -> None:
+    """A convolution in the run layout has no kernel of its own: its TE form rebuilds each
+    weight from its run (row = output channel, column = the flattened rest)."""
+    layer = LayerPlan(
+        structure=Choice(method="hashing", config={"ratio": 0.25, "run": 16}),
+        value=Choice(method="quantization", config={"bits": 4}),
+    )
+    plan = Plan(layers={"conv2": layer})
+    got, want, notes, kernels = _compile(tmp_path, methods, "fashion-mnist-cnn", plan, 0.5, 2)
+    assert kernels["conv2"].form == "compressed", notes
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
 @pytest.mark.parametrize(
     ("batch", "size"), [(1, 32), (32, 5), (16, 200), (3, 2), (1, 200), (8, 16), (6, 30)]
