@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "HASH", "HASHES", "RUN", "SEED", "hashed_positions", "hashed_weight", "mix32", "mix_key",
-    "mixed", "position_hash", "run_column", "run_start", "run_weight",
+    "mixed", "position_hash", "run_column", "run_start", "run_starts", "run_weight",
 ]
 
 #: The seed every layer's hashes use. It is written into each layer's code, so a later version
@@ -105,10 +105,16 @@ def hashed_positions(
     return _tensors(bucket, bit, shape)
 
 
+def run_starts(k: int) -> int:
+    """How many places a run may start at among K real weights: ``K - 15``, so that a whole
+    run lies inside them when K is at least 16 (runs among fewer wrap around)."""
+    return max(k - (RUN - 1), 1)
+
+
 def run_start(h: np.ndarray, k: int) -> np.ndarray:
-    """Where the runs of hashes ``h`` start among K real weights: ``(h * (K - 15)) >> 32``,
-    so a whole run lies inside them when K is at least 16 (smaller K wrap around)."""
-    return (h * np.uint64(max(k - (RUN - 1), 1))) >> np.uint64(32)
+    """Where the runs of hashes ``h`` start among K real weights: ``(h * starts) >> 32``
+    (:func:`run_starts`)."""
+    return (h * np.uint64(run_starts(k))) >> np.uint64(32)
 
 
 def _run_positions(shape: tuple[int, ...], k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +202,8 @@ def run_weight(index: Any, key: int, k: int, columns: int, shared: Callable[[Any
     run = (row // constant(index, RUN, "int32")) * constant(index, columns, "int32") + (
         index % constant(index, columns, "int32")
     )
-    start = max(k - (RUN - 1), 1)
-
     def weight(h: Any) -> Any:
-        bucket = (scaled(h, start) + lane) % constant(index, k, "int32")
+        bucket = (scaled(h, run_starts(k)) + lane) % constant(index, k, "int32")
         return signed(shared(bucket), h >> lane.astype(typed(h, "uint32")))
 
     return mixed(run, key, weight)
@@ -210,6 +214,6 @@ def run_column(h: Any, k: int, shared: Callable[[Any], Any]) -> Any:
     contiguous read of the K values from the run's start, lane ``l`` signed by bit ``l``."""
     from tvm import tirx
 
-    values = shared(tirx.Ramp(scaled(h, k - (RUN - 1)), 1, RUN))
+    values = shared(tirx.Ramp(scaled(h, run_starts(k)), 1, RUN))
     lanes = tirx.Ramp(tirx.const(0, "uint32"), tirx.const(1, "uint32"), RUN)
     return signed(values, tirx.Broadcast(h, RUN) >> lanes)
