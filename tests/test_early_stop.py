@@ -90,7 +90,7 @@ def test_trials_stop_early_on_ray_too(tmp_path: Path) -> None:
     judge their trials through one actor and the driver records them as pruned."""
     result = run_cli(
         "search", "--task", "digits-mlp", "--budget", "40kB", "--trials", "6",
-        "--finetune-steps", "40", "--retrain-epochs", "0", "--sampler", "random", "--seed", "5",
+        "--finetune-steps", "40", "--retrain-epochs", "0", "--sampler", "random", "--seed", "9",
         "--stop-early", "--backend", "ray", "--workers", "1", "--out", str(tmp_path),
         "--study", "s",
     )
