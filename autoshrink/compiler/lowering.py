@@ -269,17 +269,15 @@ def _decoded_kernel(
     arrays = dict(layer.arrays)
     if arrays.get("bias") is None:
         arrays["bias"] = np.zeros(out, np.float32)
-    for payload, lowered in payloads.items():
-        arrays.update({f"{payload}.{key}": value for key, value in lowered.arrays.items()})
     small = [p for p in payloads if counts[p] * 4 <= out * features]
     first = small[0] if small else None
     tabled = first is not None and _tabled(payloads[first])
-    if tabled:  # the decoding step reads the codes in its own layout, and nothing else does
-        lowered = payloads[first]
-        for key in lowered.arrays:
-            del arrays[f"{first}.{key}"]
-        arrays[f"{first}.table"] = kernel_table(lowered.table, vbmi)
-        arrays[f"{first}.words"] = pack_values(lowered.codes, int(lowered.table.size), vbmi)
+    for payload, lowered in payloads.items():
+        if tabled and payload == first:  # read only by the decoding step, in its own layout
+            arrays[f"{first}.table"] = kernel_table(lowered.table, vbmi)
+            arrays[f"{first}.words"] = pack_values(lowered.codes, int(lowered.table.size), vbmi)
+        else:
+            arrays.update({f"{payload}.{key}": value for key, value in lowered.arrays.items()})
 
     def build(epilogue: Epilogue | None) -> LayerKernel | None:
         if (relu := _linear_relu(epilogue)) is None:
