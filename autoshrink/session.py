@@ -41,7 +41,7 @@ from autoshrink.studies.pareto import (
     record_facts,
 )
 from autoshrink.studies.progress import SearchProgress, TrainingBar
-from autoshrink.studies.retrain import members_to_retrain, retrain_front
+from autoshrink.studies.retrain import retrain_front
 from autoshrink.studies.setup import (
     Provided,
     SearchOptions,
@@ -125,7 +125,7 @@ def search_options(settings: Settings, folder: StudyFolder) -> SearchOptions:
         trials=trials_asked(settings),
         stop_early=settings.stop_early,
         retrain_epochs=settings.retrain_epochs,
-        retrain_top=settings.retrain_top or members_to_retrain(trials_asked(settings)),
+        retrain_top=settings.retrain_top or 0,
         tune_trials=settings.tune_trials,
         data_dir=settings.data_dir,
         strict_plugins=settings.strict_plugins,
@@ -330,8 +330,10 @@ def _run(
             f"interrupted after {finished(study)} trials; they are saved in {folder.root}. "
             f"Continue with `autoshrink resume {folder.name}`"
         ) from exc
-    summary = _finish(study, folder, setup, facts)
-    if retrain_front(folder, summary, setup, console):
+    retraining = options.retrain_epochs > 0
+    summary = _finish(study, folder, setup, facts, starts=retraining)
+    if retraining:
+        retrain_front(folder, summary, setup, console)
         summary = _finish(study, folder, setup, facts)
     if (settings.compile or settings.compile_front) and summary["best"] is not None:
         from autoshrink.compiler import compile_winners
@@ -343,12 +345,14 @@ def _run(
 
 
 def _finish(
-    study: optuna.Study, folder: StudyFolder, setup: SearchSetup, facts: Facts
+    study: optuna.Study, folder: StudyFolder, setup: SearchSetup, facts: Facts,
+    *, starts: bool = False,
 ) -> dict[str, Any]:
     """A finished search's outcome: test figures measured, the folder cleaned (artifacts
-    off the front deleted, the recommended one copied) and the report written."""
+    off the front deleted, but for the starting plans' with ``starts``; the recommended one
+    copied) and the report written."""
     measure_tests(study, folder, setup)
-    keep_front_only(folder, study, collect(study, folder, facts, setup.options))
+    keep_front_only(folder, study, collect(study, folder, facts, setup.options), starts=starts)
     # Collected again: the artifacts off the front are gone and the copy of the best is made.
     summary = collect(study, folder, facts, setup.options).as_json()
     write_report(folder.root, summary)

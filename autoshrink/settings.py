@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     # the baseline for about `retrain_epochs` epochs (0 = off; each gets between half and
     # five times that, by how far it fell short of the baseline): the search's short
     # fine-tunes measure how fast a plan recovers, retraining how good it gets. Unset: one
-    # member per 12 trials, at least 4 (a longer search finds a longer front). Front members
-    # that ran the preset's starting plans are retrained besides.
+    # member per 12 trials (a longer search finds a longer front), and 4 at least with the
+    # starts. The trials that ran the preset's starting plans are retrained besides, on the
+    # front or not, and the front is taken again over the retrained figures.
     retrain_epochs: float = Field(default=2.0, ge=0, le=1000)
     retrain_top: int | None = Field(default=None, ge=1)
 

@@ -4,16 +4,27 @@ search's and the retrained figures kept, and the files match what pareto.json sa
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
+import optuna
+
+from autoshrink.files import file_digest
 from autoshrink.metric import Metric
 from autoshrink.settings import Settings
+from autoshrink.studies.folder import StudyFolder
+from autoshrink.studies.pareto import front_trials
 from autoshrink.studies.retrain import (
+    CACHE,
     member_epochs,
     members_to_retrain,
     spread_along,
     to_retrain,
 )
+from autoshrink.studies.setup import SearchOptions
+from autoshrink.studies.study import ARTIFACT, START
+from autoshrink.trial import TrialBudget
 from tests.conftest import run_cli
 
 
@@ -33,7 +44,10 @@ def test_epochs_follow_what_a_member_lost() -> None:
 
 
 def test_a_longer_search_retrains_more_members_unless_told() -> None:
-    assert [members_to_retrain(t) for t in (1, 24, 60, 100, None)] == [4, 4, 5, 8, 4]
+    # One per 12 trials; with the starts, 4 at least; at least one.
+    assert [members_to_retrain(t, 0) for t in (1, 24, 60, 100, None)] == [4, 4, 5, 8, 4]
+    assert [members_to_retrain(t, 4) for t in (1, 24, 60, 100, None)] == [1, 2, 5, 8, 1]
+    assert members_to_retrain(24, 3) == 2 and members_to_retrain(12, 2) == 2
     assert Settings().retrain_top is None  # unset: the count follows the trials
     assert Settings(retrain_top=2).retrain_top == 2
 
@@ -49,16 +63,66 @@ def test_members_are_spread_along_the_front() -> None:
     assert [m["trial"] for m in spread_along(front, 1, Metric("mse", "minimize"))] == [0]
 
 
-def test_starting_plans_on_the_front_are_retrained_too() -> None:
+def test_starting_plans_are_retrained_too_on_the_front_or_not() -> None:
     front = [
         {"trial": n, "bytes": 1000 * (n + 1), "val_accuracy": 0.5 + n / 100, "start": None}
         for n in range(7)
     ]
     front[3]["start"] = 2
-    picked = [m["trial"] for m in to_retrain(front, 2, Metric())]
-    assert picked == [6, 3, 0]  # the spread's two and the start, best validation first
+    off_front = {"trial": 9, "bytes": 3500, "val_accuracy": 0.4, "start": 4}
+    picked = [m["trial"] for m in to_retrain(front, [front[3], off_front], 2, Metric())]
+    assert picked == [6, 3, 0, 9]  # the spread's two and the starts, best validation first
     front[6]["start"] = 1  # a start the spread picked already counts once
-    assert [m["trial"] for m in to_retrain(front, 2, Metric())] == [6, 3, 0]
+    assert [m["trial"] for m in to_retrain(front, [front[6]], 2, Metric())] == [6, 0]
+    # No front (every trial over the budget but a start's): the starts alone.
+    assert [m["trial"] for m in to_retrain([], [off_front], 2, Metric())] == [9]
+
+
+def test_the_front_is_taken_again_over_retrained_figures(tmp_path: Path) -> None:
+    folder = StudyFolder(tmp_path / "s")
+    folder.retrained(0).parent.mkdir(parents=True)
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    # Trial 0 ran a start and the search left it behind trial 1 (larger and less accurate).
+    searched = {0: (5000, 0.80), 1: (3000, 0.85), 2: (2000, 0.70), 3: (9000, 0.95)}
+    for number, values in searched.items():
+        folder.artifact(number).write_bytes(bytes([number]) * 16)
+        study.add_trial(optuna.trial.create_trial(values=list(values), user_attrs={
+            ARTIFACT: str(folder.artifact(number).relative_to(folder.root)),
+            START: 1 if number == 0 else None,
+        }))
+    options = SearchOptions(
+        budget=10_000, task="t", space="default", storage="", retrain_epochs=2.0,
+        trial=TrialBudget(finetune_steps=1, seconds=math.inf),
+    )
+    front = lambda: [t.number for t in front_trials(study, folder, options)]  # noqa: E731
+    assert front() == [2, 1, 3]
+
+    def retrain(number: int, size: int, value: float) -> None:
+        path = folder.retrained(number)
+        path.write_bytes(bytes([number, 1]) * 8)
+        key = f"s/{number}/{file_digest(folder.artifact(number))}/2"
+        cache = folder.root / CACHE
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+        known[key] = {"bytes": size, "val_accuracy": value, "sha256": file_digest(path),
+                      "artifact": str(path.relative_to(folder.root))}
+        cache.write_text(json.dumps(known))
+
+    retrain(0, 2500, 0.90)  # retrained, the start beats trial 1 and joins the front
+    assert front() == [2, 0, 3]
+    retrain(2, 12_000, 0.99)  # over the budget: not taken, the search's figures stand
+    retrain(3, 8000, 0.90)  # validates worse than the search's 0.95: not taken
+    assert front() == [2, 0, 3]
+    assert front_trials(study, folder, replace(options, retrain_epochs=0))[1].number == 1
+
+
+def _front_of(points: dict[int, tuple[int, float]]) -> set[int]:
+    """Trials no other trial matches or beats in (bytes, validation accuracy)."""
+    return {
+        n for n, (size, value) in points.items()
+        if not any(
+            (s, v) != (size, value) and s <= size and v >= value for s, v in points.values()
+        )
+    }
 
 
 def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> None:
@@ -71,16 +135,29 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
     folder = tmp_path / "r"
     pareto = json.loads((folder / "pareto.json").read_text())
     tried = [m for m in pareto["front"] if "retrained" in m]
-    # Two spread along the front (its smallest and its largest member), and the members that
-    # ran the preset's starting plans.
-    by_size = sorted(pareto["front"], key=lambda m: m.get("search", m)["bytes"])
-    starts = {m["trial"] for m in pareto["front"] if m["start"] is not None}
-    assert starts and {m["trial"] for m in tried} == {
-        by_size[0]["trial"], by_size[-1]["trial"], *starts
+    # Retrained: two spread along the search's front (its smallest and its largest member),
+    # and every trial that ran one of the preset's starting plans, on that front or not.
+    feasible = {
+        t["trial"]: (t["bytes"], t["val_accuracy"]) for t in pareto["trials"]
+        if t["state"] == "complete" and t["feasible"]
     }
+    searched = sorted(_front_of(feasible), key=lambda n: feasible[n])
+    starts = {t["trial"] for t in pareto["trials"] if t["start"] is not None}
     assert all(t["start"] == t["trial"] + 1 for t in pareto["trials"][:4] if t["start"])
     cache = json.loads((folder / "retrained.json").read_text())
-    assert len(cache) == len(tried)
+    by_trial = {int(key.split("/")[1]): figures for key, figures in cache.items()}
+    assert len(by_trial) == len(cache) and starts
+    assert set(by_trial) == {searched[0], searched[-1], *(starts & set(feasible))}
+    # The front is taken again over each trial's best known figures: its retraining's where
+    # they fit the budget and validate no worse, the search's otherwise.
+    known = {
+        n: (by_trial[n]["bytes"], by_trial[n]["val_accuracy"])
+        if n in by_trial and by_trial[n]["bytes"] <= pareto["budget_bytes"]
+        and by_trial[n]["val_accuracy"] >= value else (size, value)
+        for n, (size, value) in feasible.items()
+    }
+    assert {m["trial"] for m in pareto["front"]} == _front_of(known)
+    assert {m["trial"] for m in tried} == set(by_trial) & _front_of(known)
     for member in tried:
         retrained = member["retrained"]
         expect = member_epochs(6, member, pareto["baseline"]["val_accuracy"], Metric())

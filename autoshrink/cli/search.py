@@ -150,7 +150,8 @@ def search_command(
         typer.Option(
             "--retrain-top",
             help="How many front members to retrain, spread along it by size (default: one "
-            "per 12 trials, at least 4); the preset's starting plans on it are retrained too.",
+            "per 12 trials, at least 4 with the starts); the trials that ran the preset's "
+            "starting plans are retrained too, on the front or not.",
         ),
     ] = None,
     data_dir: DataDirOption = None,

@@ -14,7 +14,8 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   their first name so that older files and readers still work); a file without ``metric`` is
   an older one, whose metric was accuracy, maximised
 - ``baseline``: ``bytes``, ``val_accuracy``, ``test_accuracy`` of the float32 reference file
-- ``front``: feasible Pareto-optimal trials by Optuna's ``best_trials``, smallest first, each
+- ``front``: feasible Pareto-optimal trials, each with its best known figures (retrained where
+  retraining was taken, see :func:`front_trials`), smallest first, each
   with ``trial``, ``bytes``, ``ratio`` (baseline bytes / bytes), ``val_accuracy``,
   ``test_accuracy``, ``artifact`` (relative to the study folder), ``plan``, ``layers`` (bytes
   per layer and section of the artifact) and ``seconds``; a member compiled with
@@ -40,6 +41,7 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -57,6 +59,7 @@ from autoshrink.studies.retrain import retrained_figures
 from autoshrink.studies.setup import SearchOptions, SearchSetup
 from autoshrink.studies.study import (
     ARTIFACT,
+    START,
     StudyFolder,
     recorded_metric,
     study_identity,
@@ -207,10 +210,32 @@ def versions() -> dict[str, str]:
     return found
 
 
-def front_trials(study: optuna.Study, budget: int) -> list[FrozenTrial]:
-    """Feasible Pareto-optimal trials (Optuna's ``best_trials``), smallest file first."""
-    front = [t for t in study.best_trials if t.values and t.values[0] <= budget]
-    return sorted(front, key=lambda t: t.values[0])
+def front_trials(
+    study: optuna.Study, folder: StudyFolder, options: SearchOptions
+) -> list[FrozenTrial]:
+    """Feasible trials that no other feasible trial matches or beats in both size and
+    validation figure, smallest file first. Each trial counts with its best known figures:
+    its retraining's where they were taken (:func:`_take_retrained`), the search's otherwise.
+    So the front can change after retraining: a plan the short fine-tune left behind joins it
+    once retrained, and the members it then beats leave."""
+    metric = recorded_metric(study)
+    known = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if not trial.values or trial.values[0] > options.budget:
+            continue
+        row = trial_summary(trial)
+        figures, taken = _retraining(
+            folder, row, options.retrain_epochs, options.budget, metric
+        )
+        if taken and figures is not None:
+            row = figures
+        known.append((row["bytes"], metric.score(row["val_accuracy"]), trial.number, trial))
+    front, best = [], -math.inf
+    for _, score, _, trial in sorted(known, key=lambda k: (k[0], -k[1], k[2])):
+        if score > best:
+            front.append(trial)
+            best = score
+    return front
 
 
 def _tests_cache(folder: StudyFolder) -> dict[str, Any]:
@@ -237,7 +262,7 @@ def measure_tests(study: optuna.Study, folder: StudyFolder, setup: SearchSetup) 
         return
     known = _tests_cache(folder)
     study_id = study_identity(folder).id
-    for trial in front_trials(study, setup.options.budget):
+    for trial in front_trials(study, folder, setup.options):
         key = _test_key(folder, study_id, trial)
         if key is None or isinstance(known.get(key), float):
             continue  # deleted (the figure stays unknown), or measured already
@@ -262,24 +287,33 @@ def _known_tests(folder: StudyFolder, front: list[FrozenTrial]) -> dict[int, flo
     return found
 
 
+def _retraining(
+    folder: StudyFolder, row: dict[str, Any], epochs: float, budget: int, metric: Metric
+) -> tuple[dict[str, Any] | None, bool]:
+    """A trial's retrained figures, if it was retrained, and whether they are taken: they
+    still fit the budget and validate no worse in the metric's direction (validation picks,
+    as everywhere)."""
+    figures = retrained_figures(folder, row, epochs) if epochs > 0 else None
+    taken = figures is not None and figures["bytes"] <= budget and metric.not_worse(
+        figures["val_accuracy"], row["val_accuracy"]
+    )
+    return figures, taken
+
+
 def _take_retrained(
     folder: StudyFolder, row: dict[str, Any], epochs: float, budget: int, baseline_bytes: int,
     metric: Metric,
 ) -> None:
-    """Make a front member's figures its retrained ones when it was retrained, still fits
-    the budget and validates no worse in the metric's direction (validation picks, as
-    everywhere), keeping the search's under ``search``; ``retrained`` holds the schedule and
-    whether it was ``taken``."""
-    figures = retrained_figures(folder, row, epochs) if epochs > 0 else None
+    """Make a front member's figures its retrained ones when they are taken
+    (:func:`_retraining`), keeping the search's under ``search``; ``retrained`` holds the
+    schedule and whether it was ``taken``."""
+    figures, taken = _retraining(folder, row, epochs, budget, metric)
     if figures is None:
         return
     row["retrained"] = {
         key: figures[key] for key in ("epochs", "steps", "seconds", "bytes", "val_accuracy")
     }
-    row["retrained"]["taken"] = taken = (
-        figures["bytes"] <= budget
-        and metric.not_worse(figures["val_accuracy"], row["val_accuracy"])
-    )
+    row["retrained"]["taken"] = taken
     if not taken:
         return
     keys = ("bytes", "ratio", "val_accuracy", "test_accuracy", "artifact")
@@ -309,7 +343,7 @@ def collect(
     figures are those :func:`measure_tests` measured (unknown until it has)."""
     budget = options.budget
     metric = recorded_metric(study)
-    front = front_trials(study, budget)
+    front = front_trials(study, folder, options)
     tests = _known_tests(folder, front)
     baseline_bytes = facts.baseline.bytes
     members = []
@@ -368,12 +402,18 @@ def _is_copy(copy: Path, folder: StudyFolder, best: dict[str, Any]) -> bool:
     return bool(source and copy.is_file() and file_digest(copy) == file_digest(source))
 
 
-def keep_front_only(folder: StudyFolder, study: optuna.Study, outcome: Outcome) -> None:
+def keep_front_only(
+    folder: StudyFolder, study: optuna.Study, outcome: Outcome, *, starts: bool = False
+) -> None:
     """A finished search's clean-up: delete the artifacts of complete trials off the front
-    (and their retrained files), and copy the recommended model to ``best.safetensors``."""
+    (and their retrained files), and copy the recommended model to ``best.safetensors``.
+    With ``starts``, the trials that ran a starting plan keep theirs too (retraining is
+    about to train them again, on the front or not)."""
     keep = {member.trial for member in outcome.front}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if trial.number not in keep:
+        if trial.number not in keep and not (
+            starts and trial.user_attrs.get(START) is not None
+        ):
             folder.artifact(trial.number).unlink(missing_ok=True)
             folder.retrained(trial.number).unlink(missing_ok=True)
     best = next((m for m in outcome.front if m.trial == outcome.best), None)

@@ -4,8 +4,10 @@ longer schedule, its artifact written beside the search's, its metric measured a
 The search fine-tunes every trial briefly, so its front measures how fast a plan recovers.
 Pruning, quantization and low-rank papers report accuracy after retraining to convergence;
 this stage does that for a few members spread along the front (:func:`spread_along`), and
-for every front member that ran one of the preset's starting plans: those are the
-literature's recipes, whose figures are claims about retrained models.
+for every trial that ran one of the preset's starting plans, on the front or not: those are
+the literature's recipes, whose figures are claims about retrained models, and the short
+fine-tune judges them worst (a distilled student starts from scratch). The front is then
+taken again over the retrained figures (:func:`autoshrink.studies.pareto.front_trials`).
 Retraining recovers what compression cost, so each member's epochs follow what it lost: the
 setting's epochs times its shortfall from the baseline's validation figure in percents of
 that figure, kept between half and five times the setting (:func:`member_epochs`). A member
@@ -38,7 +40,7 @@ from autoshrink.trial import TrialBudget, run_trial
 
 __all__ = [
     "CACHE", "EPOCH_SHARES", "member_epochs", "members_to_retrain", "retrain_front",
-    "retrained_figures", "spread_along", "to_retrain",
+    "retrained_figures", "spread_along", "started", "to_retrain",
 ]
 
 CACHE = "retrained.json"
@@ -54,11 +56,12 @@ def _searched(member: dict[str, Any]) -> dict[str, Any]:
     return member.get("search", member)
 
 
-def members_to_retrain(trials: int | None) -> int:
-    """How many front members are retrained unless the user says: one per
-    :data:`TRIALS_PER_MEMBER` trials, at least :data:`LEAST_MEMBERS` (a search bounded by
-    time alone gets the least)."""
-    return max(LEAST_MEMBERS, (trials or 0) // TRIALS_PER_MEMBER)
+def members_to_retrain(trials: int | None, starts: int) -> int:
+    """How many members spread along the front are retrained unless the user says: one per
+    :data:`TRIALS_PER_MEMBER` trials, and with the ``starts`` retrained besides at least
+    :data:`LEAST_MEMBERS` in all (a search bounded by time alone gets the least), at least
+    one."""
+    return max(1, LEAST_MEMBERS - starts, (trials or 0) // TRIALS_PER_MEMBER)
 
 
 def member_epochs(epochs: float, member: dict[str, Any], baseline: float, metric: Metric) -> float:
@@ -86,11 +89,24 @@ def spread_along(front: list[dict[str, Any]], count: int, metric: Metric) -> lis
     return [order[p] for p in picks]
 
 
-def to_retrain(front: list[dict[str, Any]], count: int, metric: Metric) -> list[dict[str, Any]]:
+def started(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The complete trials within the budget that ran a starting plan and still have their
+    artifact, on the front or not."""
+    return [
+        row for row in summary["trials"]
+        if row.get("start") is not None and row["state"] == "complete" and row.get("feasible")
+        and row.get("artifact")
+    ]
+
+
+def to_retrain(
+    front: list[dict[str, Any]], starts: list[dict[str, Any]], count: int, metric: Metric
+) -> list[dict[str, Any]]:
     """The members retrained, best validation figure first: ``count`` spread along the front
-    (:func:`spread_along`), and the members that ran a starting plan of the preset."""
-    chosen = spread_along(front, count, metric)
-    chosen += [m for m in front if m.get("start") is not None and m not in chosen]
+    (:func:`spread_along`), and the ``starts``."""
+    chosen = spread_along(front, count, metric) if front else []
+    numbers = {m["trial"] for m in chosen}
+    chosen += [m for m in starts if m["trial"] not in numbers]
     return sorted(chosen, key=lambda m: -metric.score(_searched(m)["val_accuracy"]))
 
 
@@ -159,15 +175,17 @@ def retrain_front(
     folder: StudyFolder, summary: dict[str, Any], setup: SearchSetup, console: Console
 ) -> int:
     """Retrain the members :func:`to_retrain` picks (``retrain_top`` spread along the front,
-    and the starting plans), each for its :func:`member_epochs` (those not already cached);
-    returns how many were trained."""
+    or :func:`members_to_retrain` when unset, and the starting plans), each for its
+    :func:`member_epochs` (those not already cached); returns how many were trained."""
     options = setup.options
     epochs = options.retrain_epochs
-    if epochs <= 0 or not summary["front"]:
+    starts = started(summary)
+    if epochs <= 0 or not (summary["front"] or starts):
         return 0
     metric = setup.task.judged_by
+    count = options.retrain_top or members_to_retrain(options.trials, len(starts))
     done = 0
-    for member in to_retrain(summary["front"], options.retrain_top, metric):
+    for member in to_retrain(summary["front"], starts, count, metric):
         key = _key(folder, member, epochs)
         if key is None or retrained_figures(folder, member, epochs) is not None:
             continue

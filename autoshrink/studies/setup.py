@@ -61,6 +61,7 @@ class SearchOptions:
     #: stop hopeless trials at their checkpoint (see :mod:`autoshrink.studies.early_stop`)
     stop_early: bool = False
     retrain_epochs: float = 0.0
+    #: front members retrained, spread along it (0: as many as the trials and starts call for)
     retrain_top: int = 0
     tune_trials: int = 0
     data_dir: Path | None = None
