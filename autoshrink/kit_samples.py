@@ -1,10 +1,10 @@
 """What the conformance kit (:mod:`autoshrink.testing`) runs methods on: sample layers and
-inputs, a few optimizer steps, a stand-in value stage, and a TVM evaluation of a lowering."""
+inputs, a few optimizer steps and a stand-in value stage (what it compiles is
+:mod:`autoshrink.kit_lowering`)."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch
@@ -13,8 +13,8 @@ from torch import nn
 from autoshrink.methods import LayerCode
 
 __all__ = [
-    "Shift", "code_bytes", "copy_code", "evaluate_lowering", "nudge", "resized", "sample_input",
-    "sample_layers", "scramble",
+    "Shift", "code_bytes", "copy_code", "nudge", "resized", "sample_input", "sample_layers",
+    "scramble",
 ]
 
 
@@ -57,54 +57,6 @@ def code_bytes(code: LayerCode) -> int:
     """Bytes a layer code takes with float32 payloads (before the value stage)."""
     payload = sum(t.numel() * 4 for t in code.payloads.values())
     return payload + sum(a.nbytes for a in code.arrays.values())
-
-
-def evaluate_lowering(lowered: Any, count: int, lanes: bool = False) -> np.ndarray:
-    """Every element of a lowered payload, computed by a compiled TVM kernel: one element
-    at a time (a TE kernel), or with ``lanes`` 16 at a time, as the compiler's decoding
-    kernel reads them (``autoshrink.compiler.decoded``)."""
-    import tvm
-    from tvm import te
-
-    arrays = [np.ascontiguousarray(a) for a in lowered.arrays.values()]
-    if lanes:
-        kernel = tvm.compile(_in_lanes(lowered, count))
-        size = -(-count // 16) * 16
-    else:
-        placeholders = {
-            key: te.placeholder(array.shape, str(array.dtype), name=key)
-            for key, array in lowered.arrays.items()
-        }
-        out = te.compute((count,), lambda i: lowered.element(placeholders, i), name="element")
-        kernel = tvm.compile(te.create_prim_func([*placeholders.values(), out]), target="llvm")
-        size = count
-    result = tvm.runtime.tensor(np.zeros(size, np.float32))
-    kernel["main"](*(tvm.runtime.tensor(a) for a in arrays), result)
-    return result.numpy()[:count]
-
-
-def _in_lanes(lowered: Any, count: int) -> Any:
-    """A module whose ``main`` writes the payload's elements, 16 indices at a time (the
-    last vector's past ``count`` repeat the last element)."""
-    import tvm
-    from tvm import tirx
-    from tvm.script import tirx as T
-
-    buffers = [
-        tirx.decl_buffer(array.shape, str(array.dtype), name=f"a{i}")
-        for i, array in enumerate(lowered.arrays.values())
-    ]
-    by_key = dict(zip(lowered.arrays, buffers, strict=True))
-    vectors = -(-count // 16)
-
-    @T.prim_func(check_well_formed=False)  # the payload's buffers become parameters below
-    def main(out: T.Buffer((vectors * 16,), "float32")):
-        for v in range(vectors):
-            index = T.meta_var(T.min(T.ramp(v * 16, 1, 16), T.broadcast(count - 1, 16)))
-            out[T.ramp(v * 16, 1, 16)] = lowered.element(by_key, index)
-
-    function = tirx.PrimFunc([*buffers, *main.params], main.body, main.ret_type, main.attrs)
-    return tvm.IRModule({"main": function.with_attr("global_symbol", "main")})
 
 
 def nudge(module: nn.Module, x: torch.Tensor) -> None:

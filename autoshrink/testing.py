@@ -15,7 +15,8 @@ rejected), which layers the method applies to, that the compressed layer trains,
 encode -> decode gives bit-identical outputs, and that tightening the knobs does not grow
 the encoded bytes, on every sample layer (Linear, Conv2d, Embedding) the method claims in
 ``applies_to``; an Embedding's ``padding_idx`` row must stay exactly as trained; every payload
-must take a value stage, and ``encode`` must store it as the value stage leaves it.
+must take a value stage, and ``encode`` must store it as the value stage leaves it; a
+compiled form (``lower``), where given, must compute what ``decode`` gives.
 :class:`ValueMethodTests` (on a Linear weight, an embedding table and the payloads the
 built-in structures hand over: hashed values, pruning survivors, low-rank factors),
 :class:`EncodingMethodTests` and :class:`ModelMethodTests` do the same for the other stages.
@@ -33,11 +34,11 @@ from optuna.distributions import CategoricalDistribution
 from pydantic import ValidationError
 from torch import nn
 
+from autoshrink.kit_lowering import evaluate_lowering, layer_forms
 from autoshrink.kit_samples import (
     Shift,
     code_bytes,
     copy_code,
-    evaluate_lowering,
     nudge,
     resized,
     sample_input,
@@ -214,6 +215,34 @@ class StructureMethodTests(MethodTests):
                     out = rebuilt(x)
                     assert torch.equal(out[:, 0], pad.expand_as(out[:, 0])), "pad row changed"
                     assert rebuilt(x[0]).shape == (x.shape[1], layer.embedding_dim)
+
+    @pytest.mark.parametrize("which", ["loose", "tight"])
+    def test_lowering_computes_what_decode_gives(self, which: str) -> None:
+        """When the method gives a compiled form (:meth:`~StructureMethod.lower`) of a Linear
+        or Conv2d, TVM kernels built from it compute what the decoded layer does: ``compute``
+        its outputs, ``element`` and ``columns`` its every weight (one at a time and in vector
+        lanes), and so do the payloads ``weights`` and ``rows`` name."""
+        config = self.method.config(getattr(self, which))
+        for layer in self.layers():
+            if not isinstance(layer, nn.Linear | nn.Conv2d):
+                continue
+            code = self._encoded(layer, config)
+            lowered = self.method.lower(copy_code(code), copy.deepcopy(layer), config)
+            if lowered is None:
+                continue  # no compiled form: the compiler reads the decoded dense weight
+            restored = self.method.decode(copy_code(code), copy.deepcopy(layer), config)
+            x = sample_input(layer)
+            payloads = {key: t.detach().numpy() for key, t in code.payloads.items()}
+            outputs, weights = layer_forms(lowered, layer, x.numpy(), payloads)
+            with torch.no_grad():
+                expected = restored(x).numpy()
+                if isinstance(layer, nn.Linear):  # the weight, column by column
+                    eye = torch.eye(layer.in_features)
+                    weight = (restored(eye) - restored(torch.zeros_like(eye))).T.numpy()
+            for form, out in outputs.items():
+                np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5, err_msg=form)
+            for form, found in weights.items():
+                np.testing.assert_allclose(found, weight, rtol=1e-5, atol=1e-6, err_msg=form)
 
 
 #: The built-in structures whose payloads :class:`ValueMethodTests` tries a value method on,

@@ -105,7 +105,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         )
     if any(m.get("start") for m in summary["front"]):
         lines += ["", "A trial marked *start N* ran the preset's N-th starting plan; when the "
-                  "front is retrained, every start on it is."]
+                  "front is retrained, every start is, on the search's front or not, and the "
+                  "front is taken again over the figures that stand."]
     budget = summary["budget_bytes"]
     over = [t for t in summary["trials"] if t["state"] == "complete" and not t["feasible"]]
     if over:

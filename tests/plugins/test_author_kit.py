@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoshrink.errors import PluginError
-from autoshrink.methods import MethodConfig, payload_owner, restrict
+from autoshrink.methods import Columns, MethodConfig, payload_owner, restrict
 from autoshrink.structure_kit import stored_bias, stored_payload
 from autoshrink.testing import StructureMethodTests, ValueMethodTests
 from autoshrink_plugins.floating import Float
@@ -134,6 +134,29 @@ def test_value_kit_checks_the_table_a_lowering_names() -> None:
         kit.test_lowering_reads_what_decode_gives()
     good = type("Kit", (ValueMethodTests,), {"method": Quantization(), "configs": configs})()
     good.test_lowering_reads_what_decode_gives()
+
+
+class _FlippedColumns(Hashing):
+    """Gives ``columns`` whose weights have the wrong signs, ``element`` right: what the
+    structure kit must catch, since the decoding kernel computes with ``columns``."""
+
+    def lower(self, code, template, config):
+        lowered = super().lower(code, template, config)
+        runs = lowered.columns if lowered is not None else None
+        if runs is not None:
+            lowered.columns = lambda t, p: Columns(
+                key=runs(t, p).key, weights=lambda g, key: -runs(t, p).weights(g, key)
+            )
+        return lowered
+
+
+def test_structure_kit_checks_the_columns_a_lowering_gives() -> None:
+    loose = {"ratio": 0.5, "run": 16}
+    kit = type("Kit", (StructureMethodTests,), {"method": _FlippedColumns(), "loose": loose})()
+    with pytest.raises(AssertionError, match="columns"):
+        kit.test_lowering_computes_what_decode_gives("loose")
+    good = type("Kit", (StructureMethodTests,), {"method": Hashing(), "loose": loose})()
+    good.test_lowering_computes_what_decode_gives("loose")
 
 
 def test_structure_helpers_check_what_decode_reads() -> None:

@@ -36,6 +36,12 @@ class TestHashing(StructureMethodTests):
     tight = {"ratio": 1 / 32}
 
 
+class TestHashingInRuns(StructureMethodTests):
+    method = METHOD
+    loose = {"ratio": 0.5, "run": 16}
+    tight = {"ratio": 1 / 32, "run": 16}
+
+
 def _layers() -> list[nn.Module]:
     torch.manual_seed(0)
     return [nn.Linear(64, 32), nn.Conv2d(8, 16, 3, padding=1)]
