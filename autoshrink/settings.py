@@ -62,13 +62,13 @@ class Settings(BaseSettings):
     compile: bool = False
     compile_front: bool = False  # every front member, not only the recommended model
     tune_trials: int = Field(default=256, ge=0)
-    # After the search, `retrain_top` front members spread along it are trained again from
-    # the baseline for about `retrain_epochs` epochs (0 = off; each gets between half and
-    # five times that, by how far it fell short of the baseline): the search's short
-    # fine-tunes measure how fast a plan recovers, retraining how good it gets. Unset: one
-    # member per 12 trials (a longer search finds a longer front), and 4 at least with the
-    # starts. The trials that ran the preset's starting plans are retrained besides, on the
-    # front or not, and the front is taken again over the retrained figures.
+    # After the search, the trials that ran the preset's starting plans (on the front or
+    # not) and `retrain_top` front members spread along it are trained again from the
+    # baseline for about `retrain_epochs` epochs (0 = off; each gets between half and four
+    # times that, by how far it fell short of the baseline): the search's short fine-tunes
+    # measure how fast a plan recovers, retraining how good it gets. The front is then taken
+    # again over the retrained figures. Unset: one member per 8 trials in all, at least 4,
+    # the starts first (a longer search finds a longer front).
     retrain_epochs: float = Field(default=2.0, ge=0, le=1000)
     retrain_top: int | None = Field(default=None, ge=1)
 

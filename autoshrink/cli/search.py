@@ -141,7 +141,7 @@ def search_command(
         typer.Option(
             "--retrain-epochs",
             help="After the search, retrain the best front members for about this many "
-            "epochs: from half to five times it, by how far each fell short of the "
+            "epochs: from half to four times it, by how far each fell short of the "
             "baseline (default 2; 0 = off).",
         ),
     ] = None,
@@ -149,9 +149,9 @@ def search_command(
         int | None,
         typer.Option(
             "--retrain-top",
-            help="How many front members to retrain, spread along it by size (default: one "
-            "per 12 trials, at least 4 with the starts); the trials that ran the preset's "
-            "starting plans are retrained too, on the front or not.",
+            help="How many front members to retrain, spread along it by size, besides the "
+            "trials that ran the preset's starting plans, which are retrained on the front or "
+            "not (default: one member per 8 trials in all, at least 4, the starts first).",
         ),
     ] = None,
     data_dir: DataDirOption = None,

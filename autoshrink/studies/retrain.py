@@ -3,16 +3,17 @@ longer schedule, its artifact written beside the search's, its metric measured a
 
 The search fine-tunes every trial briefly, so its front measures how fast a plan recovers.
 Pruning, quantization and low-rank papers report accuracy after retraining to convergence;
-this stage does that for a few members spread along the front (:func:`spread_along`), and
-for every trial that ran one of the preset's starting plans, on the front or not: those are
-the literature's recipes, whose figures are claims about retrained models, and the short
-fine-tune judges them worst (a distilled student starts from scratch). The front is then
-taken again over the retrained figures (:func:`autoshrink.studies.pareto.front_trials`).
+this stage does that for every trial that ran one of the preset's starting plans, on the
+front or not, and for members spread along the front (:func:`spread_along`). The starts come
+first: they are the literature's recipes, whose figures are claims about retrained models,
+and the short fine-tune judges them worst (a distilled student starts from scratch). The
+front is then taken again over the retrained figures
+(:func:`autoshrink.studies.pareto.front_trials`).
 Retraining recovers what compression cost, so each member's epochs follow what it lost: the
 setting's epochs times its shortfall from the baseline's validation figure in percents of
-that figure, kept between half and five times the setting (:func:`member_epochs`). A member
+that figure, kept between half and four times the setting (:func:`member_epochs`). A member
 at the baseline's figure gets half; a distilled student trained from scratch, far below it,
-gets five times.
+gets four times.
 
 The figures are cached in ``retrained.json`` under the study id, the trial, the search
 artifact's hash and the setting, so a report never shows a figure of another plan or
@@ -46,9 +47,10 @@ __all__ = [
 CACHE = "retrained.json"
 
 #: the least and the most of the setting's epochs one member gets
-EPOCH_SHARES = (0.5, 5.0)
-#: members retrained by default: one per this many trials, and at least this many
-TRIALS_PER_MEMBER, LEAST_MEMBERS = 12, 4
+EPOCH_SHARES = (0.5, 4.0)
+#: members retrained by default, the starts among them: one per this many trials, and at
+#: least this many
+TRIALS_PER_MEMBER, LEAST_MEMBERS = 8, 4
 
 
 def _searched(member: dict[str, Any]) -> dict[str, Any]:
@@ -57,11 +59,11 @@ def _searched(member: dict[str, Any]) -> dict[str, Any]:
 
 
 def members_to_retrain(trials: int | None, starts: int) -> int:
-    """How many members spread along the front are retrained unless the user says: one per
-    :data:`TRIALS_PER_MEMBER` trials, and with the ``starts`` retrained besides at least
-    :data:`LEAST_MEMBERS` in all (a search bounded by time alone gets the least), at least
-    one."""
-    return max(1, LEAST_MEMBERS - starts, (trials or 0) // TRIALS_PER_MEMBER)
+    """How many members spread along the front are retrained unless the user says: the
+    ``starts`` come first, and the spread makes up the rest of one member per
+    :data:`TRIALS_PER_MEMBER` trials, at least :data:`LEAST_MEMBERS` (a search bounded by
+    time alone gets the least)."""
+    return max(0, max(LEAST_MEMBERS, (trials or 0) // TRIALS_PER_MEMBER) - starts)
 
 
 def member_epochs(epochs: float, member: dict[str, Any], baseline: float, metric: Metric) -> float:
@@ -80,6 +82,8 @@ def spread_along(front: list[dict[str, Any]], count: int, metric: Metric) -> lis
     """``count`` members spread evenly along the front by size, its smallest and its largest
     included (one: the member of best validation figure), so retraining shows the whole
     trade-off, not only its accurate end. Sizes and figures are the search's."""
+    if count == 0:
+        return []
     if count == 1:
         return [max(front, key=lambda m: metric.score(_searched(m)["val_accuracy"]))]
     order = sorted(front, key=lambda m: _searched(m)["bytes"])
@@ -183,7 +187,8 @@ def retrain_front(
     if epochs <= 0 or not (summary["front"] or starts):
         return 0
     metric = setup.task.judged_by
-    count = options.retrain_top or members_to_retrain(options.trials, len(starts))
+    count = (options.retrain_top if options.retrain_top
+             else members_to_retrain(options.trials, len(starts)))
     done = 0
     for member in to_retrain(summary["front"], starts, count, metric):
         key = _key(folder, member, epochs)
