@@ -14,7 +14,7 @@ from autoshrink.files import file_digest
 from autoshrink.metric import Metric
 from autoshrink.settings import Settings
 from autoshrink.studies.folder import StudyFolder
-from autoshrink.studies.pareto import front_trials
+from autoshrink.studies.front import front_trials
 from autoshrink.studies.retrain import (
     CACHE,
     member_epochs,
@@ -159,6 +159,9 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
         for n, (size, value) in feasible.items()
     }
     assert {m["trial"] for m in pareto["front"]} == _front_of(known)
+    # Those the retrained plans beat are named, smallest first, and the report says so.
+    assert pareto["left_front"] == [n for n in searched if n not in _front_of(known)]
+    assert pareto["left_front"], "this seed's retraining moves the front"
     assert {m["trial"] for m in tried} == set(by_trial) & _front_of(known)
     for member in tried:
         retrained = member["retrained"]
@@ -187,6 +190,8 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
         m["val_accuracy"] for m in pareto["front"]
     ]
     report = (folder / "report.md").read_text()
+    left = ", ".join(str(n) for n in pareto["left_front"])
+    assert f"Retraining moved the front: trials {left} were on the search's front" in report
     for member in pareto["front"]:
         if member["start"] is not None:
             assert f"| {member['trial']} (start {member['start']}) |" in report

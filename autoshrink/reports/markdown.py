@@ -103,6 +103,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
             f"{value(m['val_accuracy'])} | {value(m['test_accuracy'])} | {before} | "
             f"`{m['artifact']}` |"
         )
+    if summary.get("left_front"):
+        left = ", ".join(str(n) for n in summary["left_front"])
+        lines += ["", f"Retraining moved the front: trials {left} were on the search's front "
+                  "and left it, beaten by retrained plans (their search figures are in "
+                  "`pareto.json` under `trials`)."]
     if any(m.get("start") for m in summary["front"]):
         lines += ["", "A trial marked *start N* ran the preset's N-th starting plan; when the "
                   "front is retrained, every start is, on the search's front or not, and the "

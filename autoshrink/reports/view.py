@@ -162,8 +162,10 @@ def trial_label(row: dict[str, Any], summary: dict[str, Any]) -> str:
         head = f"trial {row['trial']}: {row['state']}"
     else:
         metric = Metric.of(summary)
-        head += (f"\n{size_text(row['bytes'])}, validation {metric.name} "
-                 f"{metric.text(row['val_accuracy'])}")
+        # A front member's figures as they stand (retrained where taken), like its point.
+        member = next((m for m in summary["front"] if m["trial"] == row["trial"]), row)
+        head += (f"\n{size_text(member['bytes'])}, validation {metric.name} "
+                 f"{metric.text(member['val_accuracy'])}{retrained_text(member, metric)}")
         if kind == "over_budget":
             head += f", {row['bytes'] - summary['budget_bytes']:,} B over the budget"
         if row.get("untrained"):
@@ -180,11 +182,13 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
     ``axis`` (the y axis title, which says "lower is better" when it is); ``points``: one
     per complete trial (``trial``, ``bytes``, ``val_accuracy``, ``kind``, ``label``);
     ``failed`` and ``running``: trials without a size, drawn in a strip below;
-    ``front_line``: ``[bytes, val_accuracy]`` of the front members as the search measured
-    them (like the points; retrained figures are in the tables), smallest first;
+    ``front_line``: ``[bytes, val_accuracy]`` of the front members, smallest first, with the
+    figures that stand (retrained where taken, as the front is taken: a front member's point
+    sits there too, other points where the search measured them);
     ``budget`` and ``baseline`` (from ``summary["baseline"]``; the trials list lacks it).
     """
     points, failed, running = [], [], []
+    members = {m["trial"]: m for m in summary["front"]}
     for row in sorted(summary["trials"], key=lambda r: r["trial"]):
         kind = trial_kind(row, summary)
         entry = {"trial": row["trial"], "kind": kind, "label": trial_label(row, summary)}
@@ -199,7 +203,8 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
         elif kind == "running":
             running.append({**entry, "state": row["state"]})
         else:
-            points.append({**entry, "bytes": row["bytes"], "val_accuracy": row["val_accuracy"]})
+            at = members.get(row["trial"], row)
+            points.append({**entry, "bytes": at["bytes"], "val_accuracy": at["val_accuracy"]})
     base = summary["baseline"]
     budget = summary["budget_bytes"]
     metric = Metric.of(summary)
@@ -208,10 +213,7 @@ def pareto_plot_data(summary: dict[str, Any]) -> dict[str, Any]:
         "points": points,
         "failed": failed,
         "running": running,
-        "front_line": sorted(
-            [m.get("search", m)["bytes"], m.get("search", m)["val_accuracy"]]
-            for m in summary["front"]
-        ),
+        "front_line": sorted([m["bytes"], m["val_accuracy"]] for m in summary["front"]),
         "budget": budget,
         "budget_label": f"budget {size_text(budget)}: trials right of this line are over it",
         "baseline": {

@@ -15,7 +15,7 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   an older one, whose metric was accuracy, maximised
 - ``baseline``: ``bytes``, ``val_accuracy``, ``test_accuracy`` of the float32 reference file
 - ``front``: feasible Pareto-optimal trials, each with its best known figures (retrained where
-  retraining was taken, see :func:`front_trials`), smallest first, each
+  retraining was taken, see :func:`autoshrink.studies.front.front_trials`), smallest first, each
   with ``trial``, ``bytes``, ``ratio`` (baseline bytes / bytes), ``val_accuracy``,
   ``test_accuracy``, ``artifact`` (relative to the study folder), ``plan``, ``layers`` (bytes
   per layer and section of the artifact) and ``seconds``; a member compiled with
@@ -25,6 +25,8 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
   (:mod:`autoshrink.studies.retrain`) has ``retrained`` (``epochs``, ``steps``, ``seconds``, its
   ``bytes`` and ``val_accuracy``, and ``taken``): when taken, ``bytes`` to ``artifact`` are
   the retrained figures and ``search`` holds the search's
+- ``left_front``: the trials on the search's front (its figures alone) that left it after
+  retraining, a retrained plan beating them
 - ``best``: trial number of the recommended model (the best validation metric in its
   direction within the budget; ties go to the smaller file), or null when no trial fit;
   ``best_artifact`` names ``best.safetensors`` when that file is a copy of it
@@ -41,8 +43,8 @@ Schema of ``pareto.json`` (version ``autoshrink-pareto/1``):
 from __future__ import annotations
 
 import json
-import math
 import shutil
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,7 @@ from pydantic import BaseModel
 from autoshrink.artifact import read_artifact, size_breakdown
 from autoshrink.errors import ArtifactError, UsageError
 from autoshrink.files import file_digest, write_atomic
-from autoshrink.metric import Metric
-from autoshrink.studies.retrain import retrained_figures
+from autoshrink.studies.front import front_trials, take_retrained
 from autoshrink.studies.setup import SearchOptions, SearchSetup
 from autoshrink.studies.study import (
     ARTIFACT,
@@ -68,7 +69,7 @@ from autoshrink.studies.study import (
 from autoshrink.training import evaluate
 
 __all__ = [
-    "SCHEMA", "Facts", "Outcome", "collect", "facts_of", "front_trials", "keep_front_only",
+    "SCHEMA", "Facts", "Outcome", "collect", "facts_of", "keep_front_only",
     "measure_tests", "read_facts", "record_facts", "versions",
 ]
 
@@ -143,6 +144,9 @@ class Outcome(BaseModel):
     baseline: Figures
     notes: list[str]
     front: list[Member]
+    #: trials on the search's front that left it after retraining (a retrained plan beats
+    #: them); their search figures stay under ``trials``
+    left_front: list[int] = []
     best: int | None
     best_artifact: str | None
     trials: list[TrialRow]
@@ -210,34 +214,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def front_trials(
-    study: optuna.Study, folder: StudyFolder, options: SearchOptions
-) -> list[FrozenTrial]:
-    """Feasible trials that no other feasible trial matches or beats in both size and
-    validation figure, smallest file first. Each trial counts with its best known figures:
-    its retraining's where they were taken (:func:`_take_retrained`), the search's otherwise.
-    So the front can change after retraining: a plan the short fine-tune left behind joins it
-    once retrained, and the members it then beats leave."""
-    metric = recorded_metric(study)
-    known = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if not trial.values or trial.values[0] > options.budget:
-            continue
-        row = trial_summary(trial)
-        figures, taken = _retraining(
-            folder, row, options.retrain_epochs, options.budget, metric
-        )
-        if taken and figures is not None:
-            row = figures
-        known.append((row["bytes"], metric.score(row["val_accuracy"]), trial.number, trial))
-    front, best = [], -math.inf
-    for _, score, _, trial in sorted(known, key=lambda k: (k[0], -k[1], k[2])):
-        if score > best:
-            front.append(trial)
-            best = score
-    return front
-
-
 def _tests_cache(folder: StudyFolder) -> dict[str, Any]:
     """``test_accuracy.json``: test figures keyed by the study's id, the trial number and the
     artifact's hash, so a figure of another study, or of an earlier file, is never shown."""
@@ -287,41 +263,6 @@ def _known_tests(folder: StudyFolder, front: list[FrozenTrial]) -> dict[int, flo
     return found
 
 
-def _retraining(
-    folder: StudyFolder, row: dict[str, Any], epochs: float, budget: int, metric: Metric
-) -> tuple[dict[str, Any] | None, bool]:
-    """A trial's retrained figures, if it was retrained, and whether they are taken: they
-    still fit the budget and validate no worse in the metric's direction (validation picks,
-    as everywhere)."""
-    figures = retrained_figures(folder, row, epochs) if epochs > 0 else None
-    taken = figures is not None and figures["bytes"] <= budget and metric.not_worse(
-        figures["val_accuracy"], row["val_accuracy"]
-    )
-    return figures, taken
-
-
-def _take_retrained(
-    folder: StudyFolder, row: dict[str, Any], epochs: float, budget: int, baseline_bytes: int,
-    metric: Metric,
-) -> None:
-    """Make a front member's figures its retrained ones when they are taken
-    (:func:`_retraining`), keeping the search's under ``search``; ``retrained`` holds the
-    schedule and whether it was ``taken``."""
-    figures, taken = _retraining(folder, row, epochs, budget, metric)
-    if figures is None:
-        return
-    row["retrained"] = {
-        key: figures[key] for key in ("epochs", "steps", "seconds", "bytes", "val_accuracy")
-    }
-    row["retrained"]["taken"] = taken
-    if not taken:
-        return
-    keys = ("bytes", "ratio", "val_accuracy", "test_accuracy", "artifact")
-    row["search"] = {key: row[key] for key in keys}
-    row.update({key: figures[key] for key in keys if key in figures})
-    row["ratio"] = baseline_bytes / row["bytes"]
-
-
 def _latency(folder: StudyFolder, number: int, artifact: Path | None) -> dict[str, Any] | None:
     """The timings ``autoshrink compile`` wrote for a compiled trial, if any, and only when
     they were measured on this very artifact file (unreadable or stale ones are skipped: the
@@ -344,6 +285,8 @@ def collect(
     budget = options.budget
     metric = recorded_metric(study)
     front = front_trials(study, folder, options)
+    kept = {trial.number for trial in front}
+    searched = front_trials(study, folder, replace(options, retrain_epochs=0))
     tests = _known_tests(folder, front)
     baseline_bytes = facts.baseline.bytes
     members = []
@@ -351,7 +294,7 @@ def collect(
         row = trial_summary(trial)
         row["ratio"] = baseline_bytes / row["bytes"]
         row["test_accuracy"] = tests.get(trial.number)
-        _take_retrained(folder, row, options.retrain_epochs, budget, baseline_bytes, metric)
+        take_retrained(folder, row, options.retrain_epochs, budget, baseline_bytes, metric)
         path = folder.root / row["artifact"] if row["artifact"] else None
         row["layers"] = size_breakdown(path) if path and path.is_file() else {}
         latency = _latency(folder, trial.number, path)
@@ -386,6 +329,7 @@ def collect(
         baseline=facts.baseline,
         notes=facts.notes,
         front=members,
+        left_front=[trial.number for trial in searched if trial.number not in kept],
         best=best["trial"] if best else None,
         best_artifact=BEST if best and _is_copy(folder.root / BEST, folder, best) else None,
         trials=trials,
