@@ -8,7 +8,7 @@ front or not, and for members spread along the front (:func:`spread_along`). The
 first: they are the literature's recipes, whose figures are claims about retrained models,
 and the short fine-tune judges them worst (a distilled student starts from scratch). The
 front is then taken again over the retrained figures
-(:func:`autoshrink.studies.pareto.front_trials`).
+(:func:`autoshrink.studies.front.front_trials`).
 Retraining recovers what compression cost, so each member's epochs follow what it lost: the
 setting's epochs times its shortfall from the baseline's validation figure in percents of
 that figure, kept between half and four times the setting (:func:`member_epochs`). A member
