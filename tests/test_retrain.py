@@ -53,14 +53,20 @@ def test_a_longer_search_retrains_more_members_unless_told() -> None:
 
 
 def test_members_are_spread_along_the_front() -> None:
-    front = [{"trial": n, "bytes": 1000 * (n + 1), "val_accuracy": 0.5 + n / 100} for n in range(7)]
+    """The best validation figure in each of ``count`` equal slices of the front's size range
+    on a log scale."""
+    sizes = [1000, 1100, 1200, 12_000, 150_000, 1_000_000]
+    values = [0.50, 0.70, 0.60, 0.80, 0.85, 0.90]
+    front = [{"trial": n, "bytes": b, "val_accuracy": v}
+             for n, (b, v) in enumerate(zip(sizes, values, strict=True))]
     # the search's own figures count, not retrained ones
-    front[6] = {**front[6], "bytes": 1, "search": dict(front[6])}
+    front[5] = {**front[5], "bytes": 1, "search": dict(front[5])}
     picked = lambda k: [m["trial"] for m in spread_along(front, k, Metric())]  # noqa: E731
-    assert picked(5) == [0, 2, 3, 4, 6]
-    assert picked(2) == [0, 6] and picked(7) == list(range(7)) == picked(10)
-    assert picked(1) == [6]  # one: the best validation figure
+    assert picked(3) == [1, 3, 5]  # 1,000-10,000 B: the best of three is the middle one
+    assert picked(2) == [3, 5] and picked(0) == [] and picked(100) == [0, 1, 2, 3, 4, 5]
+    assert picked(1) == [5]  # one: the best validation figure
     assert [m["trial"] for m in spread_along(front, 1, Metric("mse", "minimize"))] == [0]
+    assert [m["trial"] for m in spread_along(front, 3, Metric("mse", "minimize"))] == [0, 3, 4]
 
 
 def test_starting_plans_are_retrained_too_on_the_front_or_not() -> None:
@@ -71,9 +77,9 @@ def test_starting_plans_are_retrained_too_on_the_front_or_not() -> None:
     front[3]["start"] = 2
     off_front = {"trial": 9, "bytes": 3500, "val_accuracy": 0.4, "start": 4}
     picked = [m["trial"] for m in to_retrain(front, [front[3], off_front], 2, Metric())]
-    assert picked == [6, 3, 0, 9]  # the spread's two and the starts, best validation first
+    assert picked == [6, 3, 1, 9]  # the spread's two and the starts, best validation first
     front[6]["start"] = 1  # a start the spread picked already counts once
-    assert [m["trial"] for m in to_retrain(front, [front[6]], 2, Metric())] == [6, 0]
+    assert [m["trial"] for m in to_retrain(front, [front[6]], 2, Metric())] == [6, 1]
     # No spread (the starts fill the default count): the starts alone.
     assert [m["trial"] for m in to_retrain(front, [front[3], off_front], 0, Metric())] == [3, 9]
     # No front (every trial over the budget but a start's): the starts alone.
@@ -137,19 +143,22 @@ def test_front_members_are_retrained_and_their_figures_hold(tmp_path: Path) -> N
     folder = tmp_path / "r"
     pareto = json.loads((folder / "pareto.json").read_text())
     tried = [m for m in pareto["front"] if "retrained" in m]
-    # Retrained: two spread along the search's front (its smallest and its largest member),
-    # and every trial that ran one of the preset's starting plans, on that front or not.
+    # Retrained: two spread along the search's front (the best of each half of its size
+    # range), and every trial that ran one of the preset's starting plans, on that front or not.
     feasible = {
         t["trial"]: (t["bytes"], t["val_accuracy"]) for t in pareto["trials"]
         if t["state"] == "complete" and t["feasible"]
     }
     searched = sorted(_front_of(feasible), key=lambda n: feasible[n])
+    spread = spread_along(
+        [t for t in pareto["trials"] if t["trial"] in searched], 2, Metric()
+    )
     starts = {t["trial"] for t in pareto["trials"] if t["start"] is not None}
     assert all(t["start"] == t["trial"] + 1 for t in pareto["trials"][:4] if t["start"])
     cache = json.loads((folder / "retrained.json").read_text())
     by_trial = {int(key.split("/")[1]): figures for key, figures in cache.items()}
     assert len(by_trial) == len(cache) and starts
-    assert set(by_trial) == {searched[0], searched[-1], *(starts & set(feasible))}
+    assert set(by_trial) == {m["trial"] for m in spread} | (starts & set(feasible))
     # The front is taken again over each trial's best known figures: its retraining's where
     # they fit the budget and validate no worse, the search's otherwise.
     known = {

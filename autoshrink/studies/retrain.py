@@ -79,18 +79,24 @@ def member_epochs(epochs: float, member: dict[str, Any], baseline: float, metric
 
 
 def spread_along(front: list[dict[str, Any]], count: int, metric: Metric) -> list[dict[str, Any]]:
-    """``count`` members spread evenly along the front by size, its smallest and its largest
-    included (one: the member of best validation figure), so retraining shows the whole
-    trade-off, not only its accurate end. Sizes and figures are the search's."""
-    if count == 0:
+    """Members spread along the front by size, so retraining shows the whole trade-off, not
+    only its accurate end: the front's size range cut into ``count`` equal slices on a log
+    scale (as the report plots it), and in each slice that holds members the one of best
+    validation figure, the plan most likely to keep its accuracy at that size (one slice:
+    the member of best validation figure). Sizes and figures are the search's."""
+    if count == 0 or not front:
         return []
-    if count == 1:
-        return [max(front, key=lambda m: metric.score(_searched(m)["val_accuracy"]))]
-    order = sorted(front, key=lambda m: _searched(m)["bytes"])
-    if count >= len(order):
-        return order
-    picks = sorted({round(k * (len(order) - 1) / (count - 1)) for k in range(count)})
-    return [order[p] for p in picks]
+    sizes = [math.log(_searched(m)["bytes"]) for m in front]
+    low, width = min(sizes), (max(sizes) - min(sizes)) / count or 1.0
+    best: dict[int, dict[str, Any]] = {}
+    for member, size in zip(front, sizes, strict=True):
+        cut = min(count - 1, int((size - low) / width))
+        held = best.get(cut)
+        if held is None or metric.better(
+            _searched(member)["val_accuracy"], _searched(held)["val_accuracy"]
+        ):
+            best[cut] = member
+    return [best[cut] for cut in sorted(best)]
 
 
 def started(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -108,7 +114,7 @@ def to_retrain(
 ) -> list[dict[str, Any]]:
     """The members retrained, best validation figure first: ``count`` spread along the front
     (:func:`spread_along`), and the ``starts``."""
-    chosen = spread_along(front, count, metric) if front else []
+    chosen = spread_along(front, count, metric)
     numbers = {m["trial"] for m in chosen}
     chosen += [m for m in starts if m["trial"] not in numbers]
     return sorted(chosen, key=lambda m: -metric.score(_searched(m)["val_accuracy"]))
