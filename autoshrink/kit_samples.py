@@ -13,9 +13,18 @@ from torch import nn
 from autoshrink.methods import LayerCode
 
 __all__ = [
-    "Shift", "code_bytes", "copy_code", "nudge", "resized", "sample_input", "sample_layers",
-    "scramble",
+    "STRUCTURE_PAYLOADS", "Shift", "code_bytes", "copy_code", "nudge", "resized",
+    "sample_input", "sample_layers", "scramble",
 ]
+
+
+#: The built-in structures whose payloads :class:`ValueMethodTests` tries a value method on,
+#: each with a config that compresses (so the payloads are their compressed form).
+STRUCTURE_PAYLOADS: dict[str, dict[str, object]] = {
+    "hashing": {"ratio": 0.25},
+    "pruning": {"target": "sparsity", "sparsity": 0.8},
+    "lowrank": {"rank": 0.25},
+}
 
 
 def sample_layers() -> list[nn.Module]:

@@ -36,6 +36,7 @@ from torch import nn
 
 from autoshrink.kit_lowering import evaluate_lowering, layer_forms
 from autoshrink.kit_samples import (
+    STRUCTURE_PAYLOADS,
     Shift,
     code_bytes,
     copy_code,
@@ -218,10 +219,9 @@ class StructureMethodTests(MethodTests):
 
     @pytest.mark.parametrize("which", ["loose", "tight"])
     def test_lowering_computes_what_decode_gives(self, which: str) -> None:
-        """When the method gives a compiled form (:meth:`~StructureMethod.lower`) of a Linear
-        or Conv2d, TVM kernels built from it compute what the decoded layer does: ``compute``
-        its outputs, ``element`` and ``columns`` its every weight (one at a time and in vector
-        lanes), and so do the payloads ``weights`` and ``rows`` name."""
+        """A compiled form (:meth:`~StructureMethod.lower`) of a Linear or Conv2d computes
+        what the decoded layer does: ``compute``, ``weights`` and ``rows`` its outputs,
+        ``element`` (one lane and 16) and ``columns`` its every weight."""
         config = self.method.config(getattr(self, which))
         for layer in self.layers():
             if not isinstance(layer, nn.Linear | nn.Conv2d):
@@ -243,15 +243,6 @@ class StructureMethodTests(MethodTests):
                 np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5, err_msg=form)
             for form, found in weights.items():
                 np.testing.assert_allclose(found, weight, rtol=1e-5, atol=1e-6, err_msg=form)
-
-
-#: The built-in structures whose payloads :class:`ValueMethodTests` tries a value method on,
-#: each with a config that compresses (so the payloads are their compressed form).
-STRUCTURE_PAYLOADS: dict[str, dict[str, Any]] = {
-    "hashing": {"ratio": 0.25},
-    "pruning": {"target": "sparsity", "sparsity": 0.8},
-    "lowrank": {"rank": 0.25},
-}
 
 
 class ValueMethodTests(MethodTests):
