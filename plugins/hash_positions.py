@@ -215,5 +215,8 @@ def run_column(h: Any, k: int, shared: Callable[[Any], Any]) -> Any:
     from tvm import tirx
 
     values = shared(tirx.Ramp(scaled(h, run_starts(k)), 1, RUN))
-    lanes = tirx.Ramp(tirx.const(0, "uint32"), tirx.const(1, "uint32"), RUN)
-    return signed(values, tirx.Broadcast(h, RUN) >> lanes)
+    # lane l tests bit l: the 16 bits become one mask register and the signs one masked xor
+    one = tirx.const(1, "uint32")
+    bits = tirx.Broadcast(one, RUN) << tirx.Ramp(tirx.const(0, "uint32"), one, RUN)
+    flip = (tirx.Broadcast(h, RUN) & bits) != tirx.Broadcast(tirx.const(0, "uint32"), RUN)
+    return tirx.Select(flip, -values, values)

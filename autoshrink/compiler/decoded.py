@@ -9,8 +9,10 @@ method's element at a vector of 16 flat indices) and multiplies them into every 
 as :mod:`autoshrink.compiler.vector`'s kernels do with their looked-up weights: at once for
 a batch of one tile, else through a scratch block decoded once for all tiles. A method that
 computes a column's 16 weights together (``LoweredLayer.columns``: hashed runs, one hash and
-one contiguous read) gives them in place of the 16 elements, from a key per column that is
-computed for 16 columns at once.
+one contiguous read) gives them in place of the 16 elements, from a key per column. The keys
+of a row group are computed 16 columns at once and stored before its columns are multiplied,
+so each column loads its key as one scalar (taken from a vector register, each cost an
+extract and a shift).
 
 A payload far smaller than the weight (HashedNets' K shared values) is first decoded to
 float32 by a kernel of its own (:func:`decoded_values`), once a call, and the weights read
@@ -113,27 +115,24 @@ def decoded_linear(
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for task in T.parallel(tasks):
             acc = T.alloc_buffer((tile * splits * LANES,), "float32", scope="local")
-            keys = T.alloc_buffer((LANES,), key_dtype, scope="local")
+            keys = T.alloc_buffer((chunks * LANES,), key_dtype)
             scratch = T.alloc_buffer(((k if staged else 1) * LANES,), "float32")
             for member in range(per_task):
                 g = T.meta_var(task * per_task + member)
                 if g < groups:
+                    for c0 in range(chunks):
+                        keys[T.ramp(c0 * LANES, 1, LANES)] = chunk(g, c0)
                     if staged:
-                        for c0 in range(chunks):
-                            keys[T.ramp(0, 1, LANES)] = chunk(g, c0)
-                            for j in range(LANES):
-                                if c0 * LANES + j < k:
-                                    scratch[at(c0 * LANES + j)] = columns.weights(g, keys[j])
+                        for c in range(k):
+                            scratch[at(c)] = columns.weights(g, keys[c])
                     for outer in range(b // tile):
                         for t in T.unroll(tile * splits):
                             acc[T.ramp(t * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
                         for c0 in range(chunks):
-                            if not staged:
-                                keys[T.ramp(0, 1, LANES)] = chunk(g, c0)
                             for j in range(LANES):
                                 if c0 * LANES + j < k:
                                     if not staged:
-                                        scratch[at(0)] = columns.weights(g, keys[j])
+                                        scratch[at(0)] = columns.weights(g, keys[c0 * LANES + j])
                                     for t in T.unroll(tile):
                                         acc[sum_at(t, j)] = acc[sum_at(t, j)] + T.broadcast(
                                             x[outer * tile + t, c0 * LANES + j], LANES
