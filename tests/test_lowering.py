@@ -220,14 +220,14 @@ def test_hashed_layers_get_the_decoding_kernel(methods, tmp_path, value, batch, 
         (1, 40, 37, 16, False), (6, 17, 64, 3, False), (64, 33, 50, 32, False),
         (5, 16, 9, 2, False), (2, 21, 70, 20, False), (1, 18, 30, 256, False),
         (16, 35, 19, 100, False), (1, 18, 30, 256, True), (3, 17, 9, 33, True),
-        (16, 35, 19, 100, True), (64, 40, 66, 256, True),
+        (16, 35, 19, 100, True), (64, 40, 66, 256, True), (1, 20, 40, 129, True),
     ],
 )
 def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size, vbmi) -> None:
     """Every tiling the kernel uses (batch tiles of 8, 2 and 1, partial sums), rows and
     columns that do not fill a group or a word, each table width, and tables of more than
-    32 entries read from memory and looked up as byte planes, directly and through the
-    scratch block, against numpy."""
+    32 entries read from memory and looked up as byte planes (with and without the blend on
+    the top bit), directly and through the scratch block, against numpy."""
     if vbmi and "avx512vbmi" not in cpu_flags():
         pytest.skip("byte-plane lookups need AVX-512 VBMI")
     rng = np.random.default_rng(size)
@@ -250,7 +250,7 @@ def test_the_table_lookup_kernel_computes_the_layer(batch, rows, columns, size, 
 @pytest.mark.parametrize(
     ("count", "size", "vbmi"),
     [(100, 16, False), (37, 32, False), (1000, 64, True), (77, 64, False), (5000, 256, True),
-     (16, 3, False), (1, 2, False)],
+     (700, 128, True), (16, 3, False), (1, 2, False)],
 )
 def test_the_value_decoding_kernel_gives_the_values_in_order(count, size, vbmi) -> None:
     """The K values a hashed layer reads are decoded a chunk of codes at a time, as the

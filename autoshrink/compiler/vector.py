@@ -8,8 +8,9 @@ turns into. So the kernels are written out, and the per-layer choice
 (:mod:`autoshrink.compiler.choice`) times them against the tuned dense kernel like any other
 form. Tables of up to 256 entries (8-bit codes) are looked up in registers too where the CPU
 has AVX-512 VBMI: the table is split into its four byte planes, each looked up 64 codes at a
-time (``vpermi2b`` twice and a blend on the top bit), and the planes are interleaved back into
-floats (``vpunpck*``). Without VBMI they are read from memory, one load per weight.
+time (``vpermi2b`` twice and a blend on the top bit; once for at most 128 entries), and the
+planes are interleaved back into floats (``vpunpck*``). Without VBMI they are read from
+memory, one load per weight.
 
 Layout of the codes of a dense layer (what the bundle stores for it): output rows in groups
 of 16, one per vector lane; columns in chunks of ``32 // bits``. Word ``(g, c, l)`` (int32)
@@ -128,7 +129,7 @@ def _chunk_lookup(table_size: int, vbmi: bool) -> Callable:
     """``(table, word) -> [float32x16, ...]``: the weights of each column of a chunk (16
     rows, ``32 // bits`` columns) from its word vector: :func:`vector_lookup` of each
     column's codes, or for byte planes eight ``vpermi2b``, four blends and eight unpacks for
-    all four columns."""
+    all four columns (four ``vpermi2b`` and no blend for at most 128 entries)."""
     bits = _bits(table_size, vbmi)
     per = 32 // bits
     mask = T.broadcast(T.int32((1 << bits) - 1), LANES)
@@ -149,6 +150,8 @@ def _chunk_lookup(table_size: int, vbmi: bool) -> Callable:
                     table[lanes(start, BYTES)], code, table[lanes(start + BYTES, BYTES)],
                 )
 
+            if table_size <= 128:  # codes below 128: no top bit to blend on
+                return half(MAX_TABLE * p)
             return tirx.Select(high, half(MAX_TABLE * p + 128), half(MAX_TABLE * p))
 
         b0, b1, b2, b3 = (plane(p) for p in range(4))
