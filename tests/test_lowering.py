@@ -8,6 +8,9 @@ whole compile command on the Fashion-MNIST MLP's shape with no tuning trials.
 from __future__ import annotations
 
 import copy
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,17 +19,18 @@ import pytest
 import torch
 import tvm
 from tvm import relax
+from tvm.s_tir import meta_schedule as ms
 
 from autoshrink.artifact import read_artifact, write_artifact
 from autoshrink.compiler import compile_artifact
-from autoshrink.compiler.build import fuse
+from autoshrink.compiler.build import build_tuned, fuse
 from autoshrink.compiler.export import KernelCall, to_relax_lowered
 from autoshrink.compiler.fusion import fuse_epilogues
 from autoshrink.compiler.lowering import compressed_kernels
 from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs
 from autoshrink.compiler.sparse import sparse_table_conv2d, sparse_table_linear
-from autoshrink.compiler.target import resolve_target
+from autoshrink.compiler.target import cuda_target, resolve_target
 from autoshrink.compiler.vector import (
     kernel_table,
     pack_codes,
@@ -76,15 +80,15 @@ def methods(ternary):
     return load_registry(extra_plugins=[ternary])
 
 
-def _compile(
-    tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int,
+def _lowered(
+    tmp_path: Path, registry, task_name: str, plan: Plan, width: float,
     table_lookup: bool = False,
     vbmi: bool = False,
     epilogues: bool = False,
 ):
-    """Write an artifact, lower every layer (with ``epilogues``, let kernels compute what
-    follows them), build untuned; returns outputs of TVM and torch on one batch, the
-    lowering notes and the kernels' forms."""
+    """Write an artifact and lower every layer (with ``epilogues``, let kernels compute what
+    follows them); returns the model with each layer calling its kernel, the model read
+    back from the artifact, the lowering notes and the kernels' forms."""
     task = registry.tasks[task_name]
     torch.manual_seed(0)
     path = tmp_path / "model.safetensors"
@@ -107,9 +111,23 @@ def _compile(
     stubbed = copy.deepcopy(reference)
     for name, kernel in kernels.items():
         replace_module(stubbed, name, KernelCall(kernel, outputs[name]))
-    shape = tuple(task.input_shape)
     if epilogues:
-        fuse_epilogues(stubbed, kernels, outputs, shape, notes)
+        fuse_epilogues(stubbed, kernels, outputs, tuple(task.input_shape), notes)
+    return stubbed, reference, notes, kernels
+
+
+def _compile(
+    tmp_path: Path, registry, task_name: str, plan: Plan, width: float, batch: int,
+    table_lookup: bool = False,
+    vbmi: bool = False,
+    epilogues: bool = False,
+):
+    """:func:`_lowered`, built untuned for this CPU; returns outputs of TVM and torch on one
+    batch, the lowering notes and the kernels' forms."""
+    stubbed, reference, notes, kernels = _lowered(
+        tmp_path, registry, task_name, plan, width, table_lookup, vbmi, epilogues
+    )
+    shape = tuple(registry.tasks[task_name].input_shape)
     target = resolve_target("cpu", 2)
     mod = fuse(to_relax_lowered(stubbed, shape, [batch]), target, False)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target.tvm), target.device)
@@ -339,6 +357,51 @@ def test_conv_layers_compile_to_compressed_kernels(methods, tmp_path) -> None:
     got, want, notes, kernels = _compile(tmp_path, methods, "fashion-mnist-cnn", plan, 0.25, 2)
     assert {"conv1", "conv2", "fc1"} <= set(kernels), notes
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def _modules(module) -> list:
+    """A library module and every module it imports, depth first."""
+    return [module, *(m for imported in module.imports for m in _modules(imported))]
+
+
+@pytest.mark.parametrize(
+    ("task_name", "layers"),
+    [
+        ("digits-mlp", {"fc1": ("hashing", "kmeans3"), "fc2": ("pruning", "kmeans8"),
+                        "out": ("lowrank", "binary")}),
+        ("digits-mlp", {"fc1": ("dense", "ternary"), "fc2": ("hashing", "float16"),
+                        "out": ("dense", "kmeans8")}),
+        ("fashion-mnist-cnn", {"conv1": ("pruning", "kmeans3"), "conv2": ("lowrank", "ternary"),
+                               "fc1": ("hashing", "kmeans8")}),
+    ],
+)
+def test_compressed_kernels_build_for_a_gpu_without_one(methods, tmp_path, task_name, layers):
+    """A CUDA target needs no GPU to build for: every compressed kernel (the TE forms; the
+    written-out kernels are for CPUs) gets a DLight schedule, and the library holds their
+    CUDA source, compiled for sm_90 where nvcc is installed. The GEMV rule's analysis fails
+    on the gathers of the codes; it declines them rather than stop the build. A hashed layer
+    of 8-bit codes (HashedNets' element form) is among them."""
+    plan = Plan(layers={
+        name: LayerPlan(structure=Choice(method=structure, config=STRUCTURES[structure]),
+                        value=Choice(method=VALUES[value][0], config=VALUES[value][1]))
+        for name, (structure, value) in layers.items()
+    })
+    stubbed, _, notes, kernels = _lowered(tmp_path, methods, task_name, plan, 0.25)
+    assert set(layers) <= set(kernels), notes
+    target = cuda_target("sm_90")
+    shape = tuple(methods.tasks[task_name].input_shape)
+    fused = fuse(to_relax_lowered(stubbed, shape, [1, 4]), target, False)
+    library = build_tuned(fused, target, ms.database.MemoryDatabase(), False)
+    sources = [m.inspect_source() for m in _modules(library.mod) if m.kind == "cuda"]
+    assert len(sources) == 1
+    kernels_built = set(re.findall(r"\b(\w+?)_kernel\d*\(", sources[0]))
+    for layer in layers:  # at both batch sizes
+        assert {f"{layer}_compressed_b1", f"{layer}_compressed_b4"} <= kernels_built
+    if shutil.which("nvcc"):
+        (tmp_path / "model.cu").write_text(sources[0])
+        subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "model.cubin"),
+                        str(tmp_path / "model.cu")], check=True, capture_output=True)
+        assert (tmp_path / "model.cubin").stat().st_size > 0
 
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")

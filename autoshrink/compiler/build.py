@@ -12,11 +12,16 @@ from torch import nn
 from tvm import relax
 
 from autoshrink.compiler.target import Target
+from autoshrink.errors import AutoshrinkError
 
 __all__ = [
-    "apply_database", "build_tuned", "entry", "fuse", "is_pooling", "is_scheduled",
+    "CompileError", "apply_database", "build_tuned", "entry", "fuse", "is_pooling", "is_scheduled",
     "parallel_loops", "to_relax",
 ]
+
+
+class CompileError(AutoshrinkError):
+    """Compiling failed or the compiled model does not compute what the artifact does."""
 
 
 def entry(batch: int) -> str:
@@ -194,12 +199,37 @@ def build_tuned(
         if target.kind == "cpu":
             mod = parallel_loops(mod, int(target.tvm.attrs["num-cores"]))
         if target.kind == "cuda":
-            mod = dlight.ApplyDefaultSchedule(
-                dlight.gpu.Matmul(),
-                dlight.gpu.GEMV(),
-                dlight.gpu.Reduction(),
-                dlight.gpu.GeneralReduction(),
-                dlight.gpu.Fallback(),
-            )(mod)
+            rules = (dlight.gpu.Matmul(), dlight.gpu.GEMV(), dlight.gpu.Reduction(),
+                     dlight.gpu.GeneralReduction(), dlight.gpu.Fallback())
+            mod = dlight.ApplyDefaultSchedule(*map(_declining, rules))(mod)
+            unscheduled = sorted(
+                var.name_hint for var, function in mod.functions.items()
+                if isinstance(function, tvm.tirx.PrimFunc) and not is_scheduled(function)
+            )
+            if unscheduled:  # left as host loops, they would read GPU memory from the CPU
+                raise CompileError(
+                    f"no GPU schedule for {', '.join(unscheduled)}: DLight's rules cannot "
+                    "take these kernels (a weight rebuilt through let-bound hash stages); "
+                    "compile with `--target cpu`"
+                )
         return tvm.compile(mod, target=target.tvm, relax_pipeline=tvm.transform.Sequential(lower))
 
+
+def _declining(rule: Any) -> Any:
+    """``rule`` (a DLight schedule rule), made to decline a kernel its analysis fails on
+    rather than stop the build: a compressed layer's compute reads its weight through
+    gathers (codes, hashes), which the GEMV rule's access analysis asserts against. The
+    next rule (at last ``Fallback``) then schedules it."""
+    from tvm.s_tir import dlight
+
+    class Declining(dlight.ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            try:
+                return rule.apply(func, target, tunable)
+            except (AssertionError, RuntimeError, ValueError, IndexError):  # TVM: RuntimeError
+                return None
+
+        def is_target_available(self, target: Any) -> bool:
+            return rule.is_target_available(target)
+
+    return Declining()

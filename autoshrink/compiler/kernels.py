@@ -49,7 +49,10 @@ def unpack(packed: te.Tensor, bits: int, index: Expr) -> Expr:
     if 8 % bits:
         byte = byte | (packed[(position >> 3) + 1].astype(typed(index, "int32")) << 8)
     if bits == 8:
-        return byte
+        # masked although a byte: with the bound, a table read at this code has the table as
+        # its region, not a point at the code (which names a hash's let-bound variables
+        # where the index is hashed, and then no GPU schedule takes the kernel)
+        return byte & 255
     return (byte >> (position & 7)) & ((1 << bits) - 1)
 
 

@@ -30,7 +30,7 @@ from tvm import relax
 
 from autoshrink.artifact import read_artifact
 from autoshrink.baseline import cache_dir
-from autoshrink.compiler.build import build_tuned, entry, fuse, to_relax
+from autoshrink.compiler.build import CompileError, build_tuned, entry, fuse, to_relax
 from autoshrink.compiler.choice import choose_kernels
 from autoshrink.compiler.database import mark_checked, open_database
 from autoshrink.compiler.densify import (
@@ -65,10 +65,6 @@ DEFAULT_TRIALS = 256
 LIBRARY = "model.so"
 MANIFEST = "compiled.json"
 LATENCY = "latency.json"
-
-
-class CompileError(AutoshrinkError):
-    """Compiling failed or the compiled model does not compute what the artifact does."""
 
 
 @dataclass

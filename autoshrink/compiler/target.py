@@ -12,7 +12,11 @@ import tvm
 
 from autoshrink.errors import UsageError
 
-__all__ = ["Target", "load_tensor_intrinsics", "resolve_target"]
+__all__ = ["Target", "cuda_target", "load_tensor_intrinsics", "resolve_target"]
+
+#: Part of each tuning database's key: records from another TVM release are not reused.
+TVM_VERSION = tvm.__version__.split("+")[0]
+
 
 @dataclass(frozen=True)
 class Target:
@@ -30,13 +34,12 @@ class Target:
 
 def resolve_target(kind: str, threads: int) -> Target:
     """The TVM target for ``cpu`` (this host's LLVM CPU name) or ``cuda`` (GPU 0's arch)."""
-    version = tvm.__version__.split("+")[0]
     if kind == "cpu":
         from tvm.target import codegen
 
         cpu = codegen.llvm_get_system_cpu() or "generic"
         target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": threads})
-        return Target("cpu", target, f"llvm-{cpu}-{threads}t-tvm{version}",
+        return Target("cpu", target, f"llvm-{cpu}-{threads}t-tvm{TVM_VERSION}",
                       f"llvm -mcpu={cpu} -num-cores={threads}")
     if kind == "cuda":
         device = tvm.cuda(0)
@@ -45,19 +48,30 @@ def resolve_target(kind: str, threads: int) -> Target:
                 "no CUDA device on this machine (tvm.cuda(0) does not exist); "
                 "compile with `--target cpu`"
             )
-        arch = "sm_" + device.compute_version.replace(".", "")
-        target = tvm.target.Target(
-            {
-                "kind": "cuda",
-                "arch": arch,
-                "max_threads_per_block": device.max_threads_per_block,
-                "max_shared_memory_per_block": device.max_shared_memory_per_block,
-                "thread_warp_size": device.warp_size,
-                "host": {"kind": "llvm"},
-            }
+        return cuda_target(
+            "sm_" + device.compute_version.replace(".", ""), device.max_threads_per_block,
+            device.max_shared_memory_per_block, device.warp_size,
         )
-        return Target("cuda", target, f"cuda-{arch}-tvm{version}", f"cuda -arch={arch}")
     raise UsageError(f"`--target` {kind!r}: choose cpu or cuda")
+
+
+def cuda_target(
+    arch: str, threads_per_block: int = 1024, shared_memory: int = 49152, warp: int = 32
+) -> Target:
+    """The target of a CUDA GPU of architecture ``arch`` (``sm_90``), with its block limits.
+    TVM builds for it (CUDA source, with DLight's schedules) with no GPU present; running or
+    tuning what it builds needs one."""
+    target = tvm.target.Target(
+        {
+            "kind": "cuda",
+            "arch": arch,
+            "max_threads_per_block": threads_per_block,
+            "max_shared_memory_per_block": shared_memory,
+            "thread_warp_size": warp,
+            "host": {"kind": "llvm"},
+        }
+    )
+    return Target("cuda", target, f"cuda-{arch}-tvm{TVM_VERSION}", f"cuda -arch={arch}")
 
 
 def load_tensor_intrinsics(kind: str) -> None:
