@@ -3,6 +3,7 @@ model, PyTorch eager, torch.compile and ONNX Runtime, at batch 1 and 64, on fixe
 
     python benchmarks/compile.py [--threads 2] [--mlp-trials 480] [--cnn-trials 360] [--fresh]
                                  [--artifact reports/<study>/best.safetensors ...]
+                                 [--plans] [--target cuda]
 
 Each model goes through the product's own path (``autoshrink.compiler.compile_artifact``):
 compressed kernels per layer (dense where faster within the allowance), MetaSchedule tuning,
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,8 @@ from rich.table import Table
 from autoshrink.baseline import load_baseline
 from autoshrink.compiler import compile_artifact
 from autoshrink.compiler.machine import cpu_model, cpu_peak
+from autoshrink.compiler.target import resolve_target
+from autoshrink.errors import AutoshrinkError
 from autoshrink.header import read_header
 from autoshrink.plan import Choice, LayerPlan, Plan
 from autoshrink.registry import load_registry
@@ -133,7 +137,15 @@ def main() -> None:
     parser.add_argument("--no-torch-compile", action="store_true")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="keep the libraries here")
+    parser.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: GPU kernels, timed against the dense GPU compile (the peers "
+                        "run on the CPU build of torch only)")
     args = parser.parse_args()
+    try:
+        resolve_target(args.target, args.threads)  # a missing GPU: one line, before any work
+    except AutoshrinkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     console = Console(width=150)
     out = args.out or Path(tempfile.mkdtemp(prefix="autoshrink-compile-"))
@@ -172,6 +184,7 @@ def main() -> None:
             torch_compile=not args.no_torch_compile,
             tuning_dir=out / "tuning" if args.fresh else None,
             console=console,
+            target=args.target,
         )
         results[name] = {
             **result.latency,
@@ -201,7 +214,8 @@ def main() -> None:
                 *("-" if t is None else f"{t:.4f}" for t in times.values()),
                 f"{dense / tuned:.2f}x" if tuned and dense else "-",
                 "-" if gflops is None else f"{gflops:.1f}",
-                "-" if gflops is None or not peak.gflops else f"{gflops / peak.gflops:.1%}",
+                "-" if gflops is None or not peak.gflops or args.target != "cpu"
+                else f"{gflops / peak.gflops:.1%}",
             )
     console.print(table)
     for name, latency in results.items():
