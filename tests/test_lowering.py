@@ -30,7 +30,7 @@ from autoshrink.compiler.lowering import compressed_kernels
 from autoshrink.compiler.machine import cpu_flags
 from autoshrink.compiler.pipeline import _layer_inputs
 from autoshrink.compiler.sparse import sparse_table_conv2d, sparse_table_linear
-from autoshrink.compiler.target import cuda_target, resolve_target
+from autoshrink.compiler.target import cuda_target, load_tensor_intrinsics, resolve_target
 from autoshrink.compiler.vector import (
     kernel_table,
     pack_codes,
@@ -402,6 +402,34 @@ def test_compressed_kernels_build_for_a_gpu_without_one(methods, tmp_path, task_
         subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "model.cubin"),
                         str(tmp_path / "model.cu")], check=True, capture_output=True)
         assert (tmp_path / "model.cubin").stat().st_size > 0
+
+
+def test_gpu_tuning_skips_kernels_it_cannot_make_a_design_space_for(methods, tmp_path):
+    """On a GPU, MetaSchedule makes design spaces for a codebook layer's TE kernel but not
+    for a pruned one's (the bounds of its data-dependent reads): that one is left out of
+    tuning, to keep the build's default schedule, rather than stop the compile."""
+    from tvm.s_tir.meta_schedule.relax_integration import (
+        extract_tasks,
+        extracted_tasks_to_tune_contexts,
+    )
+
+    from autoshrink.compiler.tuning import _has_space
+
+    kmeans = Choice(method="quantization", config={"bits": 4})
+    plan = Plan(layers={
+        "fc1": LayerPlan(structure=Choice(method="pruning", config={"threshold": 1.0}),
+                         value=kmeans),
+        "fc2": LayerPlan(value=kmeans),
+    })
+    stubbed, _, _, _ = _lowered(tmp_path, methods, "digits-mlp", plan, 0.25)
+    target = cuda_target("sm_90")
+    load_tensor_intrinsics("cuda")  # as a compile does: not every architecture's (35 s)
+    tasks = [t for t in extract_tasks(fuse(to_relax_lowered(stubbed, (64,), [1]), target, False),
+                                      target.tvm)
+             if t.task_name in ("fc1_compressed_b1", "fc2_compressed_b1")]
+    contexts, _ = extracted_tasks_to_tune_contexts(tasks, str(tmp_path / "logs"), seed=0)
+    spaced = {t.task_name: _has_space(c) for t, c in zip(tasks, contexts, strict=True)}
+    assert spaced == {"fc1_compressed_b1": False, "fc2_compressed_b1": True}
 
 
 @pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the table-lookup kernel needs AVX-512")
