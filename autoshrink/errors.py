@@ -34,3 +34,7 @@ class ArtifactError(AutoshrinkError):
 
 class DataNotFoundError(UsageError):
     """A dataset a task needs is not on this machine."""
+
+
+class CompileError(AutoshrinkError):
+    """Compiling failed or the compiled model does not compute what the artifact does."""

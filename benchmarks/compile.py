@@ -138,8 +138,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="keep the libraries here")
     parser.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: GPU kernels, timed against the dense GPU compile (the peers "
-                        "run on the CPU build of torch only)")
+                        help="cuda: GPU kernels, timed against the dense GPU compile only "
+                        "(no PyTorch or ONNX Runtime peers: this project's torch is a CPU build)")
     args = parser.parse_args()
     try:
         resolve_target(args.target, args.threads)  # a missing GPU: one line, before any work

@@ -12,16 +12,12 @@ from torch import nn
 from tvm import relax
 
 from autoshrink.compiler.target import Target
-from autoshrink.errors import AutoshrinkError
+from autoshrink.errors import CompileError
 
 __all__ = [
-    "CompileError", "apply_database", "build_tuned", "entry", "fuse", "is_pooling", "is_scheduled",
+    "apply_database", "build_tuned", "entry", "fuse", "is_pooling", "is_scheduled",
     "parallel_loops", "to_relax",
 ]
-
-
-class CompileError(AutoshrinkError):
-    """Compiling failed or the compiled model does not compute what the artifact does."""
 
 
 def entry(batch: int) -> str:
@@ -208,9 +204,8 @@ def build_tuned(
             )
             if unscheduled:  # left as host loops, they would read GPU memory from the CPU
                 raise CompileError(
-                    f"no GPU schedule for {', '.join(unscheduled)}: DLight's rules cannot "
-                    "take these kernels (a weight rebuilt through let-bound hash stages); "
-                    "compile with `--target cpu`"
+                    f"no GPU schedule for {', '.join(unscheduled)}: none of DLight's rules "
+                    "takes these kernels; compile with `--target cpu`"
                 )
         return tvm.compile(mod, target=target.tvm, relax_pipeline=tvm.transform.Sequential(lower))
 

@@ -30,7 +30,7 @@ from tvm import relax
 
 from autoshrink.artifact import read_artifact
 from autoshrink.baseline import cache_dir
-from autoshrink.compiler.build import CompileError, build_tuned, entry, fuse, to_relax
+from autoshrink.compiler.build import build_tuned, entry, fuse, to_relax
 from autoshrink.compiler.choice import choose_kernels
 from autoshrink.compiler.database import mark_checked, open_database
 from autoshrink.compiler.densify import (
@@ -48,7 +48,7 @@ from autoshrink.compiler.target import Target, load_tensor_intrinsics, resolve_t
 from autoshrink.compiler.timing import TvmEngine, measure, model_flops, prepare_peers, thread_count
 from autoshrink.compiler.tuning import tune
 from autoshrink.compress import replace_module
-from autoshrink.errors import AutoshrinkError, UsageError
+from autoshrink.errors import AutoshrinkError, CompileError, UsageError
 from autoshrink.files import file_digest
 from autoshrink.header import read_header
 from autoshrink.plan import compressible_layers
