@@ -423,7 +423,10 @@ def test_gpu_tuning_skips_kernels_it_cannot_make_a_design_space_for(methods, tmp
     })
     stubbed, _, _, _ = _lowered(tmp_path, methods, "digits-mlp", plan, 0.25)
     target = cuda_target("sm_90")
-    load_tensor_intrinsics("cuda")  # as a compile does: not every architecture's (35 s)
+    # as compiles do (not every architecture's: 35 s), a CPU compile first, as one session
+    # compiling for both would: the second kind's intrinsics are added to the first's
+    load_tensor_intrinsics("cpu")
+    load_tensor_intrinsics("cuda")
     tasks = [t for t in extract_tasks(fuse(to_relax_lowered(stubbed, (64,), [1]), target, False),
                                       target.tvm)
              if t.task_name in ("fc1_compressed_b1", "fc2_compressed_b1")]

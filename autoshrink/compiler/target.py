@@ -80,20 +80,21 @@ def load_tensor_intrinsics(kind: str) -> None:
     MetaSchedule's TuneContext imports ``tvm.s_tir.tensor_intrin``, whose package import
     registers the intrinsics of every architecture (x86, ARM, CUDA, ROCm, Hexagon, ...): 35 s
     on this project's machines, of which x86 alone takes 0.3 s. The package module is made
-    here with only this target's submodule imported, unless something already imported it.
+    here with only this target's submodule imported, unless something already imported it;
+    a later target of another kind (a CPU compile, then a GPU one) adds its own submodule.
     """
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
     import importlib.util
 
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return
-    package = types.ModuleType(name)
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__package__ = name
-    sys.modules[name] = package
+    name = "tvm.s_tir.tensor_intrin"
+    package = sys.modules.get(name)
+    if package is None:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            return
+        package = types.ModuleType(name)
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__package__ = name
+        sys.modules[name] = package
     if kind == "cuda":
         parts = ["cuda"]
     else:
@@ -102,6 +103,6 @@ def load_tensor_intrinsics(kind: str) -> None:
         machine = platform.machine().lower()
         parts = ["arm_cpu"] if machine in ("aarch64", "arm64") else ["x86"]
     for part in parts:
-        module = importlib.import_module(f"{name}.{part}")
-        setattr(package, part, module)
+        if not hasattr(package, part):
+            setattr(package, part, importlib.import_module(f"{name}.{part}"))
 
