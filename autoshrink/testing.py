@@ -30,10 +30,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from optuna.distributions import CategoricalDistribution
-from pydantic import ValidationError
 from torch import nn
 
+from autoshrink.kit_contract import MethodTests
 from autoshrink.kit_lowering import evaluate_lowering, layer_forms
 from autoshrink.kit_samples import (
     STRUCTURE_PAYLOADS,
@@ -46,11 +45,9 @@ from autoshrink.kit_samples import (
     sample_layers,
     scramble,
 )
-from autoshrink.knobs import config_distributions
 from autoshrink.methods import (
     EncodingMethod,
     LayerCode,
-    Method,
     MethodConfig,
     ModelMethod,
     StructureMethod,
@@ -58,7 +55,7 @@ from autoshrink.methods import (
     payload_owner,
     restrict,
 )
-from autoshrink.registry import check_method, load_registry
+from autoshrink.registry import load_registry
 
 __all__ = [
     "EncodingMethodTests",
@@ -70,34 +67,6 @@ __all__ = [
     "sample_input",
     "sample_layers",
 ]
-
-
-class MethodTests:
-    """Checks every method must pass. Set ``method`` in the subclass."""
-
-    method: ClassVar[Method]
-
-    def test_contract(self) -> None:
-        check_method(self.method)
-
-    def test_defaults_within_bounds(self) -> None:
-        config = self.method.config()
-        for name, dist in config_distributions(self.method.Config, self.method.name).items():
-            assert dist._contains(dist.to_internal_repr(getattr(config, name))), name
-
-    def test_values_outside_bounds_rejected(self) -> None:
-        for name, dist in config_distributions(self.method.Config, self.method.name).items():
-            if isinstance(dist, CategoricalDistribution):
-                outside: list[Any] = ["not-a-choice"]
-            else:
-                outside = [dist.low - (dist.step or 1), dist.high + (dist.step or 1)]
-            for value in outside:
-                with pytest.raises(ValidationError):
-                    self.method.config({name: value})
-
-    def test_unknown_knob_rejected(self) -> None:
-        with pytest.raises(ValidationError):
-            self.method.config({"no_such_knob": 1})
 
 
 class StructureMethodTests(MethodTests):
