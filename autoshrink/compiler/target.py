@@ -15,7 +15,7 @@ from autoshrink.errors import UsageError
 __all__ = ["Target", "cuda_target", "load_tensor_intrinsics", "resolve_target"]
 
 #: Part of each tuning database's key: records from another TVM release are not reused.
-TVM_VERSION = tvm.__version__.split("+")[0]
+_TVM_VERSION = tvm.__version__.split("+")[0]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def resolve_target(kind: str, threads: int) -> Target:
 
         cpu = codegen.llvm_get_system_cpu() or "generic"
         target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": threads})
-        return Target("cpu", target, f"llvm-{cpu}-{threads}t-tvm{TVM_VERSION}",
+        return Target("cpu", target, f"llvm-{cpu}-{threads}t-tvm{_TVM_VERSION}",
                       f"llvm -mcpu={cpu} -num-cores={threads}")
     if kind == "cuda":
         device = tvm.cuda(0)
@@ -71,7 +71,7 @@ def cuda_target(
             "host": {"kind": "llvm"},
         }
     )
-    return Target("cuda", target, f"cuda-{arch}-tvm{TVM_VERSION}", f"cuda -arch={arch}")
+    return Target("cuda", target, f"cuda-{arch}-tvm{_TVM_VERSION}", f"cuda -arch={arch}")
 
 
 def load_tensor_intrinsics(kind: str) -> None:

@@ -227,12 +227,17 @@ def tune(
         contexts, weights = extracted_tasks_to_tune_contexts(
             tasks, str(log_dir), strategy=strategy, num_threads=threads, seed=0
         )
+    todo = [
+        (context, weight)
+        for context, weight in zip(contexts, weights, strict=True)
+        if _records(database, context.mod, per_task) < per_task
+    ]
+    summary["reused"] = len(tasks) - len(todo)
     # A kernel MetaSchedule cannot make a design space for (a pruned layer's TE form on a
     # GPU: the bounds of its data-dependent reads) keeps the build's default schedule.
-    spaced = [(c, w) for c, w in zip(contexts, weights, strict=True) if _has_space(c)]
-    summary["tasks"] = len(spaced)
-    todo = [(c, w) for c, w in spaced if _records(database, c.mod, per_task) < per_task]
-    summary["reused"] = len(spaced) - len(todo)
+    spaced = [(c, w) for c, w in todo if _has_space(c)]
+    summary["tasks"] -= len(todo) - len(spaced)
+    todo = spaced
     if not todo:
         return summary
     total = per_task * len(todo)
